@@ -1,0 +1,366 @@
+r"""The Batch Normalization specification: plain NumPy, float64, pure functions.
+
+This module is the oracle every backend in bnref is tested against. Read it first.
+
+Why BatchNorm exists
+--------------------
+Training a deep network is easier when every layer sees inputs on a stable scale.
+Batch Normalization (Ioffe & Szegedy, 2015) standardizes each channel of a layer's
+input with the statistics of the current minibatch, then lets the network undo that
+with a learned per-channel scale ``gamma`` and shift ``beta``. The standardization
+keeps activations centred and of unit variance however the earlier layers' weights
+drift, which permits large learning rates (the d2l LeNet-BN trains at lr 1.0) and
+acts as a mild regularizer, because each example's output depends on its batch.
+
+At inference there may be no batch (or a batch of one), so the layer keeps
+*running* estimates of each channel's mean and variance during training and uses
+those instead. That running average is where frameworks silently disagree, so here
+every choice is an explicit field of :class:`Convention`.
+
+Shapes
+------
+``x`` has rank >= 2; ``axis`` names its channel axis (1 for NC, NCL, NCHW; -1 for
+NHWC). Statistics are taken per channel over every other axis, so a channel sees
+``n = x.size // C`` values. ``gamma``, ``beta``, ``running_mean``, ``running_var``
+have shape ``(C,)``.
+
+Forward (training mode), per channel ``c`` over its ``n`` values ``x_i``::
+
+    mu      = (1/n) sum_i x_i                      batch mean
+    sigma2  = (1/n) sum_i (x_i - mu)^2             biased batch variance (always
+                                                   biased here, in every framework)
+    xhat_i  = (x_i - mu) / sqrt(sigma2 + eps)      standardized input
+    y_i     = gamma * xhat_i + beta                learned affine map
+
+The variance is computed in two passes (subtract the mean, then average squares).
+The one-pass ``E[x^2] - E[x]^2`` is algebraically equal but cancels catastrophically
+when ``|mu|`` is large compared with the spread: at mean 1e4 and std 0.1 in float32
+both terms are ~1e8 and their difference, 0.01, is below float32's resolution
+there (Flax's default ``use_fast_variance=True`` does exactly this).
+
+Running statistics (training mode only), with ``decay`` the weight of the OLD value::
+
+    running_mean <- decay * running_mean + (1 - decay) * mu
+    running_var  <- decay * running_var  + (1 - decay) * s2
+    s2 = sigma2                  if convention.running_var == "biased"
+    s2 = sigma2 * n / (n - 1)    if convention.running_var == "unbiased"  (Bessel)
+
+PyTorch's ``momentum`` is ``1 - decay`` (weight of the NEW batch, default 0.1);
+Flax's, Keras's and d2l's ``momentum`` is ``decay`` itself (default 0.99 / 0.99 / 0.9).
+Only torch.nn feeds the unbiased variance into the running average.
+
+Forward (evaluation mode) uses the running statistics and changes nothing::
+
+    y_i = gamma * (x_i - running_mean) / sqrt(running_var + eps) + beta
+
+Backward (training mode)
+------------------------
+Given the upstream gradient ``dy`` (same shape as ``x``), per channel, write
+``inv = 1 / sqrt(sigma2 + eps)``. The affine step gives directly::
+
+    dbeta  = sum_i dy_i
+    dgamma = sum_i dy_i * xhat_i
+    dxhat_i = gamma * dy_i
+
+``xhat_i`` depends on ``x_i`` directly and through ``mu`` and ``sigma2``, both of
+which depend on every ``x_j`` of the channel. With ``d mu / d x_j = 1/n`` and
+``d sigma2 / d x_j = 2 (x_j - mu) / n`` (the ``mu`` term drops out because the
+deviations sum to zero)::
+
+    d xhat_i / d x_j = inv * (delta_ij - 1/n) - (x_i - mu) * inv^3 * (x_j - mu) / n
+                     = (inv / n) * (n delta_ij - 1 - xhat_i xhat_j)
+
+Contracting with ``dxhat_i``::
+
+    dx_j = (inv / n) * (n dxhat_j - sum_i dxhat_i - xhat_j sum_i dxhat_i xhat_i)
+         = (gamma * inv / n) * (n dy_j - dbeta - xhat_j * dgamma)
+
+The gradient is orthogonal to the constant vector and to ``xhat`` in each channel:
+shifting or rescaling a channel's input does not change the normalized output.
+The running statistics are state, not a function of the loss: no gradient flows
+through them, in any mode.
+
+Validation
+----------
+Bad input raises :class:`ValueError` naming the problem, and nothing is mutated
+(no function here ever writes into its arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import numpy as np
+
+__all__ = [
+    "Convention",
+    "D2L",
+    "TORCH",
+    "FLAX",
+    "KERAS",
+    "PRESETS",
+    "preset",
+    "batch_norm_train",
+    "batch_norm_eval",
+    "batch_norm_grad",
+    "running_update",
+    "batch_stats",
+]
+
+RunningVar = Literal["biased", "unbiased"]
+_RUNNING_VAR_CHOICES = ("biased", "unbiased")
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How a BatchNorm keeps its running statistics, in one vocabulary.
+
+    Attributes:
+      decay: weight kept from the OLD running value, in [0, 1]:
+        ``running = decay * running + (1 - decay) * batch``. This is the only word
+        bnref uses for it; each backend translates at its edge (PyTorch
+        ``momentum = 1 - decay``; Flax/Keras/d2l ``momentum = decay``). ``decay=0``
+        makes the running statistics equal the last batch's.
+      eps: added to the variance before the square root, >= 0.
+      running_var: which batch variance enters the running average:
+        ``"biased"`` (divide by n; Flax, Keras, d2l) or ``"unbiased"`` (Bessel's
+        n/(n-1); torch.nn). Normalization itself always uses the biased variance.
+    """
+
+    decay: float
+    eps: float = 1e-5
+    running_var: RunningVar = "biased"
+
+    def __post_init__(self):
+        decay = float(self.decay)
+        eps = float(self.eps)
+        if not 0.0 <= decay <= 1.0:  # also rejects NaN
+            raise ValueError(f"decay must be in [0, 1] (weight of the old running value), got {self.decay!r}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+        if self.running_var not in _RUNNING_VAR_CHOICES:
+            raise ValueError(f"running_var must be 'biased' or 'unbiased', got {self.running_var!r}")
+        object.__setattr__(self, "decay", decay)
+        object.__setattr__(self, "eps", eps)
+
+    # --- translations at the framework boundaries -------------------------------------
+    @classmethod
+    def from_torch(cls, momentum: float = 0.1, eps: float = 1e-5, running_var: RunningVar = "unbiased") -> "Convention":
+        """From PyTorch's ``momentum`` (weight of the NEW batch): ``decay = 1 - momentum``.
+
+        ``momentum=None`` (PyTorch's cumulative average) is a per-step decay,
+        ``1 - 1/num_batches_tracked``; the torch layer handles it, not this method.
+        """
+        if momentum is None:
+            raise ValueError("momentum=None (cumulative average) has no fixed decay; use decay = 1 - 1/step per step")
+        return cls(decay=1.0 - float(momentum), eps=eps, running_var=running_var)
+
+    @classmethod
+    def from_flax(cls, momentum: float = 0.99, eps: float = 1e-5, running_var: RunningVar = "biased") -> "Convention":
+        """From Flax's / Keras's / d2l's ``momentum`` (weight of the OLD value): ``decay = momentum``."""
+        return cls(decay=float(momentum), eps=eps, running_var=running_var)
+
+    @property
+    def torch_momentum(self) -> float:
+        """PyTorch's ``momentum`` for this convention: ``1 - decay``."""
+        return 1.0 - self.decay
+
+    @property
+    def flax_momentum(self) -> float:
+        """Flax's / Keras's ``momentum`` for this convention: ``decay``."""
+        return self.decay
+
+    def replace(self, **changes) -> "Convention":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+#: The seed: d2l's from-scratch ``batch_norm`` (momentum 0.9 on the old value, biased).
+D2L = Convention(decay=0.9, eps=1e-5, running_var="biased")
+#: torch.nn.BatchNorm{1,2,3}d defaults: momentum=0.1 on the new batch, unbiased running var.
+TORCH = Convention(decay=0.9, eps=1e-5, running_var="unbiased")
+#: flax.linen.BatchNorm defaults: momentum=0.99 on the old value, epsilon=1e-5, biased.
+FLAX = Convention(decay=0.99, eps=1e-5, running_var="biased")
+#: keras.layers.BatchNormalization defaults: momentum=0.99, epsilon=1e-3, biased.
+KERAS = Convention(decay=0.99, eps=1e-3, running_var="biased")
+
+PRESETS = {"d2l": D2L, "torch": TORCH, "flax": FLAX, "keras": KERAS}
+
+
+def preset(name: str) -> Convention:
+    """The preset called ``name`` (one of ``PRESETS``), with a clear error otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown convention preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+# --- validation and layout helpers -------------------------------------------------------
+
+
+def _channel_axis(ndim: int, axis: int) -> int:
+    """Normalize ``axis`` for an array of rank ``ndim`` (rank >= 2), or raise."""
+    if ndim < 2:
+        raise ValueError(f"x must have rank >= 2 (batch and channel axes), got rank {ndim}")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise ValueError(f"axis must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for x of rank {ndim}")
+    return int(axis) % ndim
+
+
+def _as_channel_vector(v, name: str, channels: int) -> Optional[np.ndarray]:
+    """``v`` as a float64 (C,) array (a new array if the dtype changes; never written)."""
+    if v is None:
+        return None
+    a = np.asarray(v, dtype=np.float64)
+    if a.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) to match the {channels} channels of x, got {a.shape}")
+    return a
+
+
+def _prepare(x, axis: int, **vectors):
+    """Validate and promote ``x`` and its per-channel vectors; no writes anywhere."""
+    x = np.asarray(x, dtype=np.float64)
+    ax = _channel_axis(x.ndim, axis)
+    channels = x.shape[ax]
+    if channels == 0:
+        raise ValueError("x has 0 channels")
+    out = {k: _as_channel_vector(v, k, channels) for k, v in vectors.items()}
+    reduce_axes = tuple(i for i in range(x.ndim) if i != ax)
+    bshape = tuple(channels if i == ax else 1 for i in range(x.ndim))  # broadcasts (C,) against x
+    return x, ax, reduce_axes, bshape, out
+
+
+def _values_per_channel(x: np.ndarray, ax: int) -> int:
+    return x.size // x.shape[ax]
+
+
+def _check_training_batch(n: int) -> None:
+    # A channel needs two values for any spread at all; with one, the batch variance is
+    # 0 (every output equals beta) and the unbiased running estimate divides by zero.
+    # PyTorch raises "Expected more than 1 value per channel when training"; so do we,
+    # for every convention, so that a silently degenerate batch never trains.
+    if n < 2:
+        raise ValueError(f"expected more than 1 value per channel when training, got {n}")
+
+
+def batch_stats(x, axis: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel batch mean and BIASED variance of ``x``, two-pass: ``(mean, var)``, each (C,)."""
+    x, ax, reduce_axes, bshape, _ = _prepare(x, axis)
+    mean = x.mean(axis=reduce_axes)  # (C,)
+    centered = x - mean.reshape(bshape)  # subtract first: no E[x^2]-E[x]^2 cancellation
+    var = np.mean(centered * centered, axis=reduce_axes)  # (C,)
+    return mean, var
+
+
+def running_update(running_mean, running_var, mean, var, n: int, convention: Convention):
+    """The running-statistics update for one training batch of ``n`` values per channel.
+
+    ``var`` is the BIASED batch variance; the convention decides whether Bessel's
+    correction ``n / (n - 1)`` is applied before it enters the average. Returns
+    ``(new_running_mean, new_running_var)`` as new arrays.
+    """
+    _check_training_batch(n)
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    s2 = var * (n / (n - 1)) if convention.running_var == "unbiased" else var  # estimator for the average
+    d = convention.decay
+    new_mean = d * np.asarray(running_mean, dtype=np.float64) + (1.0 - d) * mean  # old value weighted by decay
+    new_var = d * np.asarray(running_var, dtype=np.float64) + (1.0 - d) * s2
+    return new_mean, new_var
+
+
+# --- the three public operations -----------------------------------------------------------
+
+
+def batch_norm_train(x, gamma, beta, running_mean, running_var, convention: Convention, axis: int = 1):
+    """Training-mode BatchNorm: normalize with batch statistics and update the running ones.
+
+    Args:
+      x: array of rank >= 2, channel axis ``axis``. Promoted to float64.
+      gamma, beta: (C,) scale and shift, or ``None`` for 1 and 0 (``affine=False``).
+      running_mean, running_var: (C,) running statistics, or both ``None`` when the
+        layer keeps none (``track_running_stats=False``); then ``None``s come back.
+      convention: a :class:`Convention` (decay, eps, running-variance estimator).
+      axis: the channel axis.
+
+    Returns:
+      ``(y, new_running_mean, new_running_var)``: ``y`` float64 with ``x``'s shape and
+      the new running statistics as NEW (C,) float64 arrays; the inputs are untouched.
+    """
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    x, ax, reduce_axes, bshape, v = _prepare(
+        x, axis, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var
+    )
+    n = _values_per_channel(x, ax)
+    _check_training_batch(n)
+    mean = x.mean(axis=reduce_axes)  # (C,) batch mean
+    centered = x - mean.reshape(bshape)  # x - mu, same shape as x
+    var = np.mean(centered * centered, axis=reduce_axes)  # (C,) biased variance, two-pass
+    inv_std = 1.0 / np.sqrt(var + convention.eps)  # (C,)
+    y = centered * inv_std.reshape(bshape)  # xhat: zero mean, unit variance per channel
+    if v["gamma"] is not None:
+        y = y * v["gamma"].reshape(bshape)  # learned scale
+    if v["beta"] is not None:
+        y = y + v["beta"].reshape(bshape)  # learned shift
+    if v["running_mean"] is None:
+        return y, None, None
+    new_mean, new_var = running_update(v["running_mean"], v["running_var"], mean, var, n, convention)
+    return y, new_mean, new_var
+
+
+def batch_norm_eval(x, gamma, beta, running_mean, running_var, convention: Convention, axis: int = 1):
+    """Evaluation-mode BatchNorm: normalize with the running statistics; no state changes.
+
+    Same arguments as :func:`batch_norm_train` (the running statistics are required
+    here). Returns ``y``, float64 with ``x``'s shape.
+    """
+    if running_mean is None or running_var is None:
+        raise ValueError("evaluation mode needs running_mean and running_var (use batch statistics via batch_norm_train)")
+    x, ax, reduce_axes, bshape, v = _prepare(
+        x, axis, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var
+    )
+    inv_std = 1.0 / np.sqrt(v["running_var"] + convention.eps)  # (C,)
+    y = (x - v["running_mean"].reshape(bshape)) * inv_std.reshape(bshape)
+    if v["gamma"] is not None:
+        y = y * v["gamma"].reshape(bshape)
+    if v["beta"] is not None:
+        y = y + v["beta"].reshape(bshape)
+    return y
+
+
+def batch_norm_grad(x, gamma, dy, convention: Convention, axis: int = 1):
+    """Analytic backward of the training-mode forward (see the module docstring).
+
+    Args:
+      x: the forward input (rank >= 2).
+      gamma: (C,) scale, or ``None`` for 1 (``affine=False``; dgamma is still returned).
+      dy: upstream gradient, same shape as ``x``.
+      convention: supplies ``eps`` (the running statistics play no part in gradients).
+      axis: the channel axis.
+
+    Returns:
+      ``(dx, dgamma, dbeta)``: float64, shapes ``x.shape``, (C,), (C,).
+    """
+    x, ax, reduce_axes, bshape, v = _prepare(x, axis, gamma=gamma)
+    dy = np.asarray(dy, dtype=np.float64)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
+    n = _values_per_channel(x, ax)
+    _check_training_batch(n)
+    mean = x.mean(axis=reduce_axes)  # recompute the forward's statistics
+    centered = x - mean.reshape(bshape)
+    var = np.mean(centered * centered, axis=reduce_axes)
+    inv_std = 1.0 / np.sqrt(var + convention.eps)  # (C,)
+    xhat = centered * inv_std.reshape(bshape)
+    dbeta = dy.sum(axis=reduce_axes)  # d/dbeta of sum(dy * y)
+    dgamma = (dy * xhat).sum(axis=reduce_axes)  # d/dgamma of sum(dy * y)
+    g = np.ones_like(mean) if v["gamma"] is None else v["gamma"]
+    scale = (g * inv_std / n).reshape(bshape)  # gamma / (n sqrt(var + eps))
+    # dx = gamma*inv/n * (n dy - sum dy - xhat * sum(dy xhat)): project out the mean and xhat directions
+    dx = scale * (n * dy - dbeta.reshape(bshape) - xhat * dgamma.reshape(bshape))
+    return dx, dgamma, dbeta

@@ -1,0 +1,298 @@
+"""The NumPy specification against a straightforward re-derivation, finite differences,
+and the properties any correct BatchNorm has."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnref import spec
+from bnref.testing import layout_name, make_inputs
+
+PRESETS = sorted(spec.PRESETS)
+SHAPES = {2: (6, 3), 3: (4, 3, 5), 4: (3, 2, 4, 5), 5: (2, 3, 2, 3, 2)}
+AXES = (1, -1)
+
+
+def _shape(rank, axis):
+    """A shape of this rank whose channel axis (``axis``) has 3 channels."""
+    s = list(SHAPES[rank])
+    s[axis] = 3
+    return tuple(s)
+
+
+def _case_id(rank, axis):
+    return layout_name(rank, axis)
+
+
+def reference(x, gamma, beta, rm, rv, conv, axis, train):
+    """The textbook algorithm, one channel at a time, with math.fsum sums."""
+    x = np.asarray(x, dtype=np.float64)
+    ax = axis % x.ndim
+    y = np.empty_like(x)
+    new_m, new_v = np.empty(x.shape[ax]), np.empty(x.shape[ax])
+    for c in range(x.shape[ax]):
+        vals = np.take(x, c, axis=ax).ravel().tolist()
+        n = len(vals)
+        if train:
+            mu = math.fsum(vals) / n
+            var = math.fsum((v - mu) ** 2 for v in vals) / n
+            s2 = var * n / (n - 1) if conv.running_var == "unbiased" else var
+            new_m[c] = conv.decay * rm[c] + (1 - conv.decay) * mu
+            new_v[c] = conv.decay * rv[c] + (1 - conv.decay) * s2
+        else:
+            mu, var = rm[c], rv[c]
+            new_m[c], new_v[c] = rm[c], rv[c]
+        idx = [slice(None)] * x.ndim
+        idx[ax] = c
+        y[tuple(idx)] = gamma[c] * (np.take(x, c, axis=ax) - mu) / math.sqrt(var + conv.eps) + beta[c]
+    return y, new_m, new_v
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("axis", AXES, ids=["axis1", "axis-1"])
+@pytest.mark.parametrize("rank", sorted(SHAPES))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_matches_reference(preset, rank, axis, train):
+    conv = spec.PRESETS[preset]
+    i = make_inputs(_shape(rank, axis), axis, seed=rank)
+    args = (i["x"], i["gamma"], i["beta"], i["running_mean"], i["running_var"], conv)
+    ry, rm, rv = reference(*args, axis=axis, train=train)
+    if train:
+        y, m, v = spec.batch_norm_train(*args, axis=axis)
+    else:
+        y, m, v = spec.batch_norm_eval(*args, axis=axis), i["running_mean"], i["running_var"]
+    np.testing.assert_allclose(y, ry, rtol=1e-12, atol=1e-12, err_msg=f"y ({preset}, {_case_id(rank, axis)})")
+    np.testing.assert_allclose(m, rm, rtol=1e-12, atol=1e-13, err_msg="running_mean")
+    np.testing.assert_allclose(v, rv, rtol=1e-12, atol=1e-13, err_msg="running_var")
+    assert y.dtype == np.float64 and y.shape == i["x"].shape
+
+
+def _loss(x, gamma, beta, dy, conv, axis):
+    y, _, _ = spec.batch_norm_train(x, gamma, beta, None, None, conv, axis=axis)
+    return float(np.sum(y * dy))
+
+
+def _central_difference(f, a, h=1e-6):
+    g = np.zeros_like(a)
+    for idx in np.ndindex(a.shape):
+        plus, minus = a.copy(), a.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        g[idx] = (f(plus) - f(minus)) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("axis", AXES, ids=["axis1", "axis-1"])
+@pytest.mark.parametrize("rank", sorted(SHAPES))
+def test_backward_matches_finite_differences(rank, axis):
+    conv = spec.TORCH
+    i = make_inputs(_shape(rank, axis), axis, seed=10 + rank)
+    x, gamma, beta, dy = i["x"], i["gamma"], i["beta"], i["dy"]
+    dx, dgamma, dbeta = spec.batch_norm_grad(x, gamma, dy, conv, axis=axis)
+    layout = _case_id(rank, axis)
+    fd_x = _central_difference(lambda a: _loss(a, gamma, beta, dy, conv, axis), x)
+    fd_g = _central_difference(lambda a: _loss(x, a, beta, dy, conv, axis), gamma)
+    fd_b = _central_difference(lambda a: _loss(x, gamma, a, dy, conv, axis), beta)
+    np.testing.assert_allclose(dx, fd_x, rtol=1e-5, atol=1e-7, err_msg=f"backward/dx ({layout})")
+    np.testing.assert_allclose(dgamma, fd_g, rtol=1e-6, atol=1e-7, err_msg=f"backward/dgamma ({layout})")
+    np.testing.assert_allclose(dbeta, fd_b, rtol=1e-6, atol=1e-7, err_msg=f"backward/dbeta ({layout})")
+
+
+def test_backward_without_gamma_equals_unit_gamma():
+    i = make_inputs((5, 3, 2), 1)
+    a = spec.batch_norm_grad(i["x"], None, i["dy"], spec.D2L)
+    b = spec.batch_norm_grad(i["x"], np.ones(3), i["dy"], spec.D2L)
+    for got, want in zip(a, b):
+        np.testing.assert_array_equal(got, want)
+
+
+# --- properties ----------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rank=st.integers(2, 4),
+    channels=st.integers(1, 4),
+    batch=st.integers(2, 6),
+    offset=st.floats(-1e3, 1e3),
+    scale=st.floats(1e-2, 1e2),
+    seed=st.integers(0, 2**16),
+)
+def test_output_is_standardized_per_channel(rank, channels, batch, offset, scale, seed):
+    rng = np.random.default_rng(seed)
+    shape = (batch, channels) + (3,) * (rank - 2)
+    x = offset + scale * rng.standard_normal(shape)
+    y, _, _ = spec.batch_norm_train(x, None, None, None, None, spec.Convention(0.9, eps=0.0))
+    axes = tuple(i for i in range(rank) if i != 1)
+    np.testing.assert_allclose(y.mean(axis=axes), 0.0, atol=1e-9)
+    np.testing.assert_allclose(y.var(axis=axes), 1.0, rtol=1e-9)
+
+
+@pytest.mark.parametrize("running_var", ["biased", "unbiased"])
+def test_running_update_closed_form_after_one_step(running_var):
+    conv = spec.Convention(decay=0.7, eps=1e-5, running_var=running_var)
+    x = np.array([[1.0, 10.0], [2.0, 20.0], [4.0, 40.0], [5.0, 50.0]])  # (N=4, C=2)
+    rm, rv = np.array([0.5, -1.0]), np.array([2.0, 3.0])
+    _, m, v = spec.batch_norm_train(x, None, None, rm, rv, conv)
+    mean = np.array([3.0, 30.0])
+    biased = np.array([2.5, 250.0])  # mean squared deviation: (4 + 1 + 1 + 4) / 4, times 100
+    s2 = biased * 4 / 3 if running_var == "unbiased" else biased
+    np.testing.assert_allclose(m, 0.7 * rm + 0.3 * mean, rtol=1e-15)
+    np.testing.assert_allclose(v, 0.7 * rv + 0.3 * s2, rtol=1e-15)
+
+
+def test_eval_leaves_state_identical():
+    i = make_inputs((4, 3, 5), 1)
+    before = {k: v.copy() for k, v in i.items()}
+    for v in i.values():
+        v.flags.writeable = False  # any in-place write now raises
+    spec.batch_norm_eval(i["x"], i["gamma"], i["beta"], i["running_mean"], i["running_var"], spec.TORCH)
+    spec.batch_norm_train(i["x"], i["gamma"], i["beta"], i["running_mean"], i["running_var"], spec.TORCH)
+    spec.batch_norm_grad(i["x"], i["gamma"], i["dy"], spec.TORCH)
+    for k, v in i.items():
+        assert v.tobytes() == before[k].tobytes(), k
+
+
+def test_decay_zero_makes_eval_equal_train():
+    conv = spec.Convention(decay=0.0, eps=1e-5, running_var="biased")
+    i = make_inputs((8, 3, 4, 4), 1)
+    args = (i["x"], i["gamma"], i["beta"])
+    y_train, m, v = spec.batch_norm_train(*args, i["running_mean"], i["running_var"], conv)
+    y_eval = spec.batch_norm_eval(*args, m, v, conv)
+    np.testing.assert_allclose(y_eval, y_train, rtol=1e-12, atol=1e-12)
+
+
+def test_wrong_reduction_axis_is_caught():
+    """Channels sit at 0, 100, 200 with tiny spread: the running mean must find exactly them.
+    Reducing NHWC data over NCHW axes (the d2l JAX bug) would mix the channels."""
+    rng = np.random.default_rng(0)
+    x = np.array([0.0, 100.0, 200.0]) + 0.01 * rng.standard_normal((4, 5, 5, 3))  # NHWC
+    conv = spec.Convention(decay=0.0, running_var="biased")
+    _, m, v = spec.batch_norm_train(x, None, None, np.zeros(3), np.ones(3), conv, axis=-1)
+    np.testing.assert_allclose(m, [0.0, 100.0, 200.0], atol=0.01)
+    assert np.all(v < 1e-3)
+    _, m_wrong, _ = spec.batch_norm_train(x, None, None, np.zeros(5), np.ones(5), conv, axis=1)
+    assert np.allclose(m_wrong, 100.0, atol=0.1)  # what the wrong axis yields: the channels averaged
+
+
+def test_nchw_and_nhwc_agree_after_transpose():
+    i = make_inputs((4, 3, 5, 6), 1)
+    rest = (i["gamma"], i["beta"], i["running_mean"], i["running_var"], spec.FLAX)
+    y1, m1, v1 = spec.batch_norm_train(i["x"], *rest, axis=1)
+    y2, m2, v2 = spec.batch_norm_train(i["x"].transpose(0, 2, 3, 1), *rest, axis=-1)
+    np.testing.assert_allclose(y2, y1.transpose(0, 2, 3, 1), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(m2, m1, rtol=1e-13)
+    np.testing.assert_allclose(v2, v1, rtol=1e-13)
+    dx1, dg1, db1 = spec.batch_norm_grad(i["x"], i["gamma"], i["dy"], spec.FLAX, axis=1)
+    dx2, dg2, db2 = spec.batch_norm_grad(
+        i["x"].transpose(0, 2, 3, 1), i["gamma"], i["dy"].transpose(0, 2, 3, 1), spec.FLAX, axis=-1
+    )
+    np.testing.assert_allclose(dx2, dx1.transpose(0, 2, 3, 1), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dg2, dg1, rtol=1e-12)
+    np.testing.assert_allclose(db2, db1, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_mean_small_spread_is_stable(dtype):
+    rng = np.random.default_rng(0)
+    x = (1e4 + 0.1 * rng.standard_normal((64, 4, 8, 8))).astype(dtype)
+    y, _, _ = spec.batch_norm_train(x, None, None, None, None, spec.FLAX)
+    std = y.std(axis=(0, 2, 3))
+    assert np.all(np.abs(std - 1.0) < 1e-3), std
+
+
+def test_conventions_translate_at_the_boundaries():
+    assert spec.Convention.from_torch(0.1).decay == pytest.approx(0.9)
+    assert spec.Convention.from_torch(0.1) == spec.TORCH
+    assert spec.Convention.from_flax(0.99) == spec.FLAX
+    assert spec.Convention.from_flax(0.99, eps=1e-3) == spec.KERAS
+    assert spec.TORCH.torch_momentum == pytest.approx(0.1)
+    assert spec.D2L.flax_momentum == 0.9
+    assert spec.D2L != spec.TORCH  # same decay and eps, but d2l's running variance is biased
+    with pytest.raises(ValueError, match="momentum=None"):
+        spec.Convention.from_torch(None)
+    with pytest.raises(ValueError, match="unknown convention preset 'pytorch'"):
+        spec.preset("pytorch")
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def _readonly_inputs():
+    i = make_inputs((4, 3, 2), 1)
+    for v in i.values():
+        v.flags.writeable = False
+    return i
+
+
+BAD_CALLS = {
+    "rank<2": (lambda i: spec.batch_norm_train(i["x"][0, 0], None, None, None, None, spec.TORCH), "rank >= 2"),
+    "axis out of range": (
+        lambda i: spec.batch_norm_train(i["x"], None, None, None, None, spec.TORCH, axis=3),
+        "axis 3 is out of range",
+    ),
+    "gamma shape": (
+        lambda i: spec.batch_norm_train(i["x"], i["gamma"][:2], i["beta"], None, None, spec.TORCH),
+        r"gamma must have shape \(3,\)",
+    ),
+    "beta shape eval": (
+        lambda i: spec.batch_norm_eval(i["x"], i["gamma"], i["beta"][:1], i["running_mean"], i["running_var"], spec.TORCH),
+        r"beta must have shape \(3,\)",
+    ),
+    "running_var shape": (
+        lambda i: spec.batch_norm_train(i["x"], i["gamma"], i["beta"], i["running_mean"], np.ones(4), spec.TORCH),
+        r"running_var must have shape \(3,\)",
+    ),
+    "running_mean shape eval": (
+        lambda i: spec.batch_norm_eval(i["x"], None, None, np.zeros((3, 1)), i["running_var"], spec.TORCH),
+        r"running_mean must have shape \(3,\)",
+    ),
+    "one value per channel": (
+        lambda i: spec.batch_norm_train(i["x"][:1, :, :1], None, None, i["running_mean"], i["running_var"], spec.TORCH),
+        "more than 1 value per channel",
+    ),
+    "one value per channel (grad)": (
+        lambda i: spec.batch_norm_grad(i["x"][:1, :, :1], i["gamma"], i["dy"][:1, :, :1], spec.TORCH),
+        "more than 1 value per channel",
+    ),
+    "dy shape": (lambda i: spec.batch_norm_grad(i["x"], i["gamma"], i["dy"][:2], spec.TORCH), "dy must have the shape"),
+    "only one running stat": (
+        lambda i: spec.batch_norm_train(i["x"], None, None, i["running_mean"], None, spec.TORCH),
+        "both be given or both be None",
+    ),
+    "eval without stats": (
+        lambda i: spec.batch_norm_eval(i["x"], None, None, None, None, spec.TORCH),
+        "evaluation mode needs",
+    ),
+    "negative eps": (lambda i: spec.Convention(decay=0.9, eps=-1e-5), "eps must be >= 0"),
+    "decay > 1": (lambda i: spec.Convention(decay=1.1), r"decay must be in \[0, 1\]"),
+    "decay < 0": (lambda i: spec.Convention(decay=-0.1), r"decay must be in \[0, 1\]"),
+    "decay nan": (lambda i: spec.Convention(decay=float("nan")), r"decay must be in \[0, 1\]"),
+    "running_var name": (lambda i: spec.Convention(decay=0.9, running_var="bessel"), "running_var must be"),
+    "replace validates": (lambda i: spec.TORCH.replace(eps=-1.0), "eps must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+def test_bad_input_raises_and_mutates_nothing(name):
+    call, message = BAD_CALLS[name]
+    i = _readonly_inputs()  # read-only: a write before the error would raise a different error
+    before = {k: v.copy() for k, v in i.items()}
+    with pytest.raises(ValueError, match=message):
+        call(i)
+    for k, v in i.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_import_bnref_imports_no_framework():
+    code = (
+        "import sys, bnref, bnref.spec, bnref.testing, bnref.train, bnref.bench\n"
+        "bad = [m for m in ('torch', 'jax', 'flax', 'optax') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
