@@ -1,0 +1,560 @@
+r"""Fashion-MNIST: find, download, verify and read the four IDX files into NumPy.
+
+Fashion-MNIST (Xiao, Rasul & Vollgraf, 2017) is 70,000 grayscale 28x28 images of
+Zalando articles in 10 classes, 60,000 for training and 10,000 for testing: MNIST's
+shapes and file format with a task that is not solved by a linear model.
+
+The IDX format
+--------------
+Each of the four files is a gzip-compressed IDX file: a big-endian header, then the
+raw data in C (row-major) order::
+
+    offset  bytes  content
+    0       4      magic number = 0x0000 | dtype code | number of dimensions
+                   2051 = 0x00000803: uint8 (0x08), 3 dims   (images)
+                   2049 = 0x00000801: uint8 (0x08), 1 dim    (labels)
+    4       4*d    the d dimension sizes, uint32 each: N, 28, 28  or  N
+    4+4d    ...    N*28*28 pixels (0 = background, 255 = ink) or N labels 0..9
+
+There is no checksum or end marker inside IDX, so a truncated or mixed-up file would
+silently give a wrong array; the readers here check the magic, the image size, the
+exact byte length and the label range, and ``load_fashion_mnist`` checks that each
+split has as many labels as images. Any failure is a ``ValueError`` naming the file.
+
+Where the data comes from, in search order (see :func:`candidate_dirs`)
+----------------------------------------------------------------------
+1. an explicit ``data_dir`` argument (``--data-dir``);
+2. ``$BNREF_DATA_DIR``;
+3. the per-user cache ``$XDG_CACHE_HOME/bnref/fashion-mnist`` (default
+   ``~/.cache/bnref/fashion-mnist``), where :func:`download` puts them;
+4. ``/usr/share/datasets/fashion-mnist``, installed by Debian's
+   ``dataset-fashion-mnist`` package.
+
+Uncompressed copies (the same names without ``.gz``) are accepted too. Alternatively
+``source="tfds"`` loads the ``fashion_mnist`` dataset of tensorflow-datasets.
+
+Results: ``images`` uint8 ``(N, 28, 28)``, ``labels`` int64 ``(N,)``, as NumPy
+arrays; this module imports neither PyTorch nor JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import http.client
+import os
+import struct
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CLASSES",
+    "DEFAULT_MIRROR",
+    "FILES",
+    "SHA256",
+    "SYSTEM_DIR",
+    "DataNotFoundError",
+    "DownloadError",
+    "FashionMNIST",
+    "cache_dir",
+    "candidate_dirs",
+    "decompressed_sha256",
+    "download",
+    "find_data_dir",
+    "load_fashion_mnist",
+    "main",
+    "read_idx_images",
+    "read_idx_labels",
+    "verify_checksums",
+    "write_fashion_mnist",
+    "write_idx_images",
+    "write_idx_labels",
+]
+
+# d2l's text labels, indexed by the label value.
+CLASSES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
+
+# Keys are FashionMNIST's field names, so `getattr(data, key)` is that file's array.
+FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+# SHA-256 of the DECOMPRESSED content. The .gz bytes are not a stable identity: Debian
+# re-compressed the files (dropping the stored file name), so their .gz checksums
+# differ from the original release's while the content is identical.
+SHA256 = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+
+# The official mirror from the zalandoresearch/fashion-mnist README. Plain HTTP is
+# acceptable because every file is checked against SHA256 before it is kept.
+DEFAULT_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
+
+TIMEOUT_S = 60.0  # per blocking socket operation, not per file
+
+ROWS = COLS = 28
+_IMAGES_MAGIC = 2051  # 0x00000803: uint8 data, 3 dimensions
+_LABELS_MAGIC = 2049  # 0x00000801: uint8 data, 1 dimension
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No directory holds the four files, and they could not be downloaded."""
+
+
+class DownloadError(OSError):
+    """A transfer failed (no connection, HTTP error, or fewer bytes than announced)."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: `==` on arrays has no single truth value
+class FashionMNIST:
+    """The two splits as NumPy arrays.
+
+    ``*_images``: uint8 ``(N, 28, 28)``; ``*_labels``: int64 ``(N,)`` in 0..9, indexing
+    :data:`CLASSES`. ``source`` is the directory the files were read from, or "tfds".
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+            where = f"{self.source}: {split}"
+            if images.dtype != np.uint8 or images.shape[1:] != (ROWS, COLS):
+                raise ValueError(f"{where} images must be uint8 (N, 28, 28), got {images.dtype} {images.shape}")
+            if labels.dtype != np.int64 or labels.ndim != 1:
+                raise ValueError(f"{where} labels must be int64 (N,), got {labels.dtype} {labels.shape}")
+            if len(images) != len(labels):
+                raise ValueError(f"{where} split has {len(images)} images but {len(labels)} labels")
+            _check_labels(labels, f"{where} labels")
+
+
+def synthetic(n_train: int = 512, n_test: int = 256, seed: int = 0) -> FashionMNIST:
+    """A small, learnable stand-in with Fashion-MNIST's shapes and dtypes, for tests and for
+    runs without the real files: class ``k`` is a bright 7x7 block at a class-specific
+    place on noise, so a network learns it in a few steps."""
+    splits = []
+    for n, s in ((n_train, seed), (n_test, seed + 1)):
+        rng = np.random.default_rng(s)
+        labels = rng.integers(0, len(CLASSES), n).astype(np.int64)
+        images = rng.integers(0, 60, (n, ROWS, COLS)).astype(np.uint8)  # (n, 28, 28) noise
+        for k in range(len(CLASSES)):
+            r, c = divmod(k, 4)
+            images[labels == k, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7] = 230
+        splits += [images, labels]
+    return FashionMNIST(*splits, source=f"synthetic(seed={seed})")
+
+
+# --- IDX reading and writing ----------------------------------------------------------
+
+
+def _read_bytes(path: Path, name: str | None = None) -> bytes:
+    """The whole decompressed content; gzip is recognised by its magic bytes, not the name."""
+    name = name or str(path)
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"  # IDX files start with 0x00 0x00 instead
+        f.seek(0)
+        if not compressed:
+            return f.read()
+        try:
+            with gzip.GzipFile(fileobj=f) as g:
+                return g.read()
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # EOFError: stream cut short
+            raise ValueError(f"{name}: corrupt or truncated gzip stream ({e})") from e
+
+
+def _parse(path: Path, magic: int, ndim: int, what: str) -> tuple[tuple[int, ...], bytes, int]:
+    """Check the header; return (dimension sizes, content, offset of the data)."""
+    raw = _read_bytes(path)
+    start = 4 + 4 * ndim
+    if len(raw) < start:
+        raise ValueError(f"{path}: truncated header: {len(raw)} bytes, an IDX {what} file has {start}")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path}: bad magic number {found} (0x{found:08x}), expected {magic} for IDX {what}")
+    return struct.unpack(f">{ndim}I", raw[4:start]), raw, start
+
+
+def _check_length(path: Path, raw: bytes, start: int, expected: int, what: str) -> None:
+    found = len(raw) - start
+    if found < expected:
+        raise ValueError(f"{path}: truncated: header promises {what} = {expected} bytes, file has {found}")
+    if found > expected:
+        raise ValueError(f"{path}: {found - expected} trailing bytes after {what} = {expected} bytes")
+
+
+def _check_labels(labels: np.ndarray, name: str) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= len(CLASSES)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{name}: label {labels[i]} at index {i} is outside 0..9 ({bad.size} such labels)")
+
+
+def read_idx_images(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX image file (.gz or not). Returns uint8 ``(N, 28, 28)``, writable."""
+    path = Path(path)
+    (n, rows, cols), raw, start = _parse(path, _IMAGES_MAGIC, 3, "images")
+    if (rows, cols) != (ROWS, COLS):
+        raise ValueError(f"{path}: images are {rows}x{cols}, Fashion-MNIST's are {ROWS}x{COLS}")
+    _check_length(path, raw, start, n * ROWS * COLS, f"{n} images of {ROWS}x{COLS}")
+    # copy(): frombuffer over bytes is read-only, and torch.from_numpy warns on that.
+    return np.frombuffer(raw, np.uint8, n * ROWS * COLS, start).reshape(n, ROWS, COLS).copy()
+
+
+def read_idx_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX label file (.gz or not). Returns int64 ``(N,)`` with values in 0..9."""
+    path = Path(path)
+    (n,), raw, start = _parse(path, _LABELS_MAGIC, 1, "labels")
+    _check_length(path, raw, start, n, f"{n} labels")
+    labels = np.frombuffer(raw, np.uint8, n, start).astype(np.int64)  # (N,), a copy
+    _check_labels(labels, str(path))
+    return labels
+
+
+def _write_gz(path: str | os.PathLike, content: bytes) -> None:
+    # mtime=0: equal content gives equal bytes, so fixtures are reproducible.
+    Path(path).write_bytes(gzip.compress(content, mtime=0))
+
+
+def write_idx_images(path: str | os.PathLike, images: np.ndarray) -> None:
+    """Write uint8 ``(N, 28, 28)`` images as a gzip-compressed IDX file."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:] != (ROWS, COLS):
+        raise ValueError(f"{path}: images must be uint8 (N, 28, 28), got {images.dtype} {images.shape}")
+    header = struct.pack(">4I", _IMAGES_MAGIC, len(images), ROWS, COLS)
+    _write_gz(path, header + np.ascontiguousarray(images).tobytes())  # C order = IDX order
+
+
+def write_idx_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Write integer labels ``(N,)`` in 0..9 as a gzip-compressed IDX file."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integers of shape (N,), got {labels.dtype} {labels.shape}")
+    _check_labels(labels, str(path))
+    _write_gz(path, struct.pack(">2I", _LABELS_MAGIC, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(directory: str | os.PathLike, data: FashionMNIST) -> Path:
+    """Write ``data`` as the four standard files into ``directory`` (made if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, name in FILES.items():
+        write = write_idx_images if key.endswith("images") else write_idx_labels
+        write(directory / name, getattr(data, key))
+    return directory
+
+
+def decompressed_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file's decompressed content (what :data:`SHA256` records)."""
+    return hashlib.sha256(_read_bytes(Path(path))).hexdigest()
+
+
+def verify_checksums(directory: str | os.PathLike, checksums: Mapping[str, str] = SHA256) -> None:
+    """Raise ``ValueError`` naming every file in ``directory`` whose content differs."""
+    directory = Path(directory)
+    problems = []
+    for name in FILES.values():
+        path = _find_file(directory, name)
+        if path is None:
+            problems.append(f"{directory / name}: missing")
+        elif (digest := decompressed_sha256(path)) != checksums[name]:
+            problems.append(f"{path}: SHA-256 {digest}, expected {checksums[name]}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# --- Finding the files -------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/bnref/fashion-mnist``, default ``~/.cache/bnref/fashion-mnist``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bnref" / "fashion-mnist"
+
+
+def _candidates(data_dir: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
+    """(directory, why it is searched), in search order."""
+    found = []
+    if data_dir is not None:
+        found.append((Path(data_dir).expanduser(), "data_dir argument"))
+    if env := os.environ.get("BNREF_DATA_DIR"):
+        found.append((Path(env).expanduser(), "$BNREF_DATA_DIR"))
+    found.append((cache_dir(), "per-user cache"))
+    found.append((SYSTEM_DIR, "Debian package dataset-fashion-mnist"))
+    return found
+
+
+def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Directories searched, in order: ``data_dir``, ``$BNREF_DATA_DIR``, cache, system."""
+    return [path for path, _ in _candidates(data_dir)]
+
+
+def _find_file(directory: Path, name: str) -> Path | None:
+    """``name`` in ``directory``, or its uncompressed twin (``name`` without ``.gz``)."""
+    for path in (directory / name, directory / name.removesuffix(".gz")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _missing(directory: Path) -> list[str]:
+    return [name for name in FILES.values() if _find_file(directory, name) is None]
+
+
+def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first of :func:`candidate_dirs` that holds all four files, else None."""
+    return next((path for path in candidate_dirs(data_dir) if not _missing(path)), None)
+
+
+# --- Downloading --------------------------------------------------------------------------
+
+
+def _fetch(url: str, target: Path, sha256: str, progress: bool) -> None:
+    """Download ``url`` to ``target`` atomically: all verified bytes or no file at all."""
+    from tqdm import tqdm  # lazy: only downloads need it
+
+    # The temp file lives beside the target so os.replace is an atomic rename.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+                    length = response.headers.get("Content-Length")
+                    expected = int(length) if length is not None else None
+                    received = 0
+                    with tqdm(total=expected, desc=target.name, unit="B", unit_scale=True,
+                              unit_divisor=1024, disable=not progress) as bar:  # fmt: skip
+                        while chunk := response.read(1 << 16):
+                            out.write(chunk)
+                            received += len(chunk)
+                            bar.update(len(chunk))
+            except urllib.error.HTTPError as e:
+                e.close()  # an HTTPError holds the open response
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+            except urllib.error.URLError as e:
+                raise DownloadError(f"{url}: {e.reason}") from e
+            except (OSError, http.client.HTTPException) as e:
+                raise DownloadError(f"{url}: {e!r}") from e
+            # http.client returns a short body without complaint when the server closes
+            # early, so compare with Content-Length ourselves.
+            if expected is not None and received != expected:
+                raise DownloadError(f"{url}: transfer incomplete, received {received} of {expected} bytes")
+            out.flush()
+            os.fsync(out.fileno())  # the rename must never expose unwritten data
+        digest = hashlib.sha256(_read_bytes(Path(tmp), name=url)).hexdigest()
+        if digest != sha256:
+            raise ValueError(
+                f"{url}: checksum mismatch: SHA-256 of the decompressed content is {digest}, "
+                f"expected {sha256}; the file was discarded"
+            )
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a data directory may be shared
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone already after a successful os.replace
+
+
+def _digest_or_none(path: Path) -> str | None:
+    try:
+        return decompressed_sha256(path)
+    except ValueError:  # not even valid gzip
+        return None
+
+
+def download(
+    dest_dir: str | os.PathLike,
+    base_url: str = DEFAULT_MIRROR,
+    progress: bool = True,
+    checksums: Mapping[str, str] = SHA256,
+) -> Path:
+    """Download the four files from ``base_url`` into ``dest_dir`` and return it.
+
+    Each file is checked against ``checksums[name]`` (SHA-256 of its decompressed
+    content) before it is moved into place, so ``dest_dir`` never holds a partial or
+    wrong file, even after an error or Ctrl-C. Files already present with the right
+    checksum are not fetched again. Raises :class:`DownloadError` (an ``OSError``) when
+    a transfer fails and ``ValueError`` on a checksum mismatch.
+    """
+    dest = Path(dest_dir).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in FILES.values():
+        target = dest / name
+        if target.is_file() and _digest_or_none(target) == checksums[name]:
+            continue  # a corrupt or different file is fetched again, atomically replaced
+        _fetch(f"{base_url.rstrip('/')}/{name}", target, checksums[name], progress)
+    return dest
+
+
+_download = download  # load_fashion_mnist's `download` flag shadows the function
+
+
+# --- Loading -------------------------------------------------------------------------------
+
+
+def _read_dir(directory: Path) -> FashionMNIST:
+    arrays = {}
+    for split in ("train", "test"):
+        images_path = _find_file(directory, FILES[f"{split}_images"])
+        labels_path = _find_file(directory, FILES[f"{split}_labels"])
+        images, labels = read_idx_images(images_path), read_idx_labels(labels_path)
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{directory}: {split} split mismatch: {images_path.name} holds {len(images)} "
+                f"images but {labels_path.name} holds {len(labels)} labels"
+            )
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    return FashionMNIST(**arrays, source=str(directory))
+
+
+def _not_found(looked: list[tuple[Path, str]], reason: str, dest: Path) -> DataNotFoundError:
+    lines = ["Fashion-MNIST files not found. Looked in:"]
+    for path, why in looked:
+        state = "does not exist" if not path.is_dir() else f"missing {', '.join(_missing(path))}"
+        lines.append(f"  {path}  ({why}): {state}")
+    lines += [
+        reason,
+        "Provide the four files in one of these ways:",
+        "  - set BNREF_DATA_DIR (or pass data_dir / --data-dir) to a directory holding them;",
+        "  - apt-get install dataset-fashion-mnist  (puts them in /usr/share/datasets/fashion-mnist);",
+        f"  - download {', '.join(FILES.values())}",
+        f"    from {DEFAULT_MIRROR} into {dest}",
+    ]
+    return DataNotFoundError("\n".join(lines))
+
+
+_NO_DOWNLOAD = "Downloading was turned off (download=False, --no-download)."
+
+
+def _download_or_raise(dest: Path, looked: list[tuple[Path, str]]) -> None:
+    # Module globals are read here, at call time, so tests can point them at fixtures.
+    try:
+        _download(dest, DEFAULT_MIRROR, checksums=SHA256)
+    except (OSError, ValueError) as e:
+        raise _not_found(looked, f"Downloading into {dest} failed: {e}", dest) from e
+
+
+def _load_tfds(data_dir: str | os.PathLike | None, download: bool) -> FashionMNIST:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(
+            "source='tfds' needs tensorflow-datasets and array-record: pip install 'bnref[tfds]'"
+        ) from e
+    arrays = {}
+    for split in ("train", "test"):
+        # data_source reads ArrayRecord files and decodes with NumPy/PIL, so unlike
+        # tfds.load it needs no TensorFlow. Examples are read one at a time because
+        # tfds.testing.mock_data's batched __getitems__ is broken (tfds 4.9.10).
+        ds = tfds.data_source("fashion_mnist", split=split, data_dir=data_dir, download=download)
+        examples = [ds[i] for i in range(len(ds))]
+        # Each image is (28, 28, 1); drop the channel axis -> (N, 28, 28).
+        arrays[f"{split}_images"] = np.stack([ex["image"][..., 0] for ex in examples])
+        arrays[f"{split}_labels"] = np.array([ex["label"] for ex in examples], dtype=np.int64)  # (N,)
+    return FashionMNIST(**arrays, source="tfds")
+
+
+def load_fashion_mnist(
+    data_dir: str | os.PathLike | None = None, *, download: bool = True, source: str = "idx"
+) -> FashionMNIST:
+    """Load both splits. Images uint8 ``(N, 28, 28)``, labels int64 ``(N,)``.
+
+    ``source="idx"`` (default): with ``data_dir`` given, ONLY that directory is used;
+    if it lacks files they are downloaded into it when ``download`` is true, else
+    :class:`DataNotFoundError` lists what is missing. An explicit directory never falls
+    back to other places, which could silently hand over different data. Without
+    ``data_dir``, the first of ``$BNREF_DATA_DIR``, the cache and the system directory
+    holding all four files is used; if none does, they are downloaded into the cache
+    (when ``download``). Failure raises :class:`DataNotFoundError` (a
+    ``FileNotFoundError``) listing every place looked at and how to provide the files.
+    Loading checks structure, not checksums (fixtures are not the real data); see
+    :func:`verify_checksums`.
+
+    ``source="tfds"``: tensorflow-datasets' ``fashion_mnist`` through ``tfds.data_source``;
+    ``data_dir`` is then TFDS's own data directory and ``download`` is passed to it.
+    Reading an already prepared copy needs no TensorFlow; preparing one (the first
+    download) does, because TFDS encodes the images to PNG with ``tf.image``.
+    """
+    if source == "tfds":
+        return _load_tfds(data_dir, download)
+    if source != "idx":
+        raise ValueError(f"source must be 'idx' or 'tfds', got {source!r}")
+    if data_dir is not None:
+        looked = _candidates(data_dir)[:1]
+        directory = looked[0][0]
+        if _missing(directory):
+            if not download:
+                raise _not_found(looked, _NO_DOWNLOAD, directory)
+            _download_or_raise(directory, looked)
+        return _read_dir(directory)
+    directory = find_data_dir()
+    if directory is None:
+        looked = _candidates()
+        directory = cache_dir()
+        if not download:
+            raise _not_found(looked, _NO_DOWNLOAD, directory)
+        _download_or_raise(directory, looked)
+    return _read_dir(directory)
+
+
+# --- Command line -------------------------------------------------------------------------
+
+
+def describe(data: FashionMNIST) -> str:
+    """Human-readable summary: where from, checksums, split sizes, per-class counts."""
+    lines = [f"Fashion-MNIST from {data.source}"]
+    if data.source != "tfds":
+        try:
+            verify_checksums(data.source)
+            lines.append("checksums: match the original release")
+        except ValueError as e:
+            lines.append(f"checksums: differ from the original release ({e})")
+    for split in ("train", "test"):
+        images = getattr(data, f"{split}_images")
+        lines.append(f"{split}: {len(images)} images {images.shape[1]}x{images.shape[2]} {images.dtype}")
+    train = np.bincount(data.train_labels, minlength=len(CLASSES))
+    test = np.bincount(data.test_labels, minlength=len(CLASSES))
+    lines.append(f"{'label':>5}  {'class':<10} {'train':>6} {'test':>6}")
+    lines += [f"{i:>5}  {name:<10} {train[i]:>6} {test[i]:>6}" for i, name in enumerate(CLASSES)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bnref.data [--data-dir D] [--no-download] [--source idx|tfds]``."""
+    parser = argparse.ArgumentParser(prog="python -m bnref.data", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=None, help="use only this directory")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading")
+    parser.add_argument("--source", choices=("idx", "tfds"), default="idx")
+    args = parser.parse_args(argv)
+    try:
+        data = load_fashion_mnist(args.data_dir, download=not args.no_download, source=args.source)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(describe(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
