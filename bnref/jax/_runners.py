@@ -1,0 +1,117 @@
+"""Runners that plug the JAX backend into ``bnref.testing`` (the one parity helper).
+
+Each runner is ``run(inputs, convention, axis, dtype, train) -> dict`` of NumPy arrays: ``y``,
+``running_mean``, ``running_var`` and, in training, ``dx``, ``dgamma``, ``dbeta``, the
+gradients of ``sum(y * dy)`` computed with ``jax.grad`` under ``jax.jit``.
+
+Dtypes: ``y`` and ``dx`` come back in the backend dtype ``dtype``. The running statistics are
+fed in and returned in the statistics dtype (float32 for float32/float16/bfloat16 inputs, as
+Flax's ``batch_stats``; float64 for float64) and then cast to ``dtype`` for the comparison, so
+for half types the reported error includes that final rounding. ``gamma``/``beta`` (and so
+``dgamma``/``dbeta``) are in ``dtype``.
+
+float64 needs x64: each runner enables it for its own duration with the ``jax.enable_x64``
+context manager (never globally: the rest of a test session trains in float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+
+from bnref import spec
+from bnref.testing import NotExpressible
+
+__all__ = ["run_functional", "run_layer", "run_builtin", "RUNNERS"]
+
+
+def _x64(dtype: str):
+    import jax
+
+    return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+
+
+def _prepare(inputs, dtype: str):
+    import jax.numpy as jnp
+
+    jdt = jnp.dtype(dtype)
+    sdt = jnp.promote_types(jdt, jnp.float32)  # statistics dtype
+    x, gamma, beta, dy = (jnp.asarray(np.asarray(inputs[k]), jdt) for k in ("x", "gamma", "beta", "dy"))
+    rm = jnp.asarray(np.asarray(inputs["running_mean"]), sdt)
+    rv = jnp.asarray(np.asarray(inputs["running_var"]), sdt)
+    return x, gamma, beta, rm, rv, dy
+
+
+def _to_numpy(out, dtype: str):
+    return {k: np.asarray(v.astype(dtype)) for k, v in out.items()}
+
+
+def _run(forward, inputs, dtype, train):
+    """``forward(x, gamma, beta, rm, rv) -> (y, new_rm, new_rv)``, jitted with its gradients."""
+    import jax
+
+    with _x64(dtype):
+        x, gamma, beta, rm, rv, dy = _prepare(inputs, dtype)
+        if not train:
+            y, nrm, nrv = jax.jit(forward)(x, gamma, beta, rm, rv)
+            return _to_numpy({"y": y, "running_mean": nrm, "running_var": nrv}, dtype)
+
+        def loss(x, gamma, beta, rm, rv, dy):
+            y, nrm, nrv = forward(x, gamma, beta, rm, rv)
+            return (y * dy).sum(dtype=jax.numpy.promote_types(y.dtype, "float32")), (y, nrm, nrv)
+
+        grads, (y, nrm, nrv) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, gamma, beta, rm, rv, dy)
+        out = {"y": y, "running_mean": nrm, "running_var": nrv, "dx": grads[0], "dgamma": grads[1], "dbeta": grads[2]}
+        return _to_numpy(out, dtype)
+
+
+def run_functional(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
+    """``bnref.jax.batch_norm``."""
+    from bnref.jax.functional import batch_norm
+
+    fwd = functools.partial(batch_norm, train=train, convention=convention, axis=axis)
+    return _run(fwd, inputs, dtype, train)
+
+
+def _module_forward(module, train):
+    """A ``forward`` for a Flax BN module: variables from the inputs, ``mutable=["batch_stats"]``."""
+
+    def forward(x, gamma, beta, rm, rv):
+        variables = {"params": {"scale": gamma, "bias": beta}, "batch_stats": {"mean": rm, "var": rv}}
+        y, state = module.apply(variables, x, use_running_average=not train, mutable=["batch_stats"])
+        return y, state["batch_stats"]["mean"], state["batch_stats"]["var"]
+
+    return forward
+
+
+def run_layer(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
+    """``bnref.jax.BatchNorm`` via ``apply(..., mutable=["batch_stats"])`` with the given variables."""
+    import jax.numpy as jnp
+
+    from bnref.jax.layers import BatchNorm
+
+    module = BatchNorm(axis=axis, convention=convention, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    return _run(_module_forward(module, train), inputs, dtype, train)
+
+
+def run_builtin(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
+    """``flax.linen.BatchNorm`` configured to ``convention`` (two-pass variance)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    if convention.running_var == "unbiased":
+        raise NotExpressible("flax.linen always uses the biased variance in its running average")
+    module = nn.BatchNorm(
+        axis=axis,
+        momentum=convention.decay,
+        epsilon=convention.eps,
+        dtype=jnp.dtype(dtype),
+        param_dtype=jnp.dtype(dtype),
+        use_fast_variance=False,
+    )
+    return _run(_module_forward(module, train), inputs, dtype, train)
+
+
+RUNNERS = {"functional": run_functional, "layer": run_layer, "builtin": run_builtin}

@@ -1,0 +1,230 @@
+"""Training LeNet-BN with JAX/Flax: ``fit(config, data, on_epoch)`` for ``bnref.train``.
+
+The pieces are public so that other code (the cross-framework trajectory comparison, the
+benchmark) can drive the same steps:
+
+- :func:`resolve_device`, :func:`make_model`, :func:`prepare_images`;
+- :class:`TrainState`: Flax's ``TrainState`` (params, optax SGD state) plus ``batch_stats``;
+- :func:`create_train_state`;
+- :func:`train_step` ``(state, X, y) -> (state, loss, correct)``: one jitted SGD step that
+  applies the model with ``mutable=["batch_stats"]`` and returns the updated statistics in
+  the new state (the state's buffers are donated);
+- :func:`eval_step` ``(state, X) -> logits`` with ``train=False`` (running statistics).
+
+:func:`fit` keeps the whole dataset on the device (float32 in [0, 1], NHWC), shuffles
+*examples* each epoch with a permutation from ``numpy.random.default_rng([seed, epoch])``
+(framework-neutral, so another backend can reproduce the order), and gathers each batch on
+the device inside the jitted step from the permutation, so the loop does no per-sample
+Python work, moves no data to the device and never waits for it: loss and accuracy are
+accumulated on the device and read once per epoch. Same seed, same data -> same history.
+
+The last partial batch is kept, as d2l's DataLoader does (it compiles the step once more for
+its shape), unless it holds a single example, which BatchNorm cannot train on; then it is
+dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from bnref.jax.models import LeNetBN
+
+__all__ = [
+    "TrainState",
+    "resolve_device",
+    "device_name",
+    "make_model",
+    "prepare_images",
+    "create_train_state",
+    "train_step",
+    "eval_step",
+    "epoch_permutation",
+    "fit",
+]
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState (step, apply_fn, params, tx, opt_state) plus the BN running statistics."""
+
+    batch_stats: Any = None
+
+
+def resolve_device(name: str = "auto") -> jax.Device:
+    """A JAX device from ``--device``: ``auto`` (the first GPU if any, else the CPU), ``cpu``,
+    ``gpu``/``cuda`` or ``cuda:1``/``gpu:1``."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        try:
+            return jax.devices("gpu")[0]
+        except RuntimeError:  # no GPU backend installed or no GPU present
+            return jax.devices("cpu")[0]
+    kind, _, index = name.partition(":")
+    platform = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}.get(kind)
+    if platform is None:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, gpu/cuda or cuda:N")
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r} is not available: {e}") from None
+    i = int(index) if index else 0
+    if not 0 <= i < len(devices):
+        raise ValueError(f"device {name!r} is not available ({len(devices)} {platform} device(s))")
+    return devices[i]
+
+
+def device_name(device: jax.Device) -> str:
+    """``cpu`` or ``cuda:N``: the wording of the per-epoch line (as the torch backend)."""
+    return "cpu" if device.platform == "cpu" else f"cuda:{device.id}"
+
+
+def make_model(config) -> LeNetBN:
+    """The LeNet-BN of ``config`` (``bn`` and ``convention``)."""
+    return LeNetBN(bn=config.bn, convention=config.bn_convention)
+
+
+def prepare_images(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1] (NHWC)."""
+    return (np.asarray(images, dtype=np.float32) / 255.0)[..., None]
+
+
+def create_train_state(model, rng, lr: float, sample_input) -> TrainState:
+    """Initialize parameters and statistics (init leaves the statistics at 0 and 1) and SGD."""
+    variables = model.init(rng, sample_input, train=False)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=optax.sgd(lr),
+    )
+
+
+def _loss_and_updates(state: TrainState, X, y):
+    """Gradient step on one batch: ``(new_state, mean loss, number correct)``."""
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, X, train=True, mutable=["batch_stats"]
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    correct = (jnp.argmax(logits, -1) == y).sum()
+    return state, loss, correct
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def train_step(state: TrainState, X, y):
+    """One SGD step on the batch ``X`` (B, 28, 28, 1), ``y`` (B,) int: ``(state, loss, correct)``.
+
+    ``loss`` is the batch's mean cross-entropy, ``correct`` the number of right predictions
+    (training mode). ``state`` is donated: do not reuse it after the call.
+    """
+    return _loss_and_updates(state, X, y)
+
+
+@jax.jit
+def eval_step(state: TrainState, X):
+    """Logits of ``X`` with the running statistics (``train=False``): (B, 10)."""
+    return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, X, train=False)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",), donate_argnums=(0, 1))
+def _fit_step(state: TrainState, totals, X_all, y_all, perm, i, *, batch_size: int):
+    """:func:`train_step` on rows ``perm[i*B:(i+1)*B]`` of the on-device dataset, adding the
+    batch's loss sum and number correct to ``totals`` (both donated, kept on the device)."""
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)  # (B,) example indices
+    X, y = X_all[idx], y_all[idx]  # (B, 28, 28, 1), (B,): gathered on the device
+    state, loss, correct = _loss_and_updates(state, X, y)
+    return state, totals + jnp.stack([loss * batch_size, correct.astype(jnp.float32)])
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _count_correct(state: TrainState, X_all, y_all, start, *, batch_size: int):
+    X = jax.lax.dynamic_slice_in_dim(X_all, start, batch_size)
+    y = jax.lax.dynamic_slice_in_dim(y_all, start, batch_size)
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, X, train=False)
+    return (jnp.argmax(logits, -1) == y).sum()
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the training examples in ``epoch`` (1-based): framework-neutral NumPy."""
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+def evaluate(state: TrainState, X, y, batch_size: int = 1000) -> float:
+    """Accuracy on the on-device ``X``, ``y`` with the running statistics."""
+    n = int(X.shape[0])
+    correct = jnp.zeros((), jnp.int32)
+    full = n - n % batch_size
+    for start in range(0, full, batch_size):
+        correct = correct + _count_correct(state, X, y, start, batch_size=batch_size)
+    if full < n:
+        correct = correct + _count_correct(state, X[full:], y[full:], 0, batch_size=n - full)
+    return float(correct) / n
+
+
+def _batches(n: int, batch_size: int):
+    """(start, size) of each training batch: full ones, then the remainder if it has >= 2."""
+    full = n // batch_size
+    out = [(i * batch_size, batch_size) for i in range(full)]
+    rest = n - full * batch_size
+    if rest >= 2:  # one example: BatchNorm has no batch statistics to train on
+        out.append((full * batch_size, rest))
+    return out
+
+
+def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
+    """Train ``make_model(config)`` on ``data`` (a ``bnref.data.FashionMNIST``) for
+    ``config.epochs`` epochs; ``on_epoch(metrics)`` after each; returns all metrics."""
+    device = resolve_device(config.device)
+    model = make_model(config)
+    with jax.default_device(device):
+        X_train = jax.device_put(prepare_images(data.train_images), device)  # (N, 28, 28, 1)
+        y_train = jax.device_put(np.asarray(data.train_labels, np.int32), device)  # (N,)
+        X_test = jax.device_put(prepare_images(data.test_images), device)
+        y_test = jax.device_put(np.asarray(data.test_labels, np.int32), device)
+        state = create_train_state(model, jax.random.key(config.seed), config.lr, X_train[:1])
+        state = jax.device_put(state, device)
+    n = int(X_train.shape[0])
+    batches = _batches(n, config.batch_size)
+    seen = sum(size for _, size in batches)
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        perm = jax.device_put(epoch_permutation(config.seed, epoch, n), device)  # (N,) example order
+        totals = jax.device_put(jnp.zeros(2, jnp.float32), device)  # loss sum, number correct
+        steps = batches
+        if config.progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="batch")
+        t0 = time.perf_counter()
+        for start, size in steps:
+            if size == config.batch_size:
+                state, totals = _fit_step(state, totals, X_train, y_train, perm, start // size, batch_size=size)
+            else:  # the remainder: its own slice of the permutation
+                state, totals = _fit_step(state, totals, X_train, y_train, perm[start:], 0, batch_size=size)
+        loss_sum, correct = (float(v) for v in np.asarray(totals))  # the one sync per epoch
+        seconds = time.perf_counter() - t0
+        m = {
+            "epoch": epoch,
+            "epochs": config.epochs,
+            "loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "test_acc": evaluate(state, X_test, y_test),
+            "examples_per_sec": seen / seconds,
+            "device": device_name(device),
+        }
+        history.append(m)
+        on_epoch(m)
+    return history
