@@ -1,0 +1,14 @@
+"""bnref's PyTorch backend: BatchNorm from plain tensor ops, a drop-in for torch.nn's.
+
+- :func:`batch_norm`: the functional core ``(x, gamma, beta, running_mean, running_var,
+  *, train, convention, axis) -> (y, new_running_mean, new_running_var)``.
+- :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: drop-ins for
+  ``torch.nn.BatchNorm*d`` with an extra ``convention=`` keyword.
+- :class:`LeNetBN`: the seed's LeNet with BatchNorm; ``bnref.torch.train`` trains it.
+"""
+
+from bnref.torch.functional import resolve_convention, batch_norm
+from bnref.torch.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnref.torch.models import LeNetBN
+
+__all__ = ["batch_norm", "resolve_convention", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LeNetBN"]

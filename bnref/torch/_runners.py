@@ -1,0 +1,111 @@
+"""Runners that plug bnref's PyTorch backend into :mod:`bnref.testing`.
+
+Each is ``run(inputs, convention, axis, dtype, train) -> dict`` of NumPy arrays: ``y``,
+``running_mean``, ``running_var`` and, in training, ``dx``, ``dgamma``, ``dbeta`` (the
+gradients of ``sum(y * dy)``). Inputs are float64 NumPy arrays, cast to ``dtype``
+(``"float64"``, ``"float32"``, ``"float16"``, ``"bfloat16"``).
+
+Every tensor, parameters and running statistics included, is created in ``dtype``, as a
+``torch.nn.BatchNorm*d(..., dtype=dtype)`` layer holds them; so every returned array has
+``dtype`` too. (Statistics of half-precision inputs are still accumulated in float32 and
+rounded to the buffers' dtype at the end.) NumPy has no bfloat16: bfloat16 results are
+returned as float32 arrays holding the bfloat16 values exactly, so compare them with
+``check_dtype=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+
+from bnref import spec
+from bnref.testing import NotExpressible
+from bnref.torch.functional import batch_norm
+from bnref.torch.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["run_functional", "run_layer", "run_builtin", "RUNNERS"]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _tensor(a: np.ndarray, dtype: str, grad: bool = False) -> torch.Tensor:
+    t = torch.from_numpy(np.asarray(a, dtype=np.float64)).to(_DTYPES[dtype])
+    return t.requires_grad_(grad)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()  # exact: every bfloat16 is a float32
+    return t.numpy().copy()
+
+
+def _result(y, rm, rv, x, gamma, beta, dy, train: bool) -> Dict[str, np.ndarray]:
+    out = {"y": _numpy(y), "running_mean": _numpy(rm), "running_var": _numpy(rv)}
+    if train:
+        dx, dgamma, dbeta = torch.autograd.grad((y * dy).sum(), (x, gamma, beta))
+        out.update(dx=_numpy(dx), dgamma=_numpy(dgamma), dbeta=_numpy(dbeta))
+    return out
+
+
+def run_functional(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
+    """``bnref.torch.batch_norm`` on the inputs, any layout (``axis``)."""
+    x, gamma, beta = (_tensor(inputs[k], dtype, grad=train) for k in ("x", "gamma", "beta"))
+    rm, rv, dy = (_tensor(inputs[k], dtype) for k in ("running_mean", "running_var", "dy"))
+    y, new_rm, new_rv = batch_norm(x, gamma, beta, rm, rv, train=train, convention=convention, axis=axis)
+    return _result(y, new_rm, new_rv, x, gamma, beta, dy, train)
+
+
+def _layer_class(ndim: int, builtin: bool):
+    classes = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+    if not builtin:
+        classes = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
+    if ndim not in classes:
+        raise NotExpressible(f"no BatchNorm layer takes rank-{ndim} input")
+    return classes[ndim]
+
+
+def _run_module(layer, inputs, axis: int, dtype: str, train: bool):
+    """Load the inputs into ``layer`` (weight, bias, running stats), run one forward/backward.
+
+    Layers take channels first (axis 1). Other layouts are transposed to channels-first and
+    the output (and dx) back: a layout change the user would make too, not a different
+    computation.
+    """
+    ndim = inputs["x"].ndim
+    ax = axis % ndim
+    perm = [0, ax] + [i for i in range(1, ndim) if i != ax]  # to (N, C, ...)
+    inv = list(np.argsort(perm))  # back to the original layout
+    x = _tensor(inputs["x"], dtype, grad=train)
+    dy = _tensor(inputs["dy"], dtype)
+    with torch.no_grad():
+        layer.weight.copy_(_tensor(inputs["gamma"], dtype))
+        layer.bias.copy_(_tensor(inputs["beta"], dtype))
+        layer.running_mean.copy_(_tensor(inputs["running_mean"], dtype))
+        layer.running_var.copy_(_tensor(inputs["running_var"], dtype))
+    layer.train(train)
+    y = layer(x.permute(perm)).permute(inv)
+    return _result(y, layer.running_mean, layer.running_var, x, layer.weight, layer.bias, dy, train)
+
+
+def run_layer(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
+    """bnref's ``BatchNorm1d/2d/3d`` configured with ``convention``."""
+    c = inputs["x"].shape[axis]
+    layer = _layer_class(inputs["x"].ndim, builtin=False)(c, convention=convention, dtype=_DTYPES[dtype])
+    return _run_module(layer, inputs, axis, dtype, train)
+
+
+def run_builtin(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
+    """``torch.nn.BatchNorm1d/2d/3d`` with ``momentum = 1 - decay`` and the convention's eps."""
+    if convention.running_var == "biased":
+        raise NotExpressible("torch.nn always uses the unbiased variance in its running average")
+    c = inputs["x"].shape[axis]
+    cls = _layer_class(inputs["x"].ndim, builtin=True)
+    layer = cls(c, eps=convention.eps, momentum=convention.torch_momentum, dtype=_DTYPES[dtype])
+    return _run_module(layer, inputs, axis, dtype, train)
+
+
+#: name -> runner, for ``python -m bnref.parity`` and the tests
+RUNNERS = {"functional": run_functional, "layer": run_layer, "builtin": run_builtin}

@@ -1,0 +1,169 @@
+"""Train LeNet-BN with PyTorch: ``python -m bnref.train --backend torch``.
+
+:func:`fit` is what ``bnref.train.train_and_evaluate`` calls; :func:`resolve_device`,
+:func:`make_model`, :func:`load_tensors` and :func:`train_step` are the reusable pieces
+(the cross-framework trajectory code and the benchmark call them too).
+
+The hot loop does no per-example Python work: the whole dataset is put on the training
+device once as float tensors ``(N, 1, 28, 28)`` scaled to [0, 1]; each epoch draws one
+example-level permutation from a seeded ``torch.Generator`` and each batch is an index
+slice of it. Loss and accuracy are accumulated on the device, so nothing waits for the
+device inside an epoch (no ``.item()`` per step). Same seed, same device: same curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from bnref.torch.models import LeNetBN
+
+__all__ = ["fit", "resolve_device", "make_model", "load_tensors", "train_step", "train_batches", "evaluate"]
+
+#: batch size for test-set evaluation (eval mode: the result does not depend on it)
+EVAL_BATCH = 1024
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` (the first GPU when there is one, else the CPU), ``"cpu"``, ``"cuda"``/``"gpu"``
+    (the current GPU) or an explicit ``"cuda:1"``; always with an index for CUDA (``cuda:0``)."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "gpu":
+        name = "cuda"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def make_model(config) -> LeNetBN:
+    """A freshly initialized LeNet-BN for ``config`` (``bn``, ``convention``, ``seed``), on the CPU.
+
+    The initialization depends on ``config.seed`` only, and the global RNG state is left
+    as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return LeNetBN(bn=config.bn, convention=config.bn_convention)
+
+
+def load_tensors(images, labels, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(N, 28, 28)`` images and int labels -> float ``(N, 1, 28, 28)`` in [0, 1] and int64 ``(N,)``, on ``device``."""
+    x = torch.as_tensor(images).to(device).unsqueeze(1).float().div_(255.0)  # (N, 1, 28, 28)
+    y = torch.as_tensor(labels).to(device=device, dtype=torch.int64)  # (N,)
+    return x, y
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor):
+    model.train()
+    logits = model(X)  # (B, 10)
+    loss = nn.functional.cross_entropy(logits, y)  # mean over the batch
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on the batch ``(X, y)`` (cross-entropy, model in train mode);
+    returns the batch's mean loss as a detached 0-d tensor (no device sync)."""
+    return _step(model, optimizer, X, y)[0]
+
+
+def train_batches(model, optimizer, X, y, perm: torch.Tensor, starts, batch_size: int):
+    """One step per start ``i`` in ``starts`` on the examples ``perm[i : i + batch_size]``.
+
+    Returns ``(loss_sum, correct, seen)``: the summed per-example loss and the number of
+    correct train-mode predictions as device tensors (no sync), and the example count.
+    """
+    loss_sum = torch.zeros((), device=X.device)
+    correct = torch.zeros((), dtype=torch.int64, device=X.device)
+    seen = 0
+    for i in starts:
+        idx = perm[i : i + batch_size]
+        Xb, yb = X[idx], y[idx]  # (B, 1, 28, 28), (B,): one gather per batch, no per-example work
+        loss, logits = _step(model, optimizer, Xb, yb)
+        loss_sum += loss * yb.shape[0]
+        correct += (logits.argmax(1) == yb).sum()
+        seen += yb.shape[0]
+    return loss_sum, correct, seen
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = EVAL_BATCH) -> float:
+    """Accuracy of ``model`` in eval mode (running statistics) on ``(X, y)``."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=X.device)
+    for i in range(0, X.shape[0], batch_size):
+        correct += (model(X[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()
+    return correct.item() / X.shape[0]
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device):
+    """cuDNN deterministic kernels for the duration (a no-op on the CPU, already deterministic)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
+    """Train LeNet-BN per ``config`` (a ``bnref.train.TrainConfig``) on ``data`` (a
+    ``bnref.data.FashionMNIST``); returns one metrics dict per epoch, each also passed to
+    ``on_epoch`` as soon as it exists.
+
+    Metrics: ``loss`` (mean training loss over the epoch), ``train_acc`` (over the epoch,
+    train mode, as the model was while it learned), ``test_acc`` (eval mode),
+    ``examples_per_sec`` (training examples / training time, evaluation excluded),
+    ``device`` (``"cpu"``, ``"cuda:0"``).
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(config.device)
+    model = make_model(config).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    X_train, y_train = load_tensors(data.train_images, data.train_labels, device)
+    X_test, y_test = load_tensors(data.test_images, data.test_labels, device)
+    n = X_train.shape[0]
+    # A final batch of one example cannot be batch-normalized in training: drop it.
+    starts = [i for i in range(0, n, config.batch_size) if min(config.batch_size, n - i) > 1]
+    shuffle = torch.Generator().manual_seed(config.seed)  # CPU generator: same order on every device
+    history = []
+    with _deterministic(device):
+        for epoch in range(1, config.epochs + 1):
+            perm = torch.randperm(n, generator=shuffle).to(device)  # example-level shuffle
+            _sync(device)
+            t0 = time.perf_counter()
+            bar = tqdm(starts, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if config.progress else True)
+            loss_sum, correct, seen = train_batches(model, optimizer, X_train, y_train, perm, bar, config.batch_size)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            m = {
+                "epoch": epoch,
+                "epochs": config.epochs,
+                "loss": loss_sum.item() / seen,
+                "train_acc": correct.item() / seen,
+                "test_acc": evaluate(model, X_test, y_test),
+                "examples_per_sec": seen / seconds,
+                "device": str(device),
+            }
+            history.append(m)
+            on_epoch(m)
+    return history

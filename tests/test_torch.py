@@ -1,0 +1,411 @@
+"""bnref's PyTorch BatchNorm: parity with the spec and with torch.nn, properties, errors, LeNet-BN."""
+
+import inspect
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bnref import spec, testing
+from bnref.torch import BatchNorm1d, BatchNorm2d, BatchNorm3d, LeNetBN, batch_norm
+from bnref.torch._runners import run_builtin, run_functional, run_layer
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """One torch thread in these tests: on a shared 2-core machine, OpenMP threads that wait
+    for each other under load made the training tests 5x slower (measured); results are
+    the same either way."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+PRESETS = sorted(spec.PRESETS)
+#: (shape, axis): every layout the backends must handle, channels first and last
+LAYOUTS = [((16, 3), 1), ((8, 3, 5), 1), ((4, 3, 5, 6), 1), ((8, 5, 3), -1), ((4, 5, 6, 3), -1)]
+LAYOUT_IDS = [testing.layout_name(len(s), a) for s, a in LAYOUTS]
+MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --- parity with the spec ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_functional_matches_spec(dtype, preset, shape, axis, train):
+    testing.assert_matches_spec(run_functional, "torch", preset, shape, axis, dtype, train)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_layer_matches_spec(preset, shape, axis, train):
+    testing.assert_matches_spec(run_layer, "torch-layer", preset, shape, axis, "float64", train)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS[:3], ids=LAYOUT_IDS[:3])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_builtin_runner_matches_spec_or_says_why(preset, shape, axis, train):
+    if spec.preset(preset).running_var == "biased":
+        with pytest.raises(testing.NotExpressible, match="unbiased"):
+            run_builtin(testing.make_inputs(shape, axis), spec.preset(preset), axis, "float64", train)
+    else:
+        testing.assert_matches_spec(run_builtin, "torch.nn", preset, shape, axis, "float64", train)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("shape,axis", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[4]], ids=["NC", "NCHW", "NHWC"])
+@pytest.mark.parametrize("runner", [run_functional, run_layer], ids=["functional", "layer"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_keeps_dtype_and_matches_spec(dtype, runner, shape, axis, train):
+    inputs = testing.make_inputs(shape, axis)
+    if runner is run_functional:  # output dtype straight from the backend, before NumPy
+        x = torch.from_numpy(inputs["x"]).to(TORCH_DTYPES[dtype])
+        y, rm, rv = batch_norm(x, None, None, torch.zeros(shape[axis]), torch.ones(shape[axis]), train=train, axis=axis)
+        assert y.dtype == x.dtype and rm.dtype == rv.dtype == torch.float32  # buffers keep their dtype
+    rounded = {k: torch.from_numpy(v).to(TORCH_DTYPES[dtype]).double().numpy() for k, v in inputs.items()}
+    expected = testing.spec_run(rounded, spec.TORCH, axis, train)
+    actual = runner(inputs, spec.TORCH, axis, dtype, train)
+    # bfloat16 comes back as float32 arrays (NumPy has no bfloat16), so no dtype check here.
+    testing.assert_close(actual, expected, context=f"torch, {dtype}", dtype=dtype, check_dtype=False)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("shape", [(5, 3), (3, 2, 3, 2)], ids=["NC", "NCHW"])
+def test_gradcheck_functional(shape, affine):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).requires_grad_()
+    gamma = (torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    beta = torch.randn(shape[1], generator=g, dtype=torch.float64).requires_grad_() if affine else None
+    rm, rv = torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)
+
+    def f(*args):
+        return batch_norm(args[0], *(args[1:] if affine else (None, None)), rm, rv, train=True)[0]
+
+    assert torch.autograd.gradcheck(f, (x, gamma, beta) if affine else (x,))
+
+
+# --- properties --------------------------------------------------------------------------
+
+
+def test_normalized_channels_have_zero_mean_unit_variance():
+    x = torch.randn(64, 4, 5, 5, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1, 3.0]).view(1, 4, 1, 1) + 7
+    y, _, _ = batch_norm(x, None, None, None, None, train=True, convention=spec.Convention(decay=0.9, eps=0.0))
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(y.var((0, 2, 3), unbiased=False), torch.ones(4, dtype=torch.float64))
+
+
+def test_large_offset_small_spread_is_stable_in_float32():
+    # E[x^2] - E[x]^2 would lose everything here (both terms ~1e8 in float32).
+    x = 1e4 + 0.1 * torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    y, rm, rv = batch_norm(x, None, None, torch.zeros(8), torch.ones(8), train=True)
+    torch.testing.assert_close(y.std(0, unbiased=False), torch.ones(8), rtol=1e-2, atol=0)
+    torch.testing.assert_close(rv, 0.9 + 0.1 * x.double().var(0).float(), rtol=1e-2, atol=0)
+
+
+def test_running_update_closed_form_after_one_step():
+    x = torch.randn(10, 3, 4, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    c = spec.Convention(decay=0.7, running_var="unbiased")
+    _, new_rm, new_rv = batch_norm(x, None, None, rm, rv, train=True, convention=c)
+    torch.testing.assert_close(new_rm, 0.7 * rm + 0.3 * x.mean((0, 2)))
+    torch.testing.assert_close(new_rv, 0.7 * rv + 0.3 * x.var((0, 2), unbiased=True))
+
+
+def test_decay_zero_makes_eval_equal_train():
+    x = torch.randn(32, 5, dtype=torch.float64)
+    c = spec.Convention(decay=0.0, running_var="biased")
+    y_train, rm, rv = batch_norm(x, None, None, torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64),
+                                 train=True, convention=c)
+    y_eval, _, _ = batch_norm(x, None, None, rm, rv, train=False, convention=c)
+    torch.testing.assert_close(y_eval, y_train)
+
+
+def test_functional_never_mutates_its_arguments_and_returns_new_stats():
+    args = [torch.randn(8, 3), torch.rand(3) + 0.5, torch.randn(3), torch.randn(3), torch.rand(3) + 0.5]
+    before = [a.clone() for a in args]
+    y, rm, rv = batch_norm(*args, train=True)
+    assert all(torch.equal(a, b) for a, b in zip(args, before))
+    assert rm is not args[3] and rv is not args[4] and rm.data_ptr() != args[3].data_ptr()
+
+
+def test_running_update_is_not_in_the_autograd_graph():
+    x = torch.randn(8, 3, requires_grad=True)
+    gamma, beta = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    _, rm, rv = batch_norm(x, gamma, beta, torch.zeros(3), torch.ones(3), train=True)
+    assert rm.grad_fn is None and rv.grad_fn is None and not rm.requires_grad and not rv.requires_grad
+    layer = BatchNorm1d(3)
+    layer(x).sum().backward()
+    assert layer.running_mean.grad_fn is None and not layer.running_mean.requires_grad
+    assert layer.running_var.grad_fn is None and not layer.running_var.requires_grad
+
+
+def test_mode_is_explicit_not_grad_mode():
+    x = torch.randn(8, 3)
+    with torch.no_grad():  # d2l would switch to eval here; bnref must not
+        y, rm, _ = batch_norm(x, None, None, torch.zeros(3), torch.ones(3), train=True)
+    assert not torch.equal(rm, torch.zeros(3))
+    torch.testing.assert_close(y.mean(0), torch.zeros(3), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: batch_norm(torch.randn(1, 3), None, None, None, None, train=True), "more than 1 value per channel"),
+        (lambda: batch_norm(torch.randn(1, 3, 1, 1), None, None, None, None, train=True), "more than 1 value per channel"),
+        (lambda: batch_norm(torch.randn(4, 3), torch.ones(2), None, None, None, train=True), "gamma must have shape"),
+        (lambda: batch_norm(torch.randn(4, 3), None, None, torch.zeros(4), torch.ones(4), train=False), "running_mean"),
+        (lambda: batch_norm(torch.randn(4, 3), None, None, torch.zeros(4), torch.ones(4), train=True), "running_mean"),
+        (lambda: batch_norm(torch.randn(4), None, None, None, None, train=True), "rank >= 2"),
+        (lambda: batch_norm(torch.randn(4, 3), None, None, torch.zeros(3), None, train=True), "both"),
+        (lambda: batch_norm(torch.randn(4, 3), None, None, None, None, train=True, axis=2), "axis"),
+        (lambda: batch_norm(torch.randn(4, 3), None, None, None, None, train=True, convention="nope"), "preset"),
+    ],
+    ids=["n1-NC", "n1-NCHW", "gamma-C", "eval-stats-C", "train-stats-C", "rank1", "half-stats", "axis", "preset"],
+)
+def test_functional_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --- drop-in parity with torch.nn ------------------------------------------------------------
+
+BN_CASES = [  # (bnref class, torch.nn class, input shape)
+    pytest.param(BatchNorm1d, torch.nn.BatchNorm1d, (16, 4), id="1d-NC"),
+    pytest.param(BatchNorm1d, torch.nn.BatchNorm1d, (8, 4, 5), id="1d-NCL"),
+    pytest.param(BatchNorm2d, torch.nn.BatchNorm2d, (6, 4, 3, 5), id="2d-NCHW"),
+    pytest.param(BatchNorm3d, torch.nn.BatchNorm3d, (4, 4, 2, 3, 2), id="3d-NCDHW"),
+]
+
+
+def _pair(ours_cls, theirs_cls, dtype, **kw):
+    ours = ours_cls(4, dtype=dtype, **kw)
+    theirs = theirs_cls(4, dtype=dtype, **kw)
+    if ours.weight is not None:  # non-trivial affine parameters, the same in both
+        with torch.no_grad():
+            for m in (ours, theirs):
+                m.weight.copy_(torch.linspace(0.5, 2.0, 4, dtype=dtype))
+                m.bias.copy_(torch.linspace(-1.0, 1.0, 4, dtype=dtype))
+    return ours, theirs
+
+
+def _compare_layers(ours, theirs, context, dtype):
+    actual = {k: v.detach().double().numpy() for k, v in ours.state_dict().items()}
+    expected = {k: v.detach().double().numpy() for k, v in theirs.state_dict().items()}
+    assert actual.keys() == expected.keys()
+    testing.assert_close(actual, expected, context=context, dtype=dtype, check_dtype=False)
+
+
+@pytest.mark.parametrize("track", [True, False], ids=["track", "no-track"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None], ids=["m0.1", "m0.3", "cumulative"])
+@pytest.mark.parametrize("ours_cls,theirs_cls,shape", BN_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_layer_matches_torch_nn_over_steps(dtype, ours_cls, theirs_cls, shape, momentum, affine, track):
+    tdtype = TORCH_DTYPES[dtype]
+    ours, theirs = _pair(ours_cls, theirs_cls, tdtype, momentum=momentum, affine=affine, track_running_stats=track)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):  # train: outputs, all gradients and buffers after each step
+        x = (torch.randn(shape, generator=g, dtype=tdtype) * 3 + 2).requires_grad_()
+        dy = torch.randn(shape, generator=g, dtype=tdtype)
+        results = []
+        for m in (ours, theirs):
+            m.train()
+            y = m(x)
+            params = [p for p in (x, m.weight, m.bias) if p is not None]
+            grads = torch.autograd.grad((y * dy).sum(), params)
+            results.append({"y": y.detach().numpy(), **{f"d{i}": gr.numpy() for i, gr in enumerate(grads)}})
+        testing.assert_close(results[0], results[1], context=f"vs torch.nn, train step {step}", dtype=dtype)
+        _compare_layers(ours, theirs, f"vs torch.nn, state after step {step}", dtype)
+    if track:
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+    x = torch.randn(shape, generator=g, dtype=tdtype) * 3 + 2
+    ours.eval(), theirs.eval()
+    testing.assert_close({"y": ours(x).detach().numpy()}, {"y": theirs(x).detach().numpy()},
+                         context="vs torch.nn, eval", dtype=dtype)
+    _compare_layers(ours, theirs, "vs torch.nn, state after eval", dtype)
+
+
+@pytest.mark.parametrize("direction", ["torch.nn->bnref", "bnref->torch.nn"])
+@pytest.mark.parametrize("ours_cls,theirs_cls,shape", BN_CASES[1:3])
+def test_state_dict_round_trips_with_torch_nn(ours_cls, theirs_cls, shape, direction):
+    src, dst = (theirs_cls(4), ours_cls(4)) if direction == "torch.nn->bnref" else (ours_cls(4), theirs_cls(4))
+    with torch.no_grad():
+        src.weight.uniform_(0.5, 2.0)
+        src.bias.uniform_(-1, 1)
+    for _ in range(3):
+        src(torch.randn(shape) * 2 + 1)
+    dst.load_state_dict(src.state_dict())  # strict: same keys
+    assert int(dst.num_batches_tracked) == 3
+    for name, t in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[name], t), name
+    x = torch.randn(shape) * 2 + 1
+    src.eval(), dst.eval()
+    testing.assert_close({"y": dst(x).detach().numpy()}, {"y": src(x).detach().numpy()},
+                         context=f"eval after load {direction}", dtype="float32")
+
+
+def test_constructor_signature_is_torch_nns_plus_convention():
+    ours = inspect.signature(BatchNorm2d.__init__).parameters
+    theirs = inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
+    assert list(ours) == list(theirs) + ["convention"]
+    for name, p in theirs.items():
+        assert ours[name].kind == p.kind, name
+        if name not in ("eps", "momentum"):  # those default to the convention's (1e-5 / 0.1 for torch)
+            assert ours[name].default == p.default, name
+    ours_layer, theirs_layer = BatchNorm2d(5, bias=False), torch.nn.BatchNorm2d(5, bias=False)
+    assert (ours_layer.eps, ours_layer.momentum) == (theirs_layer.eps, theirs_layer.momentum) == (1e-5, 0.1)
+    assert ours_layer.extra_repr() == theirs_layer.extra_repr()
+    assert ours_layer.state_dict().keys() == theirs_layer.state_dict().keys()
+
+
+def test_explicit_eps_and_momentum_override_the_convention():
+    layer = BatchNorm1d(3, eps=1e-3, momentum=0.25, convention="flax")
+    assert layer.convention == spec.Convention(decay=0.75, eps=1e-3, running_var="biased")
+    d2l = BatchNorm1d(3, convention=spec.D2L)
+    assert (d2l.eps, d2l.momentum, d2l.convention) == (1e-5, 0.1, spec.D2L)
+    assert "running_var='biased'" in d2l.extra_repr()
+
+
+def test_d2l_convention_keeps_biased_running_var_unlike_torch_nn():
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) * 2 + 1
+    ours = BatchNorm2d(3, convention="d2l", dtype=torch.float64)
+    theirs = torch.nn.BatchNorm2d(3, momentum=0.1, dtype=torch.float64)
+    ours(x), theirs(x)
+    _, expected_rm, expected_rv = spec.batch_norm_train(x.numpy(), None, None, np.zeros(3), np.ones(3), spec.D2L)
+    testing.assert_close({"running_mean": ours.running_mean.numpy(), "running_var": ours.running_var.numpy()},
+                         {"running_mean": expected_rm, "running_var": expected_rv}, context="d2l layer", dtype="float64")
+    n = x.numel() // 3
+    torch.testing.assert_close(theirs.running_var - 0.9, (ours.running_var - 0.9) * n / (n - 1))  # Bessel
+    assert not torch.allclose(ours.running_var, theirs.running_var)
+
+
+BAD_INPUTS = [  # (bnref class, torch.nn class, input, training)
+    pytest.param(BatchNorm1d, torch.nn.BatchNorm1d, (2, 4, 3, 3), True, id="1d-rank4"),
+    pytest.param(BatchNorm1d, torch.nn.BatchNorm1d, (4,), True, id="1d-rank1"),
+    pytest.param(BatchNorm2d, torch.nn.BatchNorm2d, (2, 4, 3), True, id="2d-rank3"),
+    pytest.param(BatchNorm1d, torch.nn.BatchNorm1d, (5, 3), True, id="1d-channels-train"),
+    pytest.param(BatchNorm1d, torch.nn.BatchNorm1d, (5, 3), False, id="1d-channels-eval"),
+    pytest.param(BatchNorm2d, torch.nn.BatchNorm2d, (2, 5, 3, 3), True, id="2d-channels-train"),
+    pytest.param(BatchNorm1d, torch.nn.BatchNorm1d, (1, 4), True, id="1d-one-value"),
+    pytest.param(BatchNorm1d, torch.nn.BatchNorm1d, (1, 4, 1), True, id="1d-one-value-NCL"),
+    pytest.param(BatchNorm2d, torch.nn.BatchNorm2d, (1, 4, 1, 1), True, id="2d-one-value"),
+]
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,shape,training", BAD_INPUTS)
+def test_bad_input_raises_like_torch_nn_and_changes_nothing(ours_cls, theirs_cls, shape, training):
+    x = torch.randn(shape)
+    ours, theirs = ours_cls(4), theirs_cls(4).train(training)
+    ours(torch.randn((8, 4) + (3,) * (ours._expected_dims[0] - 2)) + 5)  # non-default state first
+    ours.train(training)
+    with pytest.raises(Exception) as theirs_error:
+        theirs(x)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(theirs_error.type):
+        ours(x)
+    after = ours.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # num_batches_tracked included
+
+
+def test_one_value_per_channel_is_fine_in_eval():
+    ours, theirs = BatchNorm1d(4).eval(), torch.nn.BatchNorm1d(4).eval()
+    x = torch.randn(1, 4)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("track", [True, False], ids=["track", "no-track"])
+def test_eval_leaves_state_bit_identical(track):
+    layer = BatchNorm2d(3, track_running_stats=track)
+    layer(torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.eval()
+    layer(torch.randn(4, 3, 2, 2))
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+def test_no_tracking_uses_batch_statistics_in_eval():
+    layer = BatchNorm1d(3, track_running_stats=False).eval()
+    assert layer.running_mean is None and layer.num_batches_tracked is None
+    y = layer(torch.randn(50, 3) * 4 + 9)
+    torch.testing.assert_close(y.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_half_input_keeps_float32_buffers_and_half_output():
+    layer = BatchNorm2d(3)  # float32 buffers, as torch.nn's
+    y = layer(torch.randn(4, 3, 5, 5).to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and layer.running_var.dtype == torch.float32
+    half = BatchNorm2d(3, dtype=torch.float16)
+    assert half(torch.randn(4, 3, 5, 5).half()).dtype == half.running_mean.dtype == torch.float16
+
+
+def test_reset_running_stats_and_parameters():
+    layer = BatchNorm1d(3)
+    with torch.no_grad():
+        layer.weight.fill_(3)
+    layer(torch.randn(8, 3) + 5)
+    layer.reset_running_stats()
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and int(layer.num_batches_tracked) == 0
+    layer.reset_parameters()
+    assert torch.equal(layer.weight, torch.ones(3)) and torch.equal(layer.bias, torch.zeros(3))
+
+
+def test_buffers_move_and_cast_with_to():
+    layer = BatchNorm1d(3).to(torch.float64)
+    assert layer.running_mean.dtype == layer.weight.dtype == torch.float64
+    assert layer.num_batches_tracked.dtype == torch.int64
+    assert layer(torch.randn(4, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+# --- LeNet-BN ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bn", ["bnref", "builtin", "none"])
+def test_lenet_output_shape(bn):
+    model = LeNetBN(bn=bn)
+    assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)
+    assert [name for name, _ in model.named_children()] == ["conv1", "bn1", "conv2", "bn2", "fc1", "bn3", "fc2",
+                                                            "bn4", "fc3"]
+
+
+def test_lenet_state_dict_keys_match_between_bnref_and_builtin():
+    ours, theirs = LeNetBN(bn="bnref").state_dict(), LeNetBN(bn="builtin").state_dict()
+    assert list(ours) == list(theirs)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    LeNetBN(bn="bnref").load_state_dict(theirs)
+
+
+def test_lenet_without_bn_has_no_bn_state():
+    keys = LeNetBN(bn="none").state_dict().keys()
+    assert not any(k.startswith("bn") for k in keys)
+    assert isinstance(LeNetBN(bn="none").bn1, torch.nn.Identity)
+
+
+def test_lenet_builtin_uses_the_conventions_momentum_and_eps():
+    model = LeNetBN(bn="builtin", convention="keras")
+    assert isinstance(model.bn1, torch.nn.BatchNorm2d) and isinstance(model.bn3, torch.nn.BatchNorm1d)
+    assert model.bn1.momentum == pytest.approx(0.01) and model.bn1.eps == 1e-3
+
+
+def test_import_bnref_does_not_import_torch():
+    code = "import sys, bnref, bnref.spec, bnref.testing, bnref.train; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_layer_runs_on_cuda_like_on_cpu():
+    cpu = BatchNorm2d(3, convention="d2l")
+    gpu = BatchNorm2d(3, convention="d2l").to("cuda")
+    x = torch.randn(8, 3, 5, 5)
+    for _ in range(2):
+        y_cpu, y_gpu = cpu(x), gpu(x.cuda())
+    assert y_gpu.device.type == "cuda" and gpu.running_var.device.type == "cuda"
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu)
+    torch.testing.assert_close(gpu.running_var.cpu(), cpu.running_var)
