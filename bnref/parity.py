@@ -1,0 +1,356 @@
+"""Proof that PyTorch and JAX compute the same BatchNorm: ``python -m bnref.parity``.
+
+The parity matrix: for every preset of ``bnref.spec`` (d2l, torch, flax, keras), every
+layout (NC, NCL, NCHW on the torch side; NC, NLC, NHWC on the JAX side), float32 and
+float64, it runs several consecutive training steps (each implementation carrying its own
+running statistics) and then one evaluation step, and compares every implementation with
+the NumPy spec:
+
+- ``bnref.torch``: bnref's PyTorch functional core;
+- ``torch.nn``: ``torch.nn.BatchNorm*d`` configured to the preset (it cannot express a
+  biased running variance: such cells say "not expressible" and why);
+- ``bnref.jax``: bnref's JAX functional core, jit-compiled;
+- ``flax.linen``: ``flax.linen.BatchNorm`` configured to the preset (it cannot express an
+  unbiased running variance).
+
+Quantities: y, new running mean, new running var, dx, dgamma, dbeta (gradients of
+``sum(y * dy)``) and the eval output; each cell shows the max abs / max rel error over the
+steps, judged by the per-dtype tolerances of ``bnref.testing.TOLERANCES``. The exit
+status is non-zero on any failure. ``--json`` prints machine-readable results.
+
+``--trajectory`` trains the same LeNet-BN in both frameworks instead (see
+:func:`trajectory`), and ``--conventions-table`` prints the README's conventions table,
+generated from the presets so it cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from bnref import spec
+from bnref.testing import QUANTITIES, TOLERANCES, NotExpressible, compare, make_inputs, round_to, spec_run
+
+#: implementation -> (backend module, runner name, channels_last)
+IMPLEMENTATIONS = {
+    "bnref.torch": ("bnref.torch._runners", "run_functional", False),
+    "torch.nn": ("bnref.torch._runners", "run_builtin", False),
+    "bnref.jax": ("bnref.jax._runners", "run_functional", True),
+    "flax.linen": ("bnref.jax._runners", "run_builtin", True),
+}
+#: torch-side layout -> (shape with 3 channels on axis 1, the JAX-side layout's name)
+LAYOUTS = {"NC": ((16, 3), "NC"), "NCL": ((6, 3, 7), "NLC"), "NCHW": ((4, 3, 5, 6), "NHWC")}
+DTYPES = ("float32", "float64")
+STEPS = 3
+
+
+@dataclass
+class CellResult:
+    preset: str
+    layout: str  # e.g. "NCHW/NHWC": the torch-side and JAX-side layouts
+    dtype: str
+    impl: str
+    status: str  # "pass", "FAIL" or "not expressible"
+    reason: str = ""  # why not expressible, or which labels failed
+    errors: Dict[str, List[float]] = field(default_factory=dict)  # quantity -> [max abs, max rel]
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "FAIL"
+
+
+def _channels_last(a: np.ndarray) -> np.ndarray:
+    return np.moveaxis(a, 1, -1)
+
+
+def _channels_first(a: np.ndarray) -> np.ndarray:
+    return np.moveaxis(a, -1, 1)
+
+
+def run_cell(preset: str, layout: str, dtype: str, impl: str, steps: int = STEPS) -> CellResult:
+    """One cell of the matrix: ``steps`` training steps then one eval step, vs the spec."""
+    convention = spec.preset(preset)
+    shape, jax_layout = LAYOUTS[layout]
+    module, runner_name, channels_last = IMPLEMENTATIONS[impl]
+    runner = getattr(importlib.import_module(module), runner_name)
+    axis = -1 if channels_last else 1
+    label_layout = jax_layout if channels_last else layout
+    result = CellResult(preset, f"{layout}/{jax_layout}", dtype, impl, "pass")
+    worst: Dict[str, List[float]] = {}
+    failures: List[str] = []
+
+    def run_step(step: int, train: bool, spec_state, impl_state):
+        base = make_inputs(shape, 1, seed=100 * step + 1)
+        # The oracle sees the inputs rounded to the backend's dtype, as the backend does.
+        ref_in = {k: round_to(v, dtype) for k, v in base.items()}
+        ref_in["running_mean"], ref_in["running_var"] = spec_state
+        expected = spec_run(ref_in, convention, 1, train)
+        impl_in = dict(ref_in, running_mean=impl_state[0], running_var=impl_state[1])
+        if channels_last:
+            impl_in["x"], impl_in["dy"] = _channels_last(impl_in["x"]), _channels_last(impl_in["dy"])
+        actual = dict(runner(impl_in, convention, axis, dtype, train))
+        if channels_last:
+            for k in ("y", "dx"):
+                if k in actual:
+                    actual[k] = _channels_first(np.asarray(actual[k]))
+        if not train:
+            expected = {"eval_y": expected["y"]}
+            actual = {"eval_y": actual["y"]}
+        context = f"{impl}, preset={preset}, {label_layout}, {dtype}, step {step}"
+        # Running statistics keep their own dtype (float32 buffers for half inputs in torch,
+        # float32 batch_stats in flax), so only outputs and gradients must match dtype.
+        for cell in compare(actual, expected, context=context, dtype=dtype, check_dtype=False):
+            name = cell.label.split(" (")[0]
+            w = worst.setdefault(name, [0.0, 0.0])
+            w[0], w[1] = max(w[0], cell.max_abs), max(w[1], cell.max_rel)
+            if not cell.passed:
+                failures.append(str(cell))
+        if not train:
+            return spec_state, impl_state
+        as64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+        return (expected["running_mean"], expected["running_var"]), (as64(actual["running_mean"]), as64(actual["running_var"]))
+
+    init = make_inputs(shape, 1, seed=0)
+    state0 = (round_to(init["running_mean"], dtype), round_to(init["running_var"], dtype))
+    spec_state, impl_state = state0, state0
+    try:
+        for step in range(steps):
+            spec_state, impl_state = run_step(step, True, spec_state, impl_state)
+        run_step(steps, False, spec_state, impl_state)
+    except NotExpressible as e:
+        return CellResult(preset, result.layout, dtype, impl, "not expressible", str(e))
+    result.errors = worst
+    if failures:
+        result.status, result.reason = "FAIL", "; ".join(failures)
+    return result
+
+
+def matrix(
+    presets: Sequence[str] = tuple(spec.PRESETS),
+    layouts: Sequence[str] = tuple(LAYOUTS),
+    dtypes: Sequence[str] = DTYPES,
+    impls: Sequence[str] = tuple(IMPLEMENTATIONS),
+    steps: int = STEPS,
+) -> List[CellResult]:
+    return [run_cell(p, l, d, i, steps) for p in presets for l in layouts for d in dtypes for i in impls]
+
+
+_COLUMNS = [("y", "forward/y"), ("mean", "state/running_mean"), ("var", "state/running_var"),
+            ("dx", "backward/dx"), ("dgamma", "backward/dgamma"), ("dbeta", "backward/dbeta"), ("eval y", "eval/y")]  # fmt: skip
+
+
+def format_table(results: Sequence[CellResult]) -> str:
+    """A fixed-width table: one row per (preset, layout, dtype, implementation); each
+    quantity shows ``max abs err / max rel err``."""
+    head = ["preset", "layout", "dtype", "impl"] + [c for c, _ in _COLUMNS] + ["result"]
+    rows = []
+    for r in results:
+        cells = []
+        for _, key in _COLUMNS:
+            e = r.errors.get(key)
+            cells.append(f"{e[0]:.1e}/{e[1]:.1e}" if e else "-")
+        verdict = r.status if r.status != "not expressible" else f"not expressible: {r.reason}"
+        rows.append([r.preset, r.layout, r.dtype, r.impl] + cells + [verdict])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths[-1] = 0  # last column is not padded
+    line = lambda cols: "  ".join(str(c).ljust(w) for c, w in zip(cols, widths)).rstrip()  # noqa: E731
+    out = [line(head), line(["-" * w for w in widths[:-1]] + ["------"])] + [line(r) for r in rows]
+    tol = ", ".join(f"{d}: rtol {TOLERANCES[d].rtol:g}, atol {TOLERANCES[d].atol:g}" for d in DTYPES)
+    out.append(f"cells: max abs err / max rel err over {STEPS} training steps and 1 eval step; tolerances {tol}")
+    return "\n".join(out)
+
+
+def conventions_table() -> str:
+    """The README's conventions table, generated from ``bnref.spec.PRESETS``."""
+    lines = [
+        "| preset | decay (weight of old value) | PyTorch `momentum` | Flax/Keras/d2l `momentum` | eps | running variance | torch.nn can express | flax.linen can express |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in spec.PRESETS.items():
+        torch_ok = "yes" if c.running_var == "unbiased" else "no (always unbiased)"
+        flax_ok = "yes" if c.running_var == "biased" else "no (always biased)"
+        lines.append(
+            f"| `{name}` | {c.decay:g} | {c.torch_momentum:g} | {c.flax_momentum:g} | {c.eps:g} | "
+            f"{c.running_var} | {torch_ok} | {flax_ok} |"
+        )
+    return "\n".join(lines)
+
+
+#: trajectory pass criterion: max |loss_torch - loss_jax| over all steps, per dtype
+TRAJECTORY_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
+
+
+def _trajectory_batches(steps: int, batch_size: int, data_dir: Optional[str], seed: int):
+    """``steps`` batches (uint8 images (B, 28, 28), int64 labels (B,)): Fashion-MNIST's
+    training split when present, else ``bnref.data.synthetic``; example-level shuffling,
+    reshuffled at each pass, from one seeded NumPy generator so both frameworks get the
+    identical sequence."""
+    from bnref import data as data_mod
+
+    try:
+        ds = data_mod.load_fashion_mnist(data_dir, download=False)
+    except FileNotFoundError:
+        ds = data_mod.synthetic(n_train=max(batch_size * 4, 1024), n_test=16, seed=seed)
+    images, labels = ds.train_images, ds.train_labels
+    if len(images) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training examples")
+    rng = np.random.default_rng(seed)
+    perm, pos = rng.permutation(len(images)), 0
+    batches = []
+    for _ in range(steps):
+        if pos + batch_size > len(perm):
+            perm, pos = rng.permutation(len(images)), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        batches.append((images[idx], labels[idx]))
+    return batches, ds.source
+
+
+def trajectory(
+    steps: int = 100,
+    *,
+    dtype: str = "float32",
+    lr: float = 1.0,
+    batch_size: int = 256,
+    convention: str = "d2l",
+    data_dir: Optional[str] = None,
+    seed: int = 0,
+) -> Dict:
+    """Train one LeNet-BN in both frameworks and compare them step by step.
+
+    The torch model (bnref's BN, ``convention``) is initialised from ``seed``; its weights and
+    BN state are converted to Flax variables with :mod:`bnref.convert`; both take the same
+    batches and SGD steps (``lr``) in ``dtype`` on the CPU. Per step the report has both
+    losses, their difference, the max abs difference of all weights (Flax's converted back to
+    torch layout) and of the running statistics. ``passed`` when the max loss difference is
+    within :data:`TRAJECTORY_TOLERANCE`.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+
+    from bnref import convert
+    from bnref.jax import train as jtrain
+    from bnref.jax.models import LeNetBN as FlaxLeNetBN
+    from bnref.torch import train as ttrain
+    from bnref.torch.models import LeNetBN as TorchLeNetBN
+
+    conv = spec.preset(convention)
+    batches, source = _trajectory_batches(steps, batch_size, data_dir, seed)
+    tdtype = getattr(torch, dtype)
+    cpu = torch.device("cpu")
+    torch.manual_seed(seed)
+    tmodel = TorchLeNetBN(bn="bnref", convention=conv).to(tdtype)
+    opt = torch.optim.SGD(tmodel.parameters(), lr=lr)
+    stat_keys = [k for k in tmodel.state_dict() if k.endswith(("running_mean", "running_var"))]
+    weight_keys = [k for k, _ in tmodel.named_parameters()]
+    rows = []
+    with jax.enable_x64(dtype == "float64"), jax.default_device(jax.devices("cpu")[0]):
+        jdtype = jnp.dtype(dtype)
+        fmodel = FlaxLeNetBN(bn="bnref", convention=conv, dtype=jdtype, param_dtype=jdtype)
+        variables = convert.torch_to_flax(tmodel.state_dict())
+        cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jdtype), tree)  # noqa: E731
+        state = jtrain.TrainState.create(
+            apply_fn=fmodel.apply, params=cast(variables["params"]),
+            batch_stats=cast(variables["batch_stats"]), tx=optax.sgd(lr),
+        )  # fmt: skip
+        for step, (images, labels) in enumerate(batches, start=1):
+            tX, ty = ttrain.load_tensors(images, labels, cpu)
+            t_loss = float(ttrain.train_step(tmodel, opt, tX.to(tdtype), ty))
+            jX = jnp.asarray(jtrain.prepare_images(images), jdtype)
+            state, j_loss, _ = jtrain.train_step(state, jX, jnp.asarray(labels))
+            back = convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})
+            sd = tmodel.state_dict()
+            diff = lambda keys: max(float(np.max(np.abs(back[k] - sd[k].numpy()))) for k in keys)  # noqa: E731
+            j_loss = float(j_loss)
+            rows.append({"step": step, "loss_torch": t_loss, "loss_jax": j_loss, "loss_diff": abs(t_loss - j_loss),
+                         "weight_diff": diff(weight_keys), "stat_diff": diff(stat_keys)})  # fmt: skip
+    max_loss_diff = max(r["loss_diff"] for r in rows)
+    return {
+        "steps": steps, "dtype": dtype, "lr": lr, "batch_size": batch_size, "convention": convention,
+        "data": source, "tolerance": TRAJECTORY_TOLERANCE[dtype], "max_loss_diff": max_loss_diff,
+        "passed": bool(max_loss_diff <= TRAJECTORY_TOLERANCE[dtype]), "rows": rows,
+    }  # fmt: skip
+
+
+def format_trajectory(report: Dict) -> str:
+    """Per-step rows at a readable stride, then how the drift grows (max per tenth of the run)."""
+    rows = report["rows"]
+    out = [
+        f"LeNet-BN trajectory: {report['steps']} SGD steps, lr {report['lr']}, batch {report['batch_size']}, "
+        f"{report['dtype']}, convention {report['convention']}, data {report['data']}",
+        f"{'step':>5}  {'loss torch':>12}  {'loss jax':>12}  {'|loss diff|':>11}  {'max |dW|':>9}  {'max |d stats|':>13}",
+    ]
+    stride = max(1, len(rows) // 20)
+    for r in rows:
+        if r["step"] % stride == 0 or r["step"] in (1, len(rows)):
+            out.append(f"{r['step']:>5}  {r['loss_torch']:>12.6f}  {r['loss_jax']:>12.6f}  {r['loss_diff']:>11.2e}  "
+                       f"{r['weight_diff']:>9.2e}  {r['stat_diff']:>13.2e}")  # fmt: skip
+    chunk = max(1, len(rows) // 10)
+    growth = [
+        f"steps {rows[i]['step']}-{rows[min(i + chunk, len(rows)) - 1]['step']}: "
+        f"{max(r['loss_diff'] for r in rows[i:i + chunk]):.1e} / {max(r['weight_diff'] for r in rows[i:i + chunk]):.1e}"
+        for i in range(0, len(rows), chunk)
+    ]
+    out.append("drift (max |loss diff| / max |dW|): " + "; ".join(growth))
+    verdict = "PASS" if report["passed"] else "FAIL"
+    out.append(f"{verdict}: max |loss diff| {report['max_loss_diff']:.2e} (tolerance {report['tolerance']:g})")
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bnref.parity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--preset", action="append", choices=sorted(spec.PRESETS), help="only these presets (repeatable)")
+    p.add_argument("--impl", action="append", choices=sorted(IMPLEMENTATIONS), help="only these implementations")
+    p.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes (matrix); trajectory dtype")
+    p.add_argument("--conventions-table", action="store_true", help="print the README conventions table and exit")
+    p.add_argument("--trajectory", action="store_true", help="train LeNet-BN in both frameworks and compare")
+    p.add_argument("--steps", type=int, default=100, help="trajectory: number of SGD steps")
+    p.add_argument("--lr", type=float, default=1.0, help="trajectory: learning rate")
+    p.add_argument("--batch-size", type=int, default=256, help="trajectory: batch size")
+    p.add_argument("--convention", choices=sorted(spec.PRESETS), default="d2l", help="trajectory: BN convention")
+    p.add_argument("--data-dir", default=None, help="trajectory: Fashion-MNIST directory (synthetic batches if absent)")
+    args = p.parse_args(argv)
+    if args.conventions_table:
+        print(conventions_table())
+        return 0
+    if args.trajectory:
+        dtype = (args.dtype or ["float32"])[-1]
+        report = trajectory(args.steps, dtype=dtype, lr=args.lr, batch_size=args.batch_size,
+                            convention=args.convention, data_dir=args.data_dir)  # fmt: skip
+        print(json.dumps(report, indent=2) if args.json else format_trajectory(report))
+        return 0 if report["passed"] else 1
+    start = time.perf_counter()
+    results = matrix(
+        presets=args.preset or tuple(spec.PRESETS),
+        dtypes=args.dtype or DTYPES,
+        impls=args.impl or tuple(IMPLEMENTATIONS),
+    )
+    failed = [r for r in results if not r.passed]
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        print(format_table(results))
+        counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "not expressible")}
+        print(f"{counts['pass']} passed, {counts['FAIL']} failed, {counts['not expressible']} not expressible "
+              f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
+        for r in failed:
+            print(f"FAIL {r.reason}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
