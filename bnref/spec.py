@@ -102,11 +102,13 @@ __all__ = [
     "KERAS",
     "PRESETS",
     "preset",
+    "as_convention",
     "batch_norm_train",
     "batch_norm_eval",
     "batch_norm_grad",
     "running_update",
     "batch_stats",
+    "check_training_batch",
 ]
 
 RunningVar = Literal["biased", "unbiased"]
@@ -197,6 +199,20 @@ def preset(name: str) -> Convention:
         raise ValueError(f"unknown convention preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+def as_convention(convention, default: Convention) -> Convention:
+    """``convention`` as a :class:`Convention`: itself, a preset name, or ``None`` for ``default``.
+
+    Each backend calls this at its edge with its framework's default (torch.nn's or Flax's).
+    """
+    if convention is None:
+        return default
+    if isinstance(convention, Convention):
+        return convention
+    if isinstance(convention, str):
+        return preset(convention)
+    raise ValueError(f"convention must be a bnref.spec.Convention or a preset name {sorted(PRESETS)}, got {convention!r}")
+
+
 # --- validation and layout helpers -------------------------------------------------------
 
 
@@ -238,7 +254,8 @@ def _values_per_channel(x: np.ndarray, ax: int) -> int:
     return x.size // x.shape[ax]
 
 
-def _check_training_batch(n: int) -> None:
+def check_training_batch(n: int) -> None:
+    """Raise ``ValueError`` unless a training batch has at least 2 values per channel."""
     # A channel needs two values for any spread at all; with one, the batch variance is
     # 0 (every output equals beta) and the unbiased running estimate divides by zero.
     # PyTorch raises "Expected more than 1 value per channel when training"; so do we,
@@ -263,7 +280,7 @@ def running_update(running_mean, running_var, mean, var, n: int, convention: Con
     correction ``n / (n - 1)`` is applied before it enters the average. Returns
     ``(new_running_mean, new_running_var)`` as new arrays.
     """
-    _check_training_batch(n)
+    check_training_batch(n)
     mean = np.asarray(mean, dtype=np.float64)
     var = np.asarray(var, dtype=np.float64)
     s2 = var * (n / (n - 1)) if convention.running_var == "unbiased" else var  # estimator for the average
@@ -297,7 +314,7 @@ def batch_norm_train(x, gamma, beta, running_mean, running_var, convention: Conv
         x, axis, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var
     )
     n = _values_per_channel(x, ax)
-    _check_training_batch(n)
+    check_training_batch(n)
     mean = x.mean(axis=reduce_axes)  # (C,) batch mean
     centered = x - mean.reshape(bshape)  # x - mu, same shape as x
     var = np.mean(centered * centered, axis=reduce_axes)  # (C,) biased variance, two-pass
@@ -351,7 +368,7 @@ def batch_norm_grad(x, gamma, dy, convention: Convention, axis: int = 1):
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
     n = _values_per_channel(x, ax)
-    _check_training_batch(n)
+    check_training_batch(n)
     mean = x.mean(axis=reduce_axes)  # recompute the forward's statistics
     centered = x - mean.reshape(bshape)
     var = np.mean(centered * centered, axis=reduce_axes)

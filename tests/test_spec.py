@@ -296,3 +296,12 @@ def test_import_bnref_imports_no_framework():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_as_convention_accepts_conventions_names_and_none():
+    assert spec.as_convention(None, spec.FLAX) is spec.FLAX
+    assert spec.as_convention("keras", spec.TORCH) is spec.KERAS
+    custom = spec.Convention(decay=0.5)
+    assert spec.as_convention(custom, spec.TORCH) is custom
+    with pytest.raises(ValueError, match="convention must be"):
+        spec.as_convention(0.9, spec.TORCH)

@@ -35,13 +35,7 @@ Axis = Union[int, Sequence[int]]
 
 def resolve_convention(convention: Union[spec.Convention, str, None]) -> spec.Convention:
     """A :class:`bnref.spec.Convention` from itself, a preset name, or ``None`` (Flax's)."""
-    if convention is None:
-        return spec.FLAX
-    if isinstance(convention, str):
-        return spec.preset(convention)
-    if isinstance(convention, spec.Convention):
-        return convention
-    raise ValueError(f"convention must be a bnref.spec.Convention or a preset name {sorted(spec.PRESETS)}, got {convention!r}")
+    return spec.as_convention(convention, spec.FLAX)
 
 
 def feature_axes(ndim: int, axis: Axis) -> Tuple[int, ...]:
@@ -135,7 +129,7 @@ def _batch_norm(
         if check_batch:
             # Static shapes, so this raises at trace time (like PyTorch's "Expected more than
             # 1 value per channel when training"; Flax silently outputs beta here).
-            spec._check_training_batch(n_static)
+            spec.check_training_batch(n_static)
         xs = x.astype(stats_dtype)
         mean, var = _stats(
             xs, reduce_axes, fast_variance=fast_variance, axis_name=axis_name, axis_index_groups=axis_index_groups,

@@ -50,13 +50,7 @@ _HALF = (torch.float16, torch.bfloat16)
 def resolve_convention(convention: Union[spec.Convention, str, None]) -> spec.Convention:
     """A :class:`bnref.spec.Convention` from itself, a preset name (``"torch"``, ``"d2l"``, ...),
     or ``None`` (torch.nn's, :data:`bnref.spec.TORCH`)."""
-    if convention is None:
-        return spec.TORCH
-    if isinstance(convention, spec.Convention):
-        return convention
-    if isinstance(convention, str):
-        return spec.preset(convention)
-    raise ValueError(f"convention must be a bnref.spec.Convention or a preset name, got {convention!r}")
+    return spec.as_convention(convention, spec.TORCH)
 
 
 def _layout(x: torch.Tensor, axis: int):
