@@ -44,3 +44,16 @@ def real_fashion_dir():
     if d is None:
         pytest.skip("real Fashion-MNIST files not present (apt-get install dataset-fashion-mnist, or set BNREF_DATA_DIR)")
     return d
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a module's tests: on a shared 2-core machine, OpenMP threads that
+    wait for each other under load made the training tests 5x slower (measured); results
+    are the same either way."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

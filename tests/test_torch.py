@@ -12,15 +12,7 @@ from bnref import spec, testing
 from bnref.torch import BatchNorm1d, BatchNorm2d, BatchNorm3d, LeNetBN, batch_norm
 from bnref.torch._runners import run_builtin, run_functional, run_layer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """One torch thread in these tests: on a shared 2-core machine, OpenMP threads that wait
-    for each other under load made the training tests 5x slower (measured); results are
-    the same either way."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 PRESETS = sorted(spec.PRESETS)

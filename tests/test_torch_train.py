@@ -13,15 +13,7 @@ from bnref import train
 from bnref.torch import bench
 from bnref.torch import train as torch_train
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """One torch thread in these tests: on a shared 2-core machine, OpenMP threads that wait
-    for each other under load made the training tests 5x slower (measured); results are
-    the same either way."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 EPOCH_LINE = re.compile(
