@@ -189,6 +189,17 @@ def _normalize_with(x, gamma, beta, mean, var, eps: float, bshape):
     return y.to(x.dtype)
 
 
+@torch.no_grad()  # the running statistics are state: no autograd graph
+def _running_update(running_mean, running_var, mean, var, n: int, *, decay: float, unbiased: bool):
+    """NEW running statistics from a batch's ``mean`` and biased ``var`` over ``n`` values,
+    in the running tensors' own dtype (the arguments are not written)."""
+    s2 = var * (n / (n - 1)) if unbiased else var  # estimator fed to the average
+    # decay * old + (1 - decay) * batch, as old + (1 - decay) * (batch - old): one op
+    new_mean = torch.lerp(running_mean.to(mean.dtype), mean, 1.0 - decay)
+    new_var = torch.lerp(running_var.to(var.dtype), s2, 1.0 - decay)
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)  # no-op when dtypes agree
+
+
 def _forward(x, gamma, beta, running_mean, running_var, *, train: bool, decay: float, eps: float,
              unbiased: bool, axis: int):
     """:func:`batch_norm` with the convention spelled out (the layer passes a per-step decay)."""
@@ -200,13 +211,7 @@ def _forward(x, gamma, beta, running_mean, running_var, *, train: bool, decay: f
             return y, None, None
         _check_vector(running_mean, "running_mean", mean.numel())
         _check_vector(running_var, "running_var", mean.numel())
-        with torch.no_grad():  # the running statistics are state: no autograd graph
-            s2 = var * (n / (n - 1)) if unbiased else var  # estimator fed to the average
-            # decay * old + (1 - decay) * batch, as old + (1 - decay) * (batch - old): one op
-            new_mean = torch.lerp(running_mean.to(mean.dtype), mean, 1.0 - decay)
-            new_var = torch.lerp(running_var.to(var.dtype), s2, 1.0 - decay)
-            if new_mean.dtype != running_mean.dtype:  # buffers keep their own dtype
-                new_mean, new_var = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+        new_mean, new_var = _running_update(running_mean, running_var, mean, var, n, decay=decay, unbiased=unbiased)
         return y, new_mean, new_var
     ax, _, bshape = _layout(x, axis)
     channels = x.shape[ax]

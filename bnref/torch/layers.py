@@ -25,9 +25,9 @@ and an empty batch in training raises ValueError (torch.nn returns an empty outp
 A float32/float64 input whose dtype differs from the parameters' raises RuntimeError on
 every device (torch.nn's CPU rule); float16/bfloat16 inputs may meet float32 parameters.
 
-In training the running statistics are written into the buffers in place (``lerp_``),
-after every check has passed; :func:`bnref.torch.batch_norm`, the functional core,
-returns them as new tensors instead.
+In training the new running statistics (computed by the functional core's update) are
+copied into the buffers in place, after every check has passed;
+:func:`bnref.torch.batch_norm` returns them as new tensors instead.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from bnref import spec
-from bnref.torch.functional import _forward, _normalize_train, resolve_convention
+from bnref.torch.functional import _forward, _normalize_train, _running_update, resolve_convention
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -192,13 +192,11 @@ class _BatchNorm(nn.Module):
         # written straight into the buffers (what batch_norm returns as new tensors), only
         # now that every check has passed.
         y, mean, var, n = _normalize_train(x, self.weight, self.bias, self.eps, 1)
+        new_mean, new_var = _running_update(self.running_mean, self.running_var, mean, var, n,
+                                            decay=decay, unbiased=unbiased)  # fmt: skip
         with torch.no_grad():
-            s2 = var * (n / (n - 1)) if unbiased else var  # estimator fed to the average
-            for buf, stat in ((self.running_mean, mean), (self.running_var, s2)):
-                if buf.dtype == stat.dtype:
-                    buf.lerp_(stat, 1.0 - decay)  # decay * old + (1 - decay) * batch
-                else:  # buffers keep their own dtype; the average is taken in the statistics' dtype
-                    buf.copy_(torch.lerp(buf.to(stat.dtype), stat, 1.0 - decay))
+            self.running_mean.copy_(new_mean)
+            self.running_var.copy_(new_var)
             self.num_batches_tracked.add_(1)
         return y
 
