@@ -19,7 +19,7 @@ import importlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from bnref import spec
 
@@ -136,7 +136,8 @@ def plot_history(history: Sequence[Dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, Optional[str]]:
+    """``(config, json_path)`` from the command line; a bad value exits with argparse's message."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m bnref.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=BACKENDS, default=d.backend)
@@ -164,6 +165,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
+    """Parse, print the config, train with one line per epoch; returns the per-epoch metrics."""
     config, json_path = parse_args(argv)
     print(config, flush=True)
     history = train_and_evaluate(config, on_epoch=lambda m: print(format_epoch(m), flush=True))
@@ -173,5 +175,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     return history
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The ``bnref-train`` console script (and ``python -m bnref.train``): exit status 0."""
     main(sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
