@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from bnref import spec
 
 BACKENDS = ("jax", "torch")
@@ -71,6 +73,30 @@ class TrainConfig:
     @property
     def bn_convention(self) -> spec.Convention:
         return spec.preset(self.convention)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the ``n`` training examples in ``epoch`` (1-based): example-level
+    shuffling from NumPy, so both backends see the same order for the same seed."""
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+def batch_slices(n: int, batch_size: int) -> List[Tuple[int, int]]:
+    """``(start, size)`` of each training batch of an epoch of ``n`` shuffled examples.
+
+    Full batches only, as Flax's examples do: the remainder (96 of Fashion-MNIST's 60000 at
+    batch 256) is left out of that epoch. Kept, it is the epoch's last step, taken at lr 1.0
+    on a small batch whose statistics also make up 10% of the running average (decay 0.9)
+    right before evaluation: measured, the JAX run's test accuracy fell from 0.831 to 0.731
+    on that one step. The order is reshuffled every epoch, so every example is trained on.
+    With fewer than ``batch_size`` examples, one batch of all of them (at least 2: training
+    BatchNorm needs two values per channel).
+    """
+    if n < 2:
+        raise ValueError(f"training needs at least 2 examples, got {n}")
+    if n < batch_size:
+        return [(0, n)]
+    return [(i * batch_size, batch_size) for i in range(n // batch_size)]
 
 
 def format_epoch(m: Dict) -> str:

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from bnref import train
@@ -58,3 +60,18 @@ def test_plot_and_json_are_written(tiny_fashion_dir, tmp_path, capsys):
 def test_limits_cut_the_data(tiny_fashion_dir):
     data = train.load_data(train.TrainConfig(data_dir=str(tiny_fashion_dir), train_limit=100, test_limit=30))
     assert len(data.train_images) == 100 and len(data.test_labels) == 30
+
+
+def test_batches_are_full_and_the_remainder_waits_for_the_next_shuffle():
+    assert train.batch_slices(10, 4) == [(0, 4), (4, 4)]
+    assert len(train.batch_slices(60000, 256)) == 234 and train.batch_slices(60000, 256)[-1] == (233 * 256, 256)
+    assert train.batch_slices(3, 256) == [(0, 3)]  # fewer than a batch: all of them
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        train.batch_slices(1, 256)
+
+
+def test_epoch_permutation_is_seeded_per_epoch_and_a_permutation():
+    a = train.epoch_permutation(0, 1, 100)
+    np.testing.assert_array_equal(a, train.epoch_permutation(0, 1, 100))
+    assert not np.array_equal(a, train.epoch_permutation(0, 2, 100))
+    assert sorted(a) == list(range(100))

@@ -12,15 +12,14 @@ benchmark) can drive the same steps:
 - :func:`eval_step` ``(state, X) -> logits`` with ``train=False`` (running statistics).
 
 :func:`fit` keeps the whole dataset on the device (float32 in [0, 1], NHWC), shuffles
-*examples* each epoch with a permutation from ``numpy.random.default_rng([seed, epoch])``
-(framework-neutral, so another backend can reproduce the order), and gathers each batch on
+*examples* each epoch with ``bnref.train.epoch_permutation`` (NumPy, the same order as the
+torch backend's), and gathers each batch on
 the device inside the jitted step from the permutation, so the loop does no per-sample
 Python work, moves no data to the device and never waits for it: loss and accuracy are
 accumulated on the device and read once per epoch. Same seed, same data -> same history.
 
-The last partial batch is kept, as d2l's DataLoader does (it compiles the step once more for
-its shape), unless it holds a single example, which BatchNorm cannot train on; then it is
-dropped.
+Batches are ``bnref.train.batch_slices``: full batches only (one compiled step shape); the
+remainder of an epoch is left out, and why is said there.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ import optax
 from flax.training import train_state
 
 from bnref.jax.models import LeNetBN
+from bnref.train import batch_slices, epoch_permutation
 
 __all__ = [
     "TrainState",
@@ -47,7 +47,6 @@ __all__ = [
     "create_train_state",
     "train_step",
     "eval_step",
-    "epoch_permutation",
     "fit",
 ]
 
@@ -157,11 +156,6 @@ def _count_correct(state: TrainState, X_all, y_all, start, *, batch_size: int):
     return (jnp.argmax(logits, -1) == y).sum()
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of the training examples in ``epoch`` (1-based): framework-neutral NumPy."""
-    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
-
-
 def evaluate(state: TrainState, X, y, batch_size: int = 1000) -> float:
     """Accuracy on the on-device ``X``, ``y`` with the running statistics."""
     n = int(X.shape[0])
@@ -172,16 +166,6 @@ def evaluate(state: TrainState, X, y, batch_size: int = 1000) -> float:
     if full < n:
         correct = correct + _count_correct(state, X[full:], y[full:], 0, batch_size=n - full)
     return float(correct) / n
-
-
-def _batches(n: int, batch_size: int):
-    """(start, size) of each training batch: full ones, then the remainder if it has >= 2."""
-    full = n // batch_size
-    out = [(i * batch_size, batch_size) for i in range(full)]
-    rest = n - full * batch_size
-    if rest >= 2:  # one example: BatchNorm has no batch statistics to train on
-        out.append((full * batch_size, rest))
-    return out
 
 
 def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
@@ -197,7 +181,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
         state = create_train_state(model, jax.random.key(config.seed), config.lr, X_train[:1])
         state = jax.device_put(state, device)
     n = int(X_train.shape[0])
-    batches = _batches(n, config.batch_size)
+    batches = batch_slices(n, config.batch_size)
     seen = sum(size for _, size in batches)
     history = []
     for epoch in range(1, config.epochs + 1):
@@ -209,11 +193,8 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
 
             steps = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="batch")
         t0 = time.perf_counter()
-        for start, size in steps:
-            if size == config.batch_size:
-                state, totals = _fit_step(state, totals, X_train, y_train, perm, start // size, batch_size=size)
-            else:  # the remainder: its own slice of the permutation
-                state, totals = _fit_step(state, totals, X_train, y_train, perm[start:], 0, batch_size=size)
+        for start, size in steps:  # equal sizes: one compiled step
+            state, totals = _fit_step(state, totals, X_train, y_train, perm, start // size, batch_size=size)
         loss_sum, correct = (float(v) for v in np.asarray(totals))  # the one sync per epoch
         seconds = time.perf_counter() - t0
         m = {

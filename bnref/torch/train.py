@@ -5,9 +5,10 @@
 (the cross-framework trajectory code and the benchmark call them too).
 
 The hot loop does no per-example Python work: the whole dataset is put on the training
-device once as float tensors ``(N, 1, 28, 28)`` scaled to [0, 1]; each epoch draws one
-example-level permutation from a seeded ``torch.Generator`` and each batch is an index
-slice of it. Loss and accuracy are accumulated on the device, so nothing waits for the
+device once as float tensors ``(N, 1, 28, 28)`` scaled to [0, 1]; each epoch takes one
+example-level permutation (``bnref.train.epoch_permutation``: NumPy, the same order as the
+JAX backend's) and each batch is an index slice of it (``bnref.train.batch_slices``: full
+batches only, and why). Loss and accuracy are accumulated on the device, so nothing waits for the
 device inside an epoch (no ``.item()`` per step). Same seed, same device: same curve.
 """
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from bnref.torch.models import LeNetBN
+from bnref.train import batch_slices, epoch_permutation
 
 __all__ = ["fit", "resolve_device", "make_model", "load_tensors", "train_step", "train_batches", "evaluate"]
 
@@ -142,13 +144,11 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
     X_train, y_train = load_tensors(data.train_images, data.train_labels, device)
     X_test, y_test = load_tensors(data.test_images, data.test_labels, device)
     n = X_train.shape[0]
-    # A final batch of one example cannot be batch-normalized in training: drop it.
-    starts = [i for i in range(0, n, config.batch_size) if min(config.batch_size, n - i) > 1]
-    shuffle = torch.Generator().manual_seed(config.seed)  # CPU generator: same order on every device
+    starts = [start for start, _ in batch_slices(n, config.batch_size)]
     history = []
     with _deterministic(device):
         for epoch in range(1, config.epochs + 1):
-            perm = torch.randperm(n, generator=shuffle).to(device)  # example-level shuffle
+            perm = torch.from_numpy(epoch_permutation(config.seed, epoch, n)).long().to(device)  # (N,) example order
             _sync(device)
             t0 = time.perf_counter()
             bar = tqdm(starts, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if config.progress else True)
