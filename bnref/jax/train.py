@@ -191,7 +191,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
         if config.progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="batch")
+            steps = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="batch", disable=None)  # None: off when not a terminal
         t0 = time.perf_counter()
         for start, size in steps:  # equal sizes: one compiled step
             state, totals = _fit_step(state, totals, X_train, y_train, perm, start // size, batch_size=size)
