@@ -168,6 +168,17 @@ def synthetic(n_train: int = 512, n_test: int = 256, seed: int = 0) -> FashionMN
     return FashionMNIST(*splits, source=f"synthetic(seed={seed})")
 
 
+def real_or_synthetic(data_dir: str | os.PathLike | None = None, n_train: int = 60000, n_test: int = 10000,
+                      seed: int = 0) -> FashionMNIST:
+    """Fashion-MNIST when the files are found (never downloading), else :func:`synthetic` of
+    the given sizes: for benchmarks and demonstrations whose figures do not depend on which
+    (``.source`` says which it was)."""
+    try:
+        return load_fashion_mnist(data_dir, download=False)
+    except FileNotFoundError:
+        return synthetic(n_train, n_test, seed)
+
+
 # --- IDX reading and writing ----------------------------------------------------------
 
 

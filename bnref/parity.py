@@ -192,12 +192,9 @@ def _trajectory_batches(steps: int, batch_size: int, data_dir: Optional[str], se
     training split when present, else ``bnref.data.synthetic``; example-level shuffling,
     reshuffled at each pass, from one seeded NumPy generator so both frameworks get the
     identical sequence."""
-    from bnref import data as data_mod
+    from bnref.data import real_or_synthetic
 
-    try:
-        ds = data_mod.load_fashion_mnist(data_dir, download=False)
-    except FileNotFoundError:
-        ds = data_mod.synthetic(n_train=max(batch_size * 4, 1024), n_test=16, seed=seed)
+    ds = real_or_synthetic(data_dir, n_train=max(batch_size * 4, 1024), n_test=16, seed=seed)
     images, labels = ds.train_images, ds.train_labels
     if len(images) < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training examples")

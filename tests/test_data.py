@@ -520,3 +520,18 @@ def test_synthetic_has_fashion_mnist_shapes_and_a_class_signal():
     r, c = divmod(k, 4)
     assert np.all(d.train_images[0, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7] == 230)  # the class's block
     assert synthetic(100, 50, seed=3).train_images.tobytes() == d.train_images.tobytes()  # seeded
+
+
+def test_real_or_synthetic_falls_back_only_when_no_files(tmp_path, monkeypatch):
+    from bnref import data
+
+    monkeypatch.setenv("BNREF_DATA_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "absent-system")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fallback = data.real_or_synthetic(n_train=40, n_test=20, seed=5)
+    assert fallback.source == "synthetic(seed=5)" and len(fallback.train_images) == 40
+    found = data.write_fashion_mnist(tmp_path / "d", data.synthetic(30, 10))
+    assert data.real_or_synthetic(found).source == str(found)
+    (found / "t10k-labels-idx1-ubyte.gz").write_bytes(b"garbage")  # corrupt: an error, no fallback
+    with pytest.raises(ValueError):
+        data.real_or_synthetic(found)

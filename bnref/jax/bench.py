@@ -30,21 +30,6 @@ import numpy as np
 VARIANTS = ("bnref BN", "flax BN", "no BN", "flax-examples loop")
 
 
-def _load_images(n: int):
-    """Up to ``n`` real training images and labels if the files are present, else synthetic."""
-    try:
-        from bnref import data as data_mod
-
-        d = data_mod.find_data_dir()
-        if d is not None:
-            ds = data_mod.load_fashion_mnist(d, download=False)
-            return ds.train_images[:n], np.asarray(ds.train_labels[:n]), f"Fashion-MNIST ({d})"
-    except (ImportError, OSError, ValueError):  # bnref.data absent or files unreadable
-        pass
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n), "synthetic"
-
-
 class _OnDeviceLoop:
     """bnref's loop: the dataset and the permutation live on the device."""
 
@@ -106,7 +91,10 @@ def measure(steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: int =
     from bnref.jax.train import device_name, resolve_device
 
     n = max(batch_size * max(steps, 2), min(60000, batch_size * 200))
-    X, y, source = _load_images(n)
+    from bnref.data import real_or_synthetic
+
+    ds = real_or_synthetic(n_train=n, n_test=2)
+    X, y, source = ds.train_images[:n], ds.train_labels[:n], ds.source
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n).astype(np.int32)
     runners = {

@@ -29,29 +29,14 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
+from bnref.data import real_or_synthetic
 from bnref.torch import _seed
 from bnref.torch.train import _sync, load_tensors, make_model, resolve_device, train_batches
 
 VARIANTS = ("bnref", "torch.nn", "none", "seed")
 TARGETS = {("bnref", "torch.nn"): 0.9, ("bnref", "seed"): 1.5}
-
-
-def _load_data(data_dir: Optional[str]):
-    """Real Fashion-MNIST training images when present, else synthetic (the same for throughput)."""
-    try:
-        from bnref import data
-
-        found = data.find_data_dir(data_dir)
-        if found is not None:
-            ds = data.load_fashion_mnist(found, download=False)
-            return ds.train_images, ds.train_labels, "Fashion-MNIST"
-    except Exception as e:  # noqa: BLE001 - any problem with the files: fall back, and say so
-        print(f"(real data unavailable: {e}; using synthetic data)")
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (60000, 28, 28), dtype=np.uint8), rng.integers(0, 10, 60000), "synthetic"
 
 
 class _BnrefLoop:
@@ -200,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    images, labels, source = _load_data(args.data_dir)
+    ds = real_or_synthetic(args.data_dir)  # throughput is the same on either
+    images, labels, source = ds.train_images, ds.train_labels, ds.source
     print(f"LeNet-BN training throughput: batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds "
           f"(interleaved), {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, data {source}",
           flush=True)
