@@ -166,8 +166,9 @@ class Convention:
 
     @property
     def torch_momentum(self) -> float:
-        """PyTorch's ``momentum`` for this convention: ``1 - decay``."""
-        return 1.0 - self.decay
+        """PyTorch's ``momentum`` for this convention: ``1 - decay``, rounded to 12 decimals so
+        that decay 0.9 reads 0.1, not 0.09999999999999998 (1 - 0.9 in binary floating point)."""
+        return round(1.0 - self.decay, 12)
 
     @property
     def flax_momentum(self) -> float:

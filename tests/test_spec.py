@@ -305,3 +305,8 @@ def test_as_convention_accepts_conventions_names_and_none():
     assert spec.as_convention(custom, spec.TORCH) is custom
     with pytest.raises(ValueError, match="convention must be"):
         spec.as_convention(0.9, spec.TORCH)
+
+
+def test_torch_momentum_reads_as_written():
+    assert spec.TORCH.torch_momentum == 0.1  # not 0.09999999999999998
+    assert spec.FLAX.torch_momentum == 0.01

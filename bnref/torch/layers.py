@@ -80,9 +80,7 @@ class _BatchNorm(nn.Module):
         if eps is _UNSET:
             eps = conv.eps
         if momentum is _UNSET:
-            # torch's word: weight of the NEW batch. Rounded so that decay 0.9 reads 0.1,
-            # not 0.09999999999999998 (1 - 0.9 in binary floating point).
-            momentum = round(conv.torch_momentum, 12)
+            momentum = conv.torch_momentum  # torch's word: weight of the NEW batch
         self._running_var_estimator = conv.running_var  # "unbiased" (torch.nn) or "biased"
         self.num_features = num_features
         self.eps = eps  # read at every call, as torch.nn does: setting it later takes effect

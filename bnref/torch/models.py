@@ -35,7 +35,7 @@ def _make_bn(kind: str, dims: int, channels: int, convention: spec.Convention) -
     # default d2l convention its running_var, and so its eval-mode outputs, differ
     # slightly from the seed's; training-mode outputs and gradients are the same.
     cls = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
-    return cls(channels, eps=convention.eps, momentum=round(convention.torch_momentum, 12))
+    return cls(channels, eps=convention.eps, momentum=convention.torch_momentum)
 
 
 class LeNetBN(nn.Module):
