@@ -99,6 +99,22 @@ def batch_slices(n: int, batch_size: int) -> List[Tuple[int, int]]:
     return [(i * batch_size, batch_size) for i in range(n // batch_size)]
 
 
+def epoch_metrics(config: TrainConfig, epoch: int, loss_sum: float, correct: float, seen: int, seconds: float,
+                  test_acc: float, device: str) -> Dict:
+    """One epoch's metrics, as every backend reports them (the keys :func:`format_epoch` reads):
+    mean training loss and train-mode accuracy over the ``seen`` examples, eval-mode test
+    accuracy, and training examples per second."""
+    return {
+        "epoch": epoch,
+        "epochs": config.epochs,
+        "loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "test_acc": test_acc,
+        "examples_per_sec": seen / seconds,
+        "device": device,
+    }
+
+
 def format_epoch(m: Dict) -> str:
     """One line per epoch in d2l's wording, e.g.
     ``epoch 3/10: loss 0.402, train acc 0.855, test acc 0.752, 13290.1 examples/sec on cpu``."""

@@ -36,7 +36,7 @@ import optax
 from flax.training import train_state
 
 from bnref.jax.models import LeNetBN
-from bnref.train import batch_slices, epoch_permutation
+from bnref.train import batch_slices, epoch_metrics, epoch_permutation
 
 __all__ = [
     "TrainState",
@@ -152,8 +152,7 @@ def _fit_step(state: TrainState, totals, X_all, y_all, perm, i, *, batch_size: i
 def _count_correct(state: TrainState, X_all, y_all, start, *, batch_size: int):
     X = jax.lax.dynamic_slice_in_dim(X_all, start, batch_size)
     y = jax.lax.dynamic_slice_in_dim(y_all, start, batch_size)
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, X, train=False)
-    return (jnp.argmax(logits, -1) == y).sum()
+    return (jnp.argmax(eval_step(state, X), -1) == y).sum()
 
 
 def evaluate(state: TrainState, X, y, batch_size: int = 1000) -> float:
@@ -197,15 +196,8 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
             state, totals = _fit_step(state, totals, X_train, y_train, perm, start // size, batch_size=size)
         loss_sum, correct = (float(v) for v in np.asarray(totals))  # the one sync per epoch
         seconds = time.perf_counter() - t0
-        m = {
-            "epoch": epoch,
-            "epochs": config.epochs,
-            "loss": loss_sum / seen,
-            "train_acc": correct / seen,
-            "test_acc": evaluate(state, X_test, y_test),
-            "examples_per_sec": seen / seconds,
-            "device": device_name(device),
-        }
+        m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, evaluate(state, X_test, y_test),
+                          device_name(device))  # fmt: skip
         history.append(m)
         on_epoch(m)
     return history

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bnref.torch.models import LeNetBN
-from bnref.train import batch_slices, epoch_permutation
+from bnref.train import batch_slices, epoch_metrics, epoch_permutation
 
 __all__ = ["fit", "resolve_device", "make_model", "load_tensors", "train_step", "train_batches", "evaluate"]
 
@@ -155,15 +155,8 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
             loss_sum, correct, seen = train_batches(model, optimizer, X_train, y_train, perm, bar, config.batch_size)
             _sync(device)
             seconds = time.perf_counter() - t0
-            m = {
-                "epoch": epoch,
-                "epochs": config.epochs,
-                "loss": loss_sum.item() / seen,
-                "train_acc": correct.item() / seen,
-                "test_acc": evaluate(model, X_test, y_test),
-                "examples_per_sec": seen / seconds,
-                "device": str(device),
-            }
+            m = epoch_metrics(config, epoch, loss_sum.item(), correct.item(), seen, seconds,
+                              evaluate(model, X_test, y_test), str(device))  # fmt: skip
             history.append(m)
             on_epoch(m)
     return history
