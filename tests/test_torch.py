@@ -296,7 +296,8 @@ BAD_INPUTS = [  # (bnref class, torch.nn class, input, training)
 def test_bad_input_raises_like_torch_nn_and_changes_nothing(ours_cls, theirs_cls, shape, training):
     x = torch.randn(shape)
     ours, theirs = ours_cls(4), theirs_cls(4).train(training)
-    ours(torch.randn((8, 4) + (3,) * (ours._expected_dims[0] - 2)) + 5)  # non-default state first
+    good_rank = {BatchNorm1d: 2, BatchNorm2d: 4, BatchNorm3d: 5}[ours_cls]
+    ours(torch.randn((8, 4) + (3,) * (good_rank - 2)) + 5)  # non-default state first
     ours.train(training)
     with pytest.raises(Exception) as theirs_error:
         theirs(x)

@@ -16,35 +16,49 @@ and the NEW running statistics (the arguments are never written)::
 
 Evaluation mode normalizes with the running statistics (or, when there are none, with the
 batch statistics, like ``torch.nn`` with ``track_running_stats=False``) and changes nothing.
+An empty batch (``n = 0``) in training gives an empty output and leaves the running
+statistics as they are (torch.nn's behaviour); ``n = 1`` is an error.
 
-The training forward/backward is a :class:`torch.autograd.Function` with the analytic
-backward of the spec's docstring,
+Two implementations of the training forward, the same numbers:
 
-    dx = (gamma / (n sqrt(sigma2 + eps))) * (n dy - dbeta - xhat * dgamma),
-    dgamma = sum(dy * xhat),  dbeta = sum(dy),
+- **fast path** (plain eager mode): a :class:`torch.autograd.Function` with the analytic
+  backward of the spec's docstring,
 
-because autograd through the plain forward ops makes about twice as many passes over
-the activations (measured on LeNet's BN shapes, batch 256, CPU: forward + backward
-1.6-1.8x faster than autograd through the same ops); ``tests/test_torch.py`` checks it
-with ``torch.autograd.gradcheck`` in float64. It is once-differentiable (no
-double backward). The running update runs under ``torch.no_grad()``: it is state, not
-part of the autograd graph.
+      dx = (gamma / (n sqrt(sigma2 + eps))) * (n dy - dbeta - xhat * dgamma),
+      dgamma = sum(dy * xhat),  dbeta = sum(dy),
+
+  because autograd through the plain forward ops makes about twice as many passes over
+  the activations (measured on LeNet's BN shapes, batch 256, CPU: forward + backward
+  1.6-1.8x faster than autograd through the same ops). Its backward is itself
+  differentiable: when a graph of the gradient is requested (``create_graph=True``,
+  gradient penalties, ``gradgradcheck``), it computes the same formula from the saved
+  input with differentiable ops, so derivatives of every order are correct.
+- **composite path**: the same math as plain differentiable tensor ops, used wherever the
+  custom Function cannot go: inside ``torch.func`` transforms (``grad``, ``vmap``,
+  ``jacrev``, batched gradients), ``torch.export`` / ``torch.compile`` tracing,
+  ``torch.jit.trace`` and ``torch.jit.script``, and for tensor subclasses. Autograd
+  differentiates it to any order.
+
+``tests/test_torch_autograd.py`` checks both with ``gradcheck`` / ``gradgradcheck`` in
+float64 and against torch.nn. The running update is detached: it is state, not part of
+the autograd graph.
 
 float16/bfloat16 inputs are normalized with statistics accumulated in float32; the output
-has the input's dtype and the new running statistics the running buffers' dtype.
+has the input's dtype and the new running statistics the running buffers' dtype. Channel
+means are taken level by level (over the spatial axes, then the batch), so float32 inputs
+as large as 1e35 keep a finite mean where one flat sum would overflow.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from bnref import spec
 
 __all__ = ["batch_norm", "resolve_convention"]
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def resolve_convention(convention: Union[spec.Convention, str, None]) -> spec.Convention:
@@ -53,21 +67,41 @@ def resolve_convention(convention: Union[spec.Convention, str, None]) -> spec.Co
     return spec.as_convention(convention, spec.TORCH)
 
 
-def _layout(x: torch.Tensor, axis: int):
-    """``(channel axis, reduced dims, broadcast shape)`` for ``x``; raises ValueError on a bad axis."""
-    ndim = x.dim()
-    if ndim < 2:
-        raise ValueError(f"x must have rank >= 2 (batch and channel axes), got rank {ndim}")
-    if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
-        raise ValueError(f"axis must be an int in [{-ndim}, {ndim}) for x of rank {ndim}, got {axis!r}")
-    ax = axis % ndim
-    channels = x.shape[ax]
-    dims = tuple(i for i in range(ndim) if i != ax)
-    bshape = tuple(channels if i == ax else 1 for i in range(ndim))  # (C,) broadcasts against x
-    return ax, dims, bshape
+# --- layout helpers (TorchScript-compatible: the scripted layer uses them too) ---------------
 
 
-def _channel_sum(t: torch.Tensor, ax: int, dims) -> torch.Tensor:
+def _reduce_dims(ndim: int, ax: int) -> List[int]:
+    dims: List[int] = []
+    for i in range(ndim):  # (a loop: TorchScript has no comprehension filters)
+        if i != ax:
+            dims.append(i)
+    return dims
+
+
+def _bshape(x: Tensor, ax: int) -> List[int]:
+    """The shape that broadcasts a (C,) vector against ``x`` along channel axis ``ax``."""
+    shape = [1] * x.dim()
+    shape[ax] = x.shape[ax]
+    return shape
+
+
+def _channel_mean(t: Tensor, ax: int) -> Tensor:
+    """Per-channel mean of ``t``, shape (C,), taken level by level.
+
+    ``(N, C, L)`` means over L, then over N (``(M1, M2, C)`` likewise for channels last):
+    every partial result is a mean, bounded by ``max |t|``, so float32 values near 1e35 do
+    not overflow as a flat sum of 1e5 of them would; on the CPU it is also as fast as one
+    sum over the strided axes (measured).
+    """
+    ndim = t.dim()
+    if ndim > 2 and ax == 1:
+        return t.reshape(t.shape[0], t.shape[1], -1).mean(2).mean(0)  # (N, C, L) -> (N, C) -> (C,)
+    if ndim > 2 and ax == ndim - 1:
+        return t.reshape(t.shape[0], -1, t.shape[ax]).mean(1).mean(0)  # (N, L, C) -> (N, C) -> (C,)
+    return t.mean(_reduce_dims(ndim, ax))
+
+
+def _channel_sum(t: Tensor, ax: int) -> Tensor:
     """Per-channel sum of ``t`` (channel axis ``ax``), shape (C,).
 
     A contiguous ``(N, C, *spatial)`` tensor is summed as ``(N, C, L)`` over L, then N, and a
@@ -79,10 +113,10 @@ def _channel_sum(t: torch.Tensor, ax: int, dims) -> torch.Tensor:
             return t.reshape(-1, t.shape[ax]).sum(0)  # (M, C) -> (C,)
         if ax == 1:
             return t.reshape(t.shape[0], t.shape[1], -1).sum(2).sum(0)  # (N, C, L) -> (N, C) -> (C,)
-    return t.sum(dims)
+    return t.sum(_reduce_dims(t.dim(), ax))
 
 
-def _channel_sum_of_squares(t: torch.Tensor, ax: int, dims) -> torch.Tensor:
+def _channel_sum_of_squares(t: Tensor, ax: int) -> Tensor:
     """Per-channel sum of ``t * t``, shape (C,).
 
     For a contiguous ``(N, C, *spatial)`` tensor, ``linalg.vector_norm`` over the flattened
@@ -92,132 +126,262 @@ def _channel_sum_of_squares(t: torch.Tensor, ax: int, dims) -> torch.Tensor:
     if t.is_contiguous() and ax == 1 and t.dim() > 2:
         norms = torch.linalg.vector_norm(t.reshape(t.shape[0], t.shape[1], -1), dim=2)  # (N, C)
         return norms.mul_(norms).sum(0)
-    return _channel_sum(t * t, ax, dims)
+    return _channel_sum(t * t, ax)
+
+
+def _plain_eager(*tensors: Optional[Tensor]) -> bool:
+    """True where the fast path's custom Function (in-place work buffers, analytic backward)
+    may run: plain tensors in plain eager mode. Inside a ``torch.func`` transform, while
+    ``torch.export`` / ``torch.compile`` / ``torch.jit.trace`` trace, and for tensor
+    subclasses (fake, functional, DTensor, ...), the composite path runs instead."""
+    if torch._C._functorch.maybe_current_level() is not None:  # inside grad / vmap / jacrev / ...
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return all(
+        t is None
+        or (type(t) in (torch.Tensor, torch.nn.Parameter) and not _batched_or_wrapped(t))
+        for t in tensors
+    )
+
+
+def _batched_or_wrapped(t: Tensor) -> bool:
+    # Gradients batched by autograd.grad(is_grads_batched=True) (batched gradcheck) are legacy
+    # batched tensors, seen in the backward with no transform level set.
+    f = torch._C._functorch
+    return f.is_functorch_wrapped_tensor(t) or f.is_legacy_batchedtensor(t)
+
+
+# --- the fast path ----------------------------------------------------------------------------
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode normalization with the spec's analytic backward.
+    """Training-mode normalization with the spec's analytic backward (the fast path).
 
     Returns ``(y, mean, var)``; ``mean`` and ``var`` (biased, (C,)) are not differentiable:
     they only feed the running statistics.
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, eps: float, ax: int, dims, bshape):
+    def forward(ctx, x, gamma, beta, eps: float, ax: int):
         n = x.numel() // x.shape[ax]
-        mean = _channel_sum(x, ax, dims).div_(n)  # (C,) batch mean
+        bshape = _bshape(x, ax)
+        mean = _channel_mean(x, ax)  # (C,) batch mean
         xc = x - mean.view(bshape)  # x - mu, x's shape
-        var = _channel_sum_of_squares(xc, ax, dims).div_(n)  # (C,) biased variance, two-pass: no E[x^2]-E[x]^2 cancellation
+        var = _channel_sum_of_squares(xc, ax).div_(n)  # (C,) biased variance, two-pass: no E[x^2]-E[x]^2 cancellation
         work = torch.empty_like(xc)
         inv_std = (var + eps).rsqrt_()  # (C,)
         scale = inv_std if gamma is None else gamma * inv_std  # (C,) gamma / sqrt(var + eps)
         if beta is None:
             y = torch.mul(xc, scale.view(bshape), out=work)
-        elif xc.dim() == 2:
+        elif xc.dim() == 2 and ax == 1:
             y = torch.addcmul(beta, xc, scale, out=work)  # (N, C): one pass
         else:
             # Not torch.addcmul(beta, xc, scale): with a broadcast first operand over spatial
             # axes it is ~2x slower on the CPU than these two passes (measured, torch 2.13).
             y = torch.mul(xc, scale.view(bshape), out=work).add_(beta.view(bshape))
-        ctx.save_for_backward(xc, inv_std, gamma)
-        ctx.ax, ctx.dims, ctx.bshape = ax, dims, bshape
+        # x is saved for the differentiable backward (double backward needs its graph); xc
+        # and inv_std let the first-order backward skip recomputing the statistics.
+        ctx.save_for_backward(x, xc, inv_std, gamma)
+        ctx.eps, ctx.ax = eps, ax
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _dvar):
-        xc, inv_std, gamma = ctx.saved_tensors
-        ax, dims, bshape = ctx.ax, ctx.dims, ctx.bshape
-        n = xc.numel() // inv_std.numel()
-        dbeta = _channel_sum(dy, ax, dims)  # (C,) sum dy
-        work = dy * xc  # x's shape; reused for dx below
-        dgamma = _channel_sum(work, ax, dims).mul_(inv_std)  # (C,) sum dy * xhat
-        dx = None
-        if ctx.needs_input_grad[0]:
-            k1 = inv_std if gamma is None else gamma * inv_std  # gamma / sigma
-            # dx = k1 dy - (k1 / n) dbeta - (k1 / n) xhat dgamma, with xhat = xc * inv_std:
-            k1n = k1 / -n
-            k2 = k1n * inv_std * dgamma  # coefficient of xc
-            k3 = k1n * dbeta  # constant per channel
-            dx = torch.mul(dy, k1.view(bshape), out=work).add_(k3.view(bshape)).addcmul_(xc, k2.view(bshape))
-        dgamma_out = dgamma if (gamma is not None and ctx.needs_input_grad[1]) else None
-        dbeta_out = dbeta if ctx.needs_input_grad[2] else None
-        return dx, dgamma_out, dbeta_out, None, None, None, None
+        x, xc, inv_std, gamma = ctx.saved_tensors
+        ax = ctx.ax
+        need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() or not _plain_eager(dy):
+            # A graph of the gradient was requested (create_graph=True), or the backward runs
+            # under a transform (batched gradients): the same formula, differentiable, from x.
+            dx, dgamma, dbeta = _grad_composite(x, gamma, dy, ctx.eps, ax)
+        else:
+            bshape = _bshape(xc, ax)
+            n = xc.numel() // inv_std.numel()
+            dbeta = _channel_sum(dy, ax)  # (C,) sum dy
+            work = dy * xc  # x's shape; reused for dx below
+            dgamma = _channel_sum(work, ax).mul_(inv_std)  # (C,) sum dy * xhat
+            dx = None
+            if need_x:
+                k1 = inv_std if gamma is None else gamma * inv_std  # gamma / sigma
+                # dx = k1 dy - (k1 / n) dbeta - (k1 / n) xhat dgamma, with xhat = xc * inv_std:
+                k1n = k1 / -n
+                k2 = k1n * inv_std * dgamma  # coefficient of xc
+                k3 = k1n * dbeta  # constant per channel
+                dx = torch.mul(dy, k1.view(bshape), out=work).add_(k3.view(bshape)).addcmul_(xc, k2.view(bshape))
+        return (
+            dx if need_x else None,
+            dgamma if (gamma is not None and need_gamma) else None,
+            dbeta if need_beta else None,
+            None,
+            None,
+        )
 
 
-def _check_vector(v: Optional[torch.Tensor], name: str, channels: int) -> None:
-    if v is not None and tuple(v.shape) != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) to match the {channels} channels of x, got {tuple(v.shape)}")
+# --- the composite path (TorchScript-compatible) ------------------------------------------------
 
 
-def _normalize_train(x, gamma, beta, eps: float, axis: int):
-    """``(y, mean, biased var, n)`` of a training-mode forward, validated; no state."""
-    ax, dims, bshape = _layout(x, axis)
+def _stats(x: Tensor, eps: float, ax: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(mean, xc, var, inv_std)`` of a training batch, two-pass, differentiable."""
+    bshape = _bshape(x, ax)
+    mean = _channel_mean(x, ax)  # (C,)
+    xc = x - mean.view(bshape)  # x's shape
+    var = _channel_mean(xc * xc, ax)  # (C,) biased
+    return mean, xc, var, torch.rsqrt(var + eps)
+
+
+def _composite_train(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
+                     ax: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, biased var)`` of a training batch as plain differentiable ops."""
+    bshape = _bshape(x, ax)
+    mean, xc, var, inv_std = _stats(x, eps, ax)
+    y = xc * inv_std.view(bshape)  # xhat
+    if gamma is not None:
+        y = y * gamma.view(bshape)
+    if beta is not None:
+        y = y + beta.view(bshape)
+    return y, mean.detach(), var.detach()
+
+
+def _grad_composite(x: Tensor, gamma: Optional[Tensor], dy: Tensor, eps: float,
+                    ax: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dgamma, dbeta)`` of the training forward, by the analytic formula written with
+    differentiable ops of ``x``, ``gamma`` and ``dy`` (so its own derivatives are right)."""
+    bshape = _bshape(x, ax)
+    n = x.numel() // x.shape[ax]
+    _, xc, _, inv_std = _stats(x, eps, ax)
+    xhat = xc * inv_std.view(bshape)
+    dims = _reduce_dims(x.dim(), ax)
+    dbeta = dy.sum(dims)
+    dgamma = (dy * xhat).sum(dims)
+    k = inv_std if gamma is None else gamma * inv_std  # gamma / sigma
+    dx = (k / n).view(bshape) * (n * dy - dbeta.view(bshape) - xhat * dgamma.view(bshape))
+    return dx, dgamma, dbeta
+
+
+def _is_half(x: Tensor) -> bool:
+    return x.dtype == torch.float16 or x.dtype == torch.bfloat16
+
+
+def _check_training_values(x: Tensor, ax: int) -> int:
+    """Values per channel ``n`` of a training batch; raises for ``n == 1`` (0 is an empty batch)."""
     channels = x.shape[ax]
-    n = x.numel() // channels if channels else 0
-    if n < 2:
+    n = x.numel() // channels if channels > 0 else 0
+    if n == 1:
         # One value per channel has no spread (y == beta) and its unbiased variance is 0/0.
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    _check_vector(gamma, "gamma", channels)
-    _check_vector(beta, "beta", channels)
-    if x.dtype in _HALF:  # half types: statistics (and the whole computation) in float32
-        g = None if gamma is None else gamma.float()
-        b = None if beta is None else beta.float()
-        y, mean, var = _BatchNormTrain.apply(x.float(), g, b, float(eps), ax, dims, bshape)
-        return y.to(x.dtype), mean, var, n
-    if gamma is not None and gamma.dtype != x.dtype:
-        gamma = gamma.to(x.dtype)
-    if beta is not None and beta.dtype != x.dtype:
-        beta = beta.to(x.dtype)
-    y, mean, var = _BatchNormTrain.apply(x, gamma, beta, float(eps), ax, dims, bshape)
-    return y, mean, var, n
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    return n
 
 
-def _normalize_with(x, gamma, beta, mean, var, eps: float, bshape):
+def _normalize_train(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float,
+                     ax: int) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """``(y, mean, biased var, n)`` of a training-mode forward; no state. ``mean``/``var`` are
+    only meaningful for ``n > 0`` (an empty batch has no statistics)."""
+    n = _check_training_values(x, ax)
+    bshape = _bshape(x, ax)
+    compute = torch.float32 if _is_half(x) else x.dtype  # half types: the whole computation in float32
+    xs = x.to(compute)
+    g = None if gamma is None else gamma.to(compute)
+    b = None if beta is None else beta.to(compute)
+    if n == 0:  # empty batch: empty output (still connected to gamma and beta), no statistics
+        y = xs
+        if g is not None:
+            y = y * g.view(bshape)
+        if b is not None:
+            y = y + b.view(bshape)
+        stats = torch.zeros(x.shape[ax], dtype=compute, device=x.device)
+        return y.to(x.dtype), stats, stats, n
+    if not torch.jit.is_scripting():  # (nested: TorchScript skips this block, not a call in an `and`)
+        if _plain_eager(xs, g, b):
+            y, mean, var = _BatchNormTrain.apply(xs, g, b, float(eps), ax)
+            return y.to(x.dtype), mean, var, n
+    y, mean, var = _composite_train(xs, g, b, float(eps), ax)
+    return y.to(x.dtype), mean, var, n
+
+
+def _normalize_eval(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], mean: Tensor, var: Tensor,
+                    eps: float, ax: int) -> Tensor:
     """``gamma * (x - mean) / sqrt(var + eps) + beta`` with fixed (C,) statistics (eval mode)."""
-    compute = torch.float32 if x.dtype in _HALF else x.dtype
-    inv_std = torch.rsqrt(var.to(compute) + eps)  # (C,)
+    compute = torch.float32 if _is_half(x) else x.dtype
+    bshape = _bshape(x, ax)
+    inv_std = torch.rsqrt(var.detach().to(compute) + eps)  # (C,)
     scale = inv_std if gamma is None else gamma.to(compute) * inv_std  # (C,)
     # Subtract first, then scale: folding the mean into one shift, x * scale + (beta - mean * scale),
     # cancels catastrophically when |mean| is large compared with the spread (the eval twin of
     # the one-pass variance problem).
-    xc = x.to(compute) - mean.to(compute).view(bshape)  # x's shape
+    xc = x.to(compute) - mean.detach().to(compute).view(bshape)  # x's shape
     y = xc * scale.view(bshape)
     if beta is not None:
-        y = y.add_(beta.to(compute).view(bshape))
+        y = y + beta.to(compute).view(bshape)
     return y.to(x.dtype)
 
 
-@torch.no_grad()  # the running statistics are state: no autograd graph
-def _running_update(running_mean, running_var, mean, var, n: int, *, decay: float, unbiased: bool):
-    """NEW running statistics from a batch's ``mean`` and biased ``var`` over ``n`` values,
-    in the running tensors' own dtype (the arguments are not written)."""
+def _running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int, decay: float,
+                    unbiased: bool) -> Tuple[Tensor, Tensor]:
+    """NEW running statistics from a batch's ``mean`` and biased ``var`` over ``n >= 2`` values,
+    in the running tensors' own dtype (the arguments are not written; the result is detached:
+    the running statistics are state, not part of the autograd graph)."""
+    mean, var = mean.detach(), var.detach()
     s2 = var * (n / (n - 1)) if unbiased else var  # estimator fed to the average
     # decay * old + (1 - decay) * batch, as old + (1 - decay) * (batch - old): one op
-    new_mean = torch.lerp(running_mean.to(mean.dtype), mean, 1.0 - decay)
-    new_var = torch.lerp(running_var.to(var.dtype), s2, 1.0 - decay)
+    new_mean = torch.lerp(running_mean.detach().to(mean.dtype), mean, 1.0 - decay)
+    new_var = torch.lerp(running_var.detach().to(var.dtype), s2, 1.0 - decay)
     return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)  # no-op when dtypes agree
+
+
+# --- validation and the public function ---------------------------------------------------------
+
+
+def _layout(x: Tensor, axis: int) -> int:
+    """The channel axis of ``x`` as a non-negative int; raises ValueError on a bad rank or axis."""
+    ndim = x.dim()
+    if ndim < 2:
+        raise ValueError(f"x must have rank >= 2 (batch and channel axes), got rank {ndim}")
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be an int in [{-ndim}, {ndim}) for x of rank {ndim}, got {axis!r}")
+    return axis % ndim
+
+
+def _check_vector(v: Optional[Tensor], name: str, channels: int) -> None:
+    if v is not None and tuple(v.shape) != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) to match the {channels} channels of x, got {tuple(v.shape)}")
+
+
+def check_mode(train) -> bool:
+    """``train`` as a bool; anything but a bool is a TypeError (``train="False"`` must not train)."""
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be a bool (True: batch statistics, False: running statistics), got {train!r}")
+    return train
+
+
+def _check_input(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        # Integers would be truncated and complex numbers have no order-2 statistics here
+        # (torch.nn refuses both too).
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
 
 
 def _forward(x, gamma, beta, running_mean, running_var, *, train: bool, decay: float, eps: float,
              unbiased: bool, axis: int):
-    """:func:`batch_norm` with the convention spelled out (the layer passes a per-step decay)."""
+    """:func:`batch_norm` with the convention spelled out; every check before any work."""
+    check_mode(train)
+    _check_input(x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
-    if train or running_mean is None:
-        y, mean, var, n = _normalize_train(x, gamma, beta, eps, axis)
-        if running_mean is None or not train:
-            return y, None, None
-        _check_vector(running_mean, "running_mean", mean.numel())
-        _check_vector(running_var, "running_var", mean.numel())
-        new_mean, new_var = _running_update(running_mean, running_var, mean, var, n, decay=decay, unbiased=unbiased)
-        return y, new_mean, new_var
-    ax, _, bshape = _layout(x, axis)
+    ax = _layout(x, axis)
     channels = x.shape[ax]
     for v, name in ((gamma, "gamma"), (beta, "beta"), (running_mean, "running_mean"), (running_var, "running_var")):
         _check_vector(v, name, channels)
-    y = _normalize_with(x, gamma, beta, running_mean.detach(), running_var.detach(), eps, bshape)
+    if train or running_mean is None:
+        y, mean, var, n = _normalize_train(x, gamma, beta, eps, ax)
+        if running_mean is None or not train or n == 0:  # nothing to update (an empty batch has no statistics)
+            return y, running_mean, running_var
+        new_mean, new_var = _running_update(running_mean, running_var, mean, var, n, decay, unbiased)
+        return y, new_mean, new_var
+    y = _normalize_eval(x, gamma, beta, running_mean, running_var, eps, ax)
     return y, running_mean, running_var
 
 
@@ -238,11 +402,11 @@ def batch_norm(
       x: floating tensor of rank >= 2 (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` with
         ``axis=1``; ``(N, H, W, C)`` with ``axis=-1``).
       gamma, beta: (C,) scale and shift, or ``None`` (scale 1 / shift 0: ``affine=False``).
-        ``y`` is differentiable with respect to ``x``, ``gamma`` and ``beta``.
+        ``y`` is differentiable (to any order) with respect to ``x``, ``gamma`` and ``beta``.
       running_mean, running_var: (C,) running statistics, or both ``None`` (no tracking:
         batch statistics in both modes, and ``None``s come back).
-      train: normalize with the batch statistics and update the running ones (``True``),
-        or normalize with the running statistics (``False``). Always explicit.
+      train: a bool: normalize with the batch statistics and update the running ones
+        (``True``), or normalize with the running statistics (``False``). Always explicit.
       convention: a :class:`bnref.spec.Convention` or preset name: ``decay`` (weight of the
         old running value; torch's ``momentum`` is ``1 - decay``), ``eps``, and which batch
         variance enters the running average. Default: torch.nn's.
@@ -250,13 +414,16 @@ def batch_norm(
 
     Returns:
       ``y`` (``x``'s shape and dtype) and the new running statistics as NEW tensors in the
-      running buffers' dtype (the arguments themselves in eval mode, which changes nothing;
-      ``None`` when there are none). Nothing passed in is mutated.
+      running buffers' dtype. The arguments themselves come back where nothing changes: in
+      eval mode, and for an empty training batch (``n = 0``, whose output is empty);
+      ``None`` when there are none. Nothing passed in is mutated.
 
     Raises:
+      TypeError: ``train`` not a bool; ``x`` not a floating-point tensor (integers, bool,
+        complex).
       ValueError: rank < 2, bad ``axis``, a (C,) vector that does not match ``x``'s channels,
-        or fewer than 2 values per channel in training.
+        or exactly 1 value per channel in training.
     """
     c = resolve_convention(convention)
-    return _forward(x, gamma, beta, running_mean, running_var, train=bool(train), decay=c.decay, eps=c.eps,
+    return _forward(x, gamma, beta, running_mean, running_var, train=train, decay=c.decay, eps=c.eps,
                     unbiased=c.running_var == "unbiased", axis=axis)

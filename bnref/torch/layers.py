@@ -1,11 +1,14 @@
-"""``BatchNorm1d`` / ``BatchNorm2d`` / ``BatchNorm3d``: drop-ins for torch.nn's, on bnref's functional core.
+"""``BatchNorm1d`` / ``BatchNorm2d`` / ``BatchNorm3d``: torch.nn's BatchNorm layers on bnref's functional core.
 
-Same constructor (``num_features, eps=1e-5, momentum=0.1, affine=True,
-track_running_stats=True, device=None, dtype=None, *, bias=True`` in torch 2.13), same
-parameters and buffers (``weight``, ``bias``, ``running_mean``, ``running_var``,
-``num_batches_tracked``) and so the same ``state_dict`` keys, the same accepted shapes and
-the same exception types for bad input, so ``load_state_dict`` works both ways with
-``torch.nn.BatchNorm*d`` and the defaults give torch.nn's numbers.
+Each is a subclass of the torch.nn class it replaces (``isinstance(layer, nn.BatchNorm2d)``
+holds, and so does ``isinstance(layer, nn.modules.batchnorm._BatchNorm)``), so every tool
+that looks for BatchNorm finds it: ``torch.optim.swa_utils.update_bn`` recalibrates it,
+``torch.func.replace_all_batch_norm_modules_`` patches it, ``torch.ao.quantization.fuse_modules``
+folds it into the preceding convolution, state dicts load both ways. The constructor is
+torch.nn's (``num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+device=None, dtype=None, *, bias=True``), the parameters and buffers are torch.nn's, and the
+defaults give torch.nn's numbers. Only ``forward`` is bnref's: the functional core of
+:mod:`bnref.torch.functional`, not ``F.batch_norm``.
 
 One extra keyword, ``convention=`` (a :class:`bnref.spec.Convention` or a preset name,
 default ``"torch"``), chooses how the running statistics are kept, e.g. the seed's
@@ -16,12 +19,21 @@ torch.nn cannot express (it always feeds the unbiased ``n/(n-1)`` variance). ``e
 
 ``momentum=None`` is torch's cumulative average: at step ``k`` (``num_batches_tracked``
 after the increment) the decay is ``1 - 1/k``, so the running statistics are the plain
-mean of all batches seen.
+mean of all batches seen (what ``update_bn`` sets to recompute the statistics).
+
+Tools that REPLACE a BatchNorm by the framework's own class keep its parameters and
+buffers but not bnref's convention: ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` gives a
+``torch.nn.SyncBatchNorm``, which keeps torch.nn's unbiased running variance (and refuses
+CPU tensors). The README's differences table lists these.
+
+Works with: ``torch.fx.symbolic_trace`` (the layer's call is one opaque node that keeps the
+layer, so ``GraphModule.train()/eval()`` still switch its mode), ``torch.jit.script``
+(a TorchScript-compatible forward, the composite path), ``torch.export`` and ``torch.func``
+in training mode (the composite path), ``torch.autograd`` derivatives of every order.
 
 Deliberate departures from torch.nn, each so that a failed call changes nothing:
 ``num_batches_tracked`` is incremented only after the input has been validated (torch.nn
-increments it before the kernel rejects a one-value-per-channel or wrong-channel batch),
-and an empty batch in training raises ValueError (torch.nn returns an empty output).
+increments it before the kernel rejects a one-value-per-channel or wrong-channel batch).
 A float32/float64 input whose dtype differs from the parameters' raises RuntimeError on
 every device (torch.nn's CPU rule); float16/bfloat16 inputs may meet float32 parameters.
 
@@ -32,15 +44,22 @@ copied into the buffers in place, after every check has passed;
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Union
 
 import torch
-from torch import nn
+import torch.fx
+from torch import Tensor, nn
 
 from bnref import spec
-from bnref.torch.functional import _forward, _normalize_train, _running_update, resolve_convention
+from bnref.torch.functional import _normalize_eval, _normalize_train, _running_update, resolve_convention
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+# torch.nn's BatchNorm took its ``bias=`` keyword in 2026; with an older torch, bnref's layer
+# still accepts it and drops the bias parameter itself.
+_TORCH_HAS_BIAS_KW = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
+
 
 class _FromConvention:
     """Default of ``eps`` / ``momentum``: "the convention's" (1e-5 / 0.1 for the default, torch.nn's).
@@ -56,11 +75,25 @@ class _FromConvention:
 _UNSET = _FromConvention()
 
 
-class _BatchNorm(nn.Module):
-    """Common base of bnref's BatchNorm layers (torch.nn's ``_NormBase`` + ``_BatchNorm``)."""
+def _opaque_forward(module: "_BatchNorm", x: Tensor) -> Tensor:
+    """``module``'s eager forward, behind a name that ``torch.fx`` records as one call.
 
-    _version = 2  # torch.nn's state_dict version (2: has num_batches_tracked)
-    _expected_dims: tuple = ()
+    Traced through, the forward's checks (``x.dim()``, ``x.shape``) would be control flow on
+    proxies, and its mode (``module.training``) would be frozen into the graph; as an opaque
+    call taking the module itself (a ``get_attr`` node), the traced ``GraphModule`` keeps the
+    layer and switches its mode with ``train()``/``eval()`` as torch.nn's leaf layers do.
+    """
+    return module._forward_impl(x)
+
+
+torch.fx.wrap("_opaque_forward")
+
+
+class _BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Common base of bnref's BatchNorm layers: torch.nn's ``_BatchNorm`` with bnref's forward."""
+
+    # TorchScript compiles properties unless told not to; this one returns a Python dataclass.
+    __jit_unused_properties__ = ["convention"]
 
     def __init__(
         self,
@@ -75,37 +108,18 @@ class _BatchNorm(nn.Module):
         bias: bool = True,
         convention: Union[spec.Convention, str] = spec.TORCH,
     ) -> None:
-        super().__init__()
         conv = resolve_convention(convention)
         if eps is _UNSET:
             eps = conv.eps
         if momentum is _UNSET:
             momentum = conv.torch_momentum  # torch's word: weight of the NEW batch
-        self._running_var_estimator = conv.running_var  # "unbiased" (torch.nn) or "biased"
-        self.num_features = num_features
-        self.eps = eps  # read at every call, as torch.nn does: setting it later takes effect
-        self.momentum = momentum  # likewise; None: cumulative average (decay 1 - 1/k at step k)
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
+        kw = {"bias": bias} if _TORCH_HAS_BIAS_KW else {}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kw)
+        if not _TORCH_HAS_BIAS_KW and affine and not bias:
+            self.bias = None  # what torch.nn's bias=False does
+        # "unbiased" (torch.nn) or "biased": which batch variance enters the running average.
+        # eps and momentum stay plain attributes read at every call, as in torch.nn.
+        self._running_var_estimator = conv.running_var
 
     @property
     def convention(self) -> Optional[spec.Convention]:
@@ -115,103 +129,100 @@ class _BatchNorm(nn.Module):
             return None
         return spec.Convention(decay=1.0 - self.momentum, eps=self.eps, running_var=self._running_var_estimator)
 
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-
     def extra_repr(self) -> str:
-        s = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
-        )
+        s = super().extra_repr()
+        if not _TORCH_HAS_BIAS_KW and self.affine and self.bias is None:
+            s += ", bias=False"
         if self._running_var_estimator != "unbiased":  # only shown where it differs from torch.nn
             s += f", running_var={self._running_var_estimator!r}"
         return s
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        # As torch.nn: state dicts older than version 2 have no num_batches_tracked.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() not in self._expected_dims:
-            want = " or ".join(f"{d}D" for d in self._expected_dims)
-            raise ValueError(f"expected {want} input (got {x.dim()}D input)")
-
-    def _check_input(self, x: torch.Tensor, use_batch_stats: bool) -> None:
-        """torch.nn's checks, in torch.nn's order and with its exception types."""
+    def _check_input(self, x: Tensor) -> None:
+        """torch.nn's checks, in torch.nn's order and with its exception types, all before any work."""
         self._check_input_dim(x)  # ValueError
         if not x.is_floating_point():
             raise NotImplementedError(f'"batch_norm" not implemented for {x.dtype}')
         channels = x.shape[1]
-        if self.training and (x.numel() // channels if channels else 0) <= 1:
-            # torch.nn lets an empty batch through (empty output); bnref raises for it too.
+        use_batch_stats = self.training or self.running_mean is None
+        if self.training and x.numel() == channels:  # exactly one value per channel (0 is an empty batch)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+        if use_batch_stats and not self.eps > 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        if not self.eps >= 0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
+        track = self.training and self.track_running_stats
         for name in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(self, name)
-            if t is None or (name.startswith("running") and use_batch_stats):
+            if t is None or (name.startswith("running") and use_batch_stats and not track):
                 continue  # unused in this call (torch.nn passes None for it too)
             if t.numel() != channels:  # torch.nn's kernel raises RuntimeError here
                 raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
             if x.dtype not in (torch.float16, torch.bfloat16) and t.dtype != x.dtype:
                 raise RuntimeError(f"mixed dtype: input is {x.dtype} but {name} is {t.dtype}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_impl(x)
+        else:
+            return _opaque_forward(self, x)
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        # TorchScript compiles this method (the branches on is_scripting() it does not take are
+        # skipped), so it sticks to what TorchScript can type.
+        if torch.jit.is_scripting():
+            self._check_input_dim(x)
+        else:
+            self._check_input(x)
         # Which statistics, as torch.nn decides: the batch's in training, and in eval when
         # there are no running buffers; the running ones are updated only when tracked.
-        track = self.training and self.track_running_stats
-        use_batch_stats = self.training or self.running_mean is None
-        self._check_input(x, use_batch_stats and not track)
-        if self.momentum is None:  # cumulative average: decay 1 - 1/k at step k
-            decay = 1.0 - 1.0 / (int(self.num_batches_tracked) + 1) if track else 0.0
-        else:
-            decay = 1.0 - self.momentum
-        unbiased = self._running_var_estimator == "unbiased"
-        if not track:  # the functional core, buffers read (eval) or not used at all
-            use_buffers = not use_batch_stats
-            return _forward(x, self.weight, self.bias, self.running_mean if use_buffers else None,
-                            self.running_var if use_buffers else None, train=use_batch_stats, decay=decay,
-                            eps=self.eps, unbiased=unbiased, axis=1)[0]
-        # Training with tracking: the functional core's normalization, then the running update
-        # written straight into the buffers (what batch_norm returns as new tensors), only
-        # now that every check has passed.
+        running_mean = self.running_mean
+        running_var = self.running_var
+        if not self.training and running_mean is not None and running_var is not None:
+            return _normalize_eval(x, self.weight, self.bias, running_mean, running_var, self.eps, 1)
         y, mean, var, n = _normalize_train(x, self.weight, self.bias, self.eps, 1)
-        new_mean, new_var = _running_update(self.running_mean, self.running_var, mean, var, n,
-                                            decay=decay, unbiased=unbiased)  # fmt: skip
-        with torch.no_grad():
-            self.running_mean.copy_(new_mean)
-            self.running_var.copy_(new_var)
-            self.num_batches_tracked.add_(1)
+        counter = self.num_batches_tracked
+        if self.training and self.track_running_stats and counter is not None:
+            # Only now that every check has passed: the running update (what batch_norm returns
+            # as new tensors) written into the buffers, and the step counted (an empty batch
+            # counts as a step and changes no statistic, as in torch.nn).
+            counter.add_(1)
+            if n > 0 and running_mean is not None and running_var is not None:
+                momentum = self.momentum
+                decay = 1.0 - 1.0 / float(counter) if momentum is None else 1.0 - momentum  # None: cumulative
+                new_mean, new_var = _running_update(running_mean, running_var, mean, var, n, decay,
+                                                    self._running_var_estimator == "unbiased")  # fmt: skip
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
         return y
 
 
-class BatchNorm1d(_BatchNorm):
-    """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``; see the module docstring."""
-
-    _expected_dims = (2, 3)
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` with bnref's forward and ``convention=``: input ``(N, C)`` or ``(N, C, L)``."""
 
 
-class BatchNorm2d(_BatchNorm):
-    """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``; see the module docstring."""
-
-    _expected_dims = (4,)
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` with bnref's forward and ``convention=``: input ``(N, C, H, W)``."""
 
 
-class BatchNorm3d(_BatchNorm):
-    """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``; see the module docstring."""
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` with bnref's forward and ``convention=``: input ``(N, C, D, H, W)``."""
 
-    _expected_dims = (5,)
+
+def _register_quantization_fusers() -> None:
+    """Let ``torch.ao.quantization.fuse_modules`` fold bnref's layers like torch.nn's.
+
+    Its fuser table is keyed by exact module types, so a subclass is not found there
+    ("did not find fuser method"); the same fuser functions apply unchanged (they read
+    ``running_mean``, ``running_var``, ``eps``, ``weight`` and ``bias``, whose eval-mode
+    meaning is convention-free). Only bnref's own keys are added.
+    """
+    from torch.ao.quantization import fuser_method_mappings as fmm
+
+    table = fmm._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    pairs = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+    for key, fuser in list(table.items()):
+        if any(k in pairs for k in key):
+            table.setdefault(tuple(pairs.get(k, k) for k in key), fuser)
+
+
+_register_quantization_fusers()
