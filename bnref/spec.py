@@ -80,10 +80,18 @@ shifting or rescaling a channel's input does not change the normalized output.
 The running statistics are state, not a function of the loss: no gradient flows
 through them, in any mode.
 
+Batches with few values
+-----------------------
+A training batch with exactly one value per channel is an error for every convention
+(no spread to normalize; the unbiased estimate would divide by zero). An empty batch
+(``n = 0``, e.g. a data-parallel shard or the tail of a dataset) normalizes nothing: the
+output is empty and the running statistics stay as they are (torch.nn's behaviour).
+
 Validation
 ----------
-Bad input raises :class:`ValueError` naming the problem, and nothing is mutated
-(no function here ever writes into its arguments).
+Bad input raises :class:`ValueError` naming the problem (:class:`TypeError` for complex
+input, which the spec does not define), and nothing is mutated (no function here ever
+writes into its arguments). ``convention`` is a :class:`Convention` or a preset name.
 """
 
 from __future__ import annotations
@@ -217,6 +225,13 @@ def as_convention(convention, default: Convention) -> Convention:
 # --- validation and layout helpers -------------------------------------------------------
 
 
+def _resolve(convention) -> Convention:
+    """The spec's functions take a :class:`Convention` or a preset name (as the backends do)."""
+    if convention is None:
+        raise ValueError(f"convention is required: a Convention or a preset name {sorted(PRESETS)}")
+    return as_convention(convention, TORCH)
+
+
 def _channel_axis(ndim: int, axis: int) -> int:
     """Normalize ``axis`` for an array of rank ``ndim`` (rank >= 2), or raise."""
     if ndim < 2:
@@ -232,15 +247,23 @@ def _as_channel_vector(v, name: str, channels: int) -> Optional[np.ndarray]:
     """``v`` as a float64 (C,) array (a new array if the dtype changes; never written)."""
     if v is None:
         return None
-    a = np.asarray(v, dtype=np.float64)
+    a = _as_real_array(v, name)
     if a.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) to match the {channels} channels of x, got {a.shape}")
     return a
 
 
+def _as_real_array(v, name: str) -> np.ndarray:
+    """``v`` as float64; complex values are refused (NumPy would silently drop the imaginary part)."""
+    a = np.asarray(v)
+    if np.iscomplexobj(a):
+        raise TypeError(f"{name} is complex ({a.dtype}); the spec is defined for real inputs")
+    return a.astype(np.float64, copy=False)
+
+
 def _prepare(x, axis: int, **vectors):
     """Validate and promote ``x`` and its per-channel vectors; no writes anywhere."""
-    x = np.asarray(x, dtype=np.float64)
+    x = _as_real_array(x, "x")
     ax = _channel_axis(x.ndim, axis)
     channels = x.shape[ax]
     if channels == 0:
@@ -256,13 +279,19 @@ def _values_per_channel(x: np.ndarray, ax: int) -> int:
 
 
 def check_training_batch(n: int) -> None:
-    """Raise ``ValueError`` unless a training batch has at least 2 values per channel."""
+    """Raise ``ValueError`` when a training batch has exactly 1 value per channel.
+
+    ``n = 0`` is an empty batch, which is allowed: it normalizes nothing (an empty output)
+    and leaves the running statistics as they are.
+    """
     # A channel needs two values for any spread at all; with one, the batch variance is
     # 0 (every output equals beta) and the unbiased running estimate divides by zero.
     # PyTorch raises "Expected more than 1 value per channel when training"; so do we,
     # for every convention, so that a silently degenerate batch never trains.
-    if n < 2:
+    if n == 1:
         raise ValueError(f"expected more than 1 value per channel when training, got {n}")
+    if n < 0:
+        raise ValueError(f"a batch cannot have {n} values per channel")
 
 
 def batch_stats(x, axis: int = 1) -> Tuple[np.ndarray, np.ndarray]:
@@ -274,14 +303,17 @@ def batch_stats(x, axis: int = 1) -> Tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def running_update(running_mean, running_var, mean, var, n: int, convention: Convention):
+def running_update(running_mean, running_var, mean, var, n: int, convention: "Convention | str"):
     """The running-statistics update for one training batch of ``n`` values per channel.
 
     ``var`` is the BIASED batch variance; the convention decides whether Bessel's
     correction ``n / (n - 1)`` is applied before it enters the average. Returns
-    ``(new_running_mean, new_running_var)`` as new arrays.
+    ``(new_running_mean, new_running_var)`` as new arrays; ``n`` must be at least 2.
     """
+    convention = _resolve(convention)
     check_training_batch(n)
+    if n < 2:
+        raise ValueError("an empty batch (n = 0) has no statistics to average in")
     mean = np.asarray(mean, dtype=np.float64)
     var = np.asarray(var, dtype=np.float64)
     s2 = var * (n / (n - 1)) if convention.running_var == "unbiased" else var  # estimator for the average
@@ -294,7 +326,7 @@ def running_update(running_mean, running_var, mean, var, n: int, convention: Con
 # --- the three public operations -----------------------------------------------------------
 
 
-def batch_norm_train(x, gamma, beta, running_mean, running_var, convention: Convention, axis: int = 1):
+def batch_norm_train(x, gamma, beta, running_mean, running_var, convention: "Convention | str", axis: int = 1):
     """Training-mode BatchNorm: normalize with batch statistics and update the running ones.
 
     Args:
@@ -308,7 +340,13 @@ def batch_norm_train(x, gamma, beta, running_mean, running_var, convention: Conv
     Returns:
       ``(y, new_running_mean, new_running_var)``: ``y`` float64 with ``x``'s shape and
       the new running statistics as NEW (C,) float64 arrays; the inputs are untouched.
+      An empty batch (``n = 0``) gives an empty ``y`` and the running statistics unchanged.
+
+    Raises:
+      ValueError: exactly 1 value per channel, shapes that do not fit, an unknown preset.
+      TypeError: complex input.
     """
+    convention = _resolve(convention)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     x, ax, reduce_axes, bshape, v = _prepare(
@@ -316,6 +354,15 @@ def batch_norm_train(x, gamma, beta, running_mean, running_var, convention: Conv
     )
     n = _values_per_channel(x, ax)
     check_training_batch(n)
+    if n == 0:  # an empty batch: nothing to normalize, no statistics to average in
+        y = x.copy()
+        if v["gamma"] is not None:
+            y = y * v["gamma"].reshape(bshape)
+        if v["beta"] is not None:
+            y = y + v["beta"].reshape(bshape)
+        if v["running_mean"] is None:
+            return y, None, None
+        return y, v["running_mean"].copy(), v["running_var"].copy()
     mean = x.mean(axis=reduce_axes)  # (C,) batch mean
     centered = x - mean.reshape(bshape)  # x - mu, same shape as x
     var = np.mean(centered * centered, axis=reduce_axes)  # (C,) biased variance, two-pass
@@ -331,12 +378,13 @@ def batch_norm_train(x, gamma, beta, running_mean, running_var, convention: Conv
     return y, new_mean, new_var
 
 
-def batch_norm_eval(x, gamma, beta, running_mean, running_var, convention: Convention, axis: int = 1):
+def batch_norm_eval(x, gamma, beta, running_mean, running_var, convention: "Convention | str", axis: int = 1):
     """Evaluation-mode BatchNorm: normalize with the running statistics; no state changes.
 
     Same arguments as :func:`batch_norm_train` (the running statistics are required
     here). Returns ``y``, float64 with ``x``'s shape.
     """
+    convention = _resolve(convention)
     if running_mean is None or running_var is None:
         raise ValueError("evaluation mode needs running_mean and running_var (use batch statistics via batch_norm_train)")
     x, ax, reduce_axes, bshape, v = _prepare(
@@ -351,7 +399,7 @@ def batch_norm_eval(x, gamma, beta, running_mean, running_var, convention: Conve
     return y
 
 
-def batch_norm_grad(x, gamma, dy, convention: Convention, axis: int = 1):
+def batch_norm_grad(x, gamma, dy, convention: "Convention | str", axis: int = 1):
     """Analytic backward of the training-mode forward (see the module docstring).
 
     Args:
@@ -362,14 +410,19 @@ def batch_norm_grad(x, gamma, dy, convention: Convention, axis: int = 1):
       axis: the channel axis.
 
     Returns:
-      ``(dx, dgamma, dbeta)``: float64, shapes ``x.shape``, (C,), (C,).
+      ``(dx, dgamma, dbeta)``: float64, shapes ``x.shape``, (C,), (C,) (for an empty batch:
+      an empty ``dx`` and zero ``dgamma``, ``dbeta``).
     """
+    convention = _resolve(convention)
     x, ax, reduce_axes, bshape, v = _prepare(x, axis, gamma=gamma)
-    dy = np.asarray(dy, dtype=np.float64)
+    dy = _as_real_array(dy, "dy")
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
     n = _values_per_channel(x, ax)
     check_training_batch(n)
+    if n == 0:
+        zeros = np.zeros(x.shape[ax])
+        return dy.copy(), zeros, zeros.copy()
     mean = x.mean(axis=reduce_axes)  # recompute the forward's statistics
     centered = x - mean.reshape(bshape)
     var = np.mean(centered * centered, axis=reduce_axes)

@@ -310,3 +310,42 @@ def test_as_convention_accepts_conventions_names_and_none():
 def test_torch_momentum_reads_as_written():
     assert spec.TORCH.torch_momentum == 0.1  # not 0.09999999999999998
     assert spec.FLAX.torch_momentum == 0.01
+
+
+def test_functions_take_preset_names_like_the_backends():
+    """On main at 7b1ede4 spec.batch_norm_train(..., "torch") raised AttributeError."""
+    x, g, b = np.random.default_rng(0).normal(size=(8, 3)), np.ones(3), np.zeros(3)
+    rm, rv = np.zeros(3), np.ones(3)
+    for name, conv in spec.PRESETS.items():
+        by_name = spec.batch_norm_train(x, g, b, rm, rv, name)
+        by_object = spec.batch_norm_train(x, g, b, rm, rv, conv)
+        for a, c in zip(by_name, by_object):
+            np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(spec.batch_norm_eval(x, g, b, rm, rv, name), spec.batch_norm_eval(x, g, b, rm, rv, conv))
+        np.testing.assert_array_equal(spec.batch_norm_grad(x, g, x, name)[0], spec.batch_norm_grad(x, g, x, conv)[0])
+    with pytest.raises(ValueError, match="unknown convention preset"):
+        spec.batch_norm_train(x, g, b, rm, rv, "pytorch")
+    with pytest.raises(ValueError, match="convention is required"):
+        spec.batch_norm_eval(x, g, b, rm, rv, None)
+
+
+@pytest.mark.parametrize("where", ["x", "gamma", "dy"])
+def test_complex_input_is_refused_not_silently_made_real(where):
+    x = np.random.default_rng(0).normal(size=(8, 3))
+    args = {"x": x, "gamma": np.ones(3), "dy": x}
+    args[where] = args[where] + 1j
+    with pytest.raises(TypeError, match=f"{where} is complex"):
+        spec.batch_norm_grad(args["x"], args["gamma"], args["dy"], spec.TORCH)
+
+
+def test_empty_batch_normalizes_nothing_and_keeps_the_running_statistics():
+    x = np.zeros((0, 3, 4))
+    rm, rv = np.array([1.0, 2.0, 3.0]), np.array([0.5, 1.0, 1.5])
+    y, new_rm, new_rv = spec.batch_norm_train(x, np.full(3, 2.0), np.ones(3), rm, rv, spec.TORCH)
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(new_rm, rm) and np.testing.assert_array_equal(new_rv, rv)
+    assert new_rm is not rm  # new arrays, as always
+    dx, dgamma, dbeta = spec.batch_norm_grad(x, np.ones(3), x, spec.TORCH)
+    assert dx.shape == x.shape and not dgamma.any() and not dbeta.any()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # one value stays an error
+        spec.batch_norm_train(np.zeros((1, 3)), None, None, rm, rv, spec.TORCH)

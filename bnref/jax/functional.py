@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple, Union
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bnref import spec
@@ -39,9 +41,14 @@ def resolve_convention(convention: Union[spec.Convention, str, None]) -> spec.Co
 
 
 def feature_axes(ndim: int, axis: Axis) -> Tuple[int, ...]:
-    """Flax's ``axis`` (int or tuple of ints) as sorted, non-negative, distinct feature axes."""
-    if ndim < 2:
-        raise ValueError(f"x must have rank >= 2 (batch and feature axes), got rank {ndim}")
+    """Flax's ``axis`` (int or tuple of ints) as sorted, non-negative, distinct feature axes.
+
+    Every axis may be a feature axis (a rank-1 input with ``axis=-1``, as flax.linen allows):
+    nothing is reduced then, which initialization and evaluation accept and training refuses
+    (one value per feature).
+    """
+    if ndim < 1:
+        raise ValueError(f"x must have rank >= 1, got rank {ndim}")
     axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
     if not axes:
         raise ValueError("axis must name at least one feature axis")
@@ -52,8 +59,6 @@ def feature_axes(ndim: int, axis: Axis) -> Tuple[int, ...]:
         if not -ndim <= a < ndim:
             raise ValueError(f"axis {a} is out of range for x of rank {ndim}")
         out.add(a % ndim)
-    if len(out) == ndim:
-        raise ValueError(f"axis {axis!r} leaves no axis to reduce over for x of rank {ndim}")
     return tuple(sorted(out))
 
 
@@ -65,7 +70,12 @@ def _check_vector(v, name: str, shape: Tuple[int, ...]) -> None:
 
 
 def _mean(xs, axes, axis_name, axis_index_groups, mask):
-    """Per-feature means of each array in ``xs``; one ``lax.pmean`` across devices (like Flax)."""
+    """Per-feature means of each array in ``xs``; one ``lax.pmean`` across devices (like Flax).
+
+    ``x.mean`` as Flax takes it, so both variance formulas are bit-for-bit Flax's. (A float32
+    feature near 1e35 overflows the sum here, in Flax too: the output is NaN, not silently
+    wrong; the torch backend takes its means level by level instead.)
+    """
     mus = [x.mean(axes, where=mask) for x in xs]
     if axis_name is None:
         return mus
@@ -75,16 +85,28 @@ def _mean(xs, axes, axis_name, axis_index_groups, mask):
     return [stacked[i] for i in range(len(mus))]
 
 
+def _abs_sq(x):
+    """``|x|^2`` elementwise, real: the variance of complex values is ``E|x - mu|^2`` (Flax's)."""
+    if jnp.iscomplexobj(x):
+        return lax.square(lax.real(x)) + lax.square(lax.imag(x))
+    return lax.square(x)
+
+
 def _stats(x, axes, *, fast_variance, axis_name, axis_index_groups, mask):
-    """Batch mean and biased variance over ``axes`` (``x`` already in the statistics dtype)."""
+    """Batch mean and biased variance over ``axes`` (``x`` already in the statistics dtype).
+
+    For complex ``x`` the mean is complex and the variance real, ``E|x - mu|^2``, as in Flax.
+    """
     if fast_variance:
-        # Flax's default formula: one fused pass, E[x^2] - E[x]^2, clipped at 0 because
+        # Flax's default formula: one fused pass, E[|x|^2] - |E[x]|^2, clipped at 0 because
         # round-off can make it negative. Cancels catastrophically when |mean| >> std.
-        mu, mu2 = _mean([x, lax.square(x)], axes, axis_name, axis_index_groups, mask)
-        return mu, jnp.maximum(0.0, mu2 - lax.square(mu))
+        mu, mu2 = _mean([x, _abs_sq(x)], axes, axis_name, axis_index_groups, mask)
+        if jnp.iscomplexobj(mu2):  # stacked with a complex mean for one pmean; its imaginary part is 0
+            mu2 = lax.real(mu2)
+        return mu, jnp.maximum(0.0, mu2 - _abs_sq(mu))
     (mu,) = _mean([x], axes, axis_name, axis_index_groups, mask)
     centered = x - jnp.expand_dims(mu, axes)  # subtract first: no cancellation
-    (var,) = _mean([lax.square(centered)], axes, axis_name, axis_index_groups, mask)
+    (var,) = _mean([_abs_sq(centered)], axes, axis_name, axis_index_groups, mask)
     return mu, var
 
 
@@ -125,10 +147,21 @@ def _batch_norm(
     n_static = 1
     for i in reduce_axes:
         n_static *= x.shape[i]
+    if train and n_static == 0 and axis_name is None:
+        # An empty batch normalizes nothing: an empty output and the running statistics as they
+        # were (the spec's rule, as torch.nn; Flax would average over nothing and store NaN).
+        y = x.astype(stats_dtype)
+        fshape = tuple(1 if i in reduce_axes else x.shape[i] for i in range(x.ndim))
+        if gamma is not None:
+            y = y * jnp.reshape(gamma, fshape)
+        if beta is not None:
+            y = y + jnp.reshape(beta, fshape)
+        return y, running_mean, running_var
     if train:
-        if check_batch:
+        if check_batch and axis_name is None:
             # Static shapes, so this raises at trace time (like PyTorch's "Expected more than
-            # 1 value per channel when training"; Flax silently outputs beta here).
+            # 1 value per channel when training"; Flax silently outputs beta here). With
+            # axis_name the count spans devices and is checked by the caller's batch.
             spec.check_training_batch(n_static)
         xs = x.astype(stats_dtype)
         mean, var = _stats(
@@ -140,12 +173,21 @@ def _batch_norm(
         else:
             d = convention.decay
             s2 = var
-            if convention.running_var == "unbiased":  # Bessel: n/(n-1) (torch.nn's convention)
+            n = None
+            if convention.running_var == "unbiased" or mask is not None:
                 n = _count(x, reduce_axes, n_static, axis_name, axis_index_groups, mask, var.dtype)
-                s2 = var * (n / (n - 1))
+            if convention.running_var == "unbiased":  # Bessel: n/(n-1) (torch.nn's convention)
+                s2 = var * (n / jnp.maximum(n - 1, 1))
             # The running statistics are state, not a function of the loss.
             new_mean = lax.stop_gradient(d * running_mean + (1 - d) * mean)  # old value weighted by decay
             new_var = lax.stop_gradient(d * running_var + (1 - d) * s2)
+            if mask is not None:
+                # A feature whose mask selects fewer than 2 values has no variance to estimate
+                # (and 0 values no mean): its running statistics stay as they were, instead of
+                # becoming NaN. (A concrete mask is checked up front; see batch_norm.)
+                ok = n >= 2
+                new_mean = jnp.where(ok, new_mean, running_mean)
+                new_var = jnp.where(ok, new_var, running_var)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("evaluation mode needs running_mean and running_var")
@@ -200,15 +242,25 @@ def batch_norm(
         the statistics (Flax's ``mask``).
 
     Returns:
-      ``y`` with ``x``'s shape and dtype; the new running statistics in the promotion of
-      their own dtype and the statistics dtype (float32 for float16/bfloat16/float32
-      inputs with float32 state; float64 for float64 inputs under x64), behind
-      ``stop_gradient``. Gradients flow to ``x``, ``gamma`` and ``beta`` only.
+      ``y`` with ``x``'s shape, in ``x``'s dtype when that is floating or complex (integer
+      and bool inputs are promoted, as flax.linen does: float32 by default, never
+      truncated back); the new running statistics in the promotion of their own dtype and
+      the statistics dtype (float32 for float16/bfloat16/float32 inputs with float32 state;
+      float64 for float64 inputs under x64), behind ``stop_gradient``. Gradients flow to
+      ``x``, ``gamma`` and ``beta`` only. Complex input gives flax.linen's results: a
+      complex mean and the real variance ``E|x - mu|^2``. An empty training batch gives an
+      empty output and the running statistics unchanged. With a ``mask``, a feature that
+      selects fewer than 2 values keeps its running statistics.
 
     Raises:
+      TypeError: ``train`` not a bool.
       ValueError (at trace time): shapes that do not match the feature axes, a training
-      batch with fewer than 2 values per feature, eval without running statistics.
+      batch with exactly 1 value per feature (or a concrete ``mask`` selecting a single
+      value of some feature), eval without running statistics.
     """
+    if not isinstance(train, (bool, np.bool_)):
+        raise TypeError(f"train must be a bool (True: batch statistics, False: running statistics), got {train!r}")
+    train = bool(train)
     convention = resolve_convention(convention)
     x = jnp.asarray(x)
     axes = feature_axes(x.ndim, axis)
@@ -220,9 +272,34 @@ def batch_norm(
     # Statistics at least in float32 (Flax's force_float32_reductions): float16/bfloat16
     # sums over thousands of values would lose most of their digits.
     stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    if train and mask is not None:
+        check_mask(x, axes, mask)
     y, new_mean, new_var = _batch_norm(
         x, gamma, beta, running_mean, running_var, train=train, convention=convention, axes=axes,
         fast_variance=fast_variance, axis_name=axis_name, axis_index_groups=axis_index_groups,
         stats_dtype=stats_dtype, mask=mask,
     )
-    return y.astype(x.dtype), new_mean, new_var
+    return y.astype(output_dtype(x.dtype, y.dtype)), new_mean, new_var
+
+
+def output_dtype(x_dtype, computed_dtype):
+    """``x``'s dtype when it is floating or complex, else the computation's (integers and bools
+    are promoted, never truncated)."""
+    return x_dtype if jnp.issubdtype(x_dtype, jnp.inexact) else computed_dtype
+
+
+def check_mask(x, axes, mask) -> None:
+    """A concrete (not traced) training mask must select at least 2 values of every feature
+    (1 is an error, as for an unmasked batch; 0 selects nothing). A traced mask cannot be
+    checked: such features keep their running statistics instead."""
+    try:
+        concrete = np.asarray(mask, bool)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # traced: checked per feature inside, where fewer than 2 values keep the statistics
+    reduce_axes = tuple(i for i in range(x.ndim) if i not in axes)
+    counts = np.broadcast_to(concrete, x.shape).sum(reduce_axes)
+    if np.any(counts == 1):
+        raise ValueError(
+            "expected more than 1 value per channel when training: the mask selects a single value "
+            f"for {int(np.sum(counts == 1))} feature(s)"
+        )

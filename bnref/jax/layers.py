@@ -18,12 +18,13 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 from flax.linen import dtypes
 from jax.nn import initializers
 
 from bnref import spec
-from bnref.jax.functional import _batch_norm, _check_vector, feature_axes, resolve_convention
+from bnref.jax.functional import _batch_norm, _check_vector, check_mask, feature_axes, resolve_convention
 
 __all__ = ["BatchNorm"]
 
@@ -81,6 +82,7 @@ class BatchNorm(nn.Module):
     force_float32_reductions: bool = True
     convention: Union[spec.Convention, str, None] = None
 
+    @nn.nowrap  # a plain helper: Flax must not intercept it as a module method (tabulate, flops)
     def resolved_convention(self) -> spec.Convention:
         """The convention this layer applies (see ``convention`` for the precedence rule)."""
         if self.convention is None:
@@ -102,6 +104,8 @@ class BatchNorm(nn.Module):
     def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
         """Normalize ``x`` (any rank >= 2); same call signature as ``flax.linen.BatchNorm``."""
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if not isinstance(use_running_average, (bool, np.bool_)):
+            raise TypeError(f"use_running_average must be a bool, got {use_running_average!r}")
         convention = self.resolved_convention()
         x = jnp.asarray(x)
         axes = feature_axes(x.ndim, self.axis)
@@ -125,6 +129,8 @@ class BatchNorm(nn.Module):
             stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
 
         initializing = self.is_initializing()
+        if mask is not None and not use_running_average and not initializing:
+            check_mask(x, axes, mask)
         running_mean, running_var = ra_mean.value, ra_var.value
         if use_running_average and not self.force_float32_reductions:
             running_mean = jnp.asarray(running_mean, self.param_dtype)

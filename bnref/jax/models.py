@@ -46,6 +46,7 @@ class LeNetBN(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
+    @nn.nowrap  # a helper that builds a submodule: not a module method for Flax to intercept
     def _norm(self, name):
         conv = resolve_convention(self.convention)
         if self.bn == "bnref":
