@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +35,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from bnref import spec
+from bnref import _io, spec
+from bnref._cli import finite_positive_float, int_at_least, positive_int
 from bnref.testing import QUANTITIES, TOLERANCES, NotExpressible, compare, make_inputs, round_to, spec_run
 
 #: implementation -> (backend module, runner name, channels_last)
@@ -109,7 +110,8 @@ def run_cell(preset: str, layout: str, dtype: str, impl: str, steps: int = STEPS
         for cell in compare(actual, expected, context=context, dtype=dtype, check_dtype=False):
             name = cell.label.split(" (")[0]
             w = worst.setdefault(name, [0.0, 0.0])
-            w[0], w[1] = max(w[0], cell.max_abs), max(w[1], cell.max_rel)
+            # np.max, not max(): a NaN must propagate into the report, never be skipped
+            w[0], w[1] = float(np.max([w[0], cell.max_abs])), float(np.max([w[1], cell.max_rel]))
             if not cell.passed:
                 failures.append(str(cell))
         if not train:
@@ -233,6 +235,10 @@ def trajectory(
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (BatchNorm needs two values per channel), got {batch_size}")
     import jax
     import jax.numpy as jnp
     import optax
@@ -274,12 +280,25 @@ def trajectory(
             j_loss = float(j_loss)
             rows.append({"step": step, "loss_torch": t_loss, "loss_jax": j_loss, "loss_diff": abs(t_loss - j_loss),
                          "weight_diff": diff(weight_keys), "stat_diff": diff(stat_keys)})  # fmt: skip
-    max_loss_diff = max(r["loss_diff"] for r in rows)
     return {
         "steps": steps, "dtype": dtype, "lr": lr, "batch_size": batch_size, "convention": convention,
-        "data": source, "tolerance": TRAJECTORY_TOLERANCE[dtype], "max_loss_diff": max_loss_diff,
-        "passed": bool(max_loss_diff <= TRAJECTORY_TOLERANCE[dtype]), "rows": rows,
+        "data": source, "tolerance": TRAJECTORY_TOLERANCE[dtype], **trajectory_verdict(rows, TRAJECTORY_TOLERANCE[dtype]),
+        "rows": rows,
     }  # fmt: skip
+
+
+def trajectory_verdict(rows: Sequence[Dict], tolerance: float) -> Dict:
+    """``max_loss_diff`` and ``passed`` for a trajectory's rows.
+
+    A NaN or infinite loss on either side is a failure, whatever the other side did: two
+    diverged runs do not "agree", and ``max()`` must not skip a NaN (Python's does, unless it
+    comes first). ``nonfinite_steps`` lists the steps where either loss is not finite.
+    """
+    losses = np.array([[r["loss_torch"], r["loss_jax"]] for r in rows], dtype=np.float64)  # (steps, 2)
+    bad = [r["step"] for r, ok in zip(rows, np.isfinite(losses).all(axis=1)) if not ok]
+    max_loss_diff = float(np.max(np.abs(losses[:, 0] - losses[:, 1]))) if len(rows) else float("nan")
+    passed = not bad and bool(max_loss_diff <= tolerance)
+    return {"max_loss_diff": max_loss_diff, "passed": passed, "nonfinite_steps": bad}
 
 
 def format_trajectory(report: Dict) -> str:
@@ -298,12 +317,17 @@ def format_trajectory(report: Dict) -> str:
     chunk = max(1, len(rows) // 10)
     growth = [
         f"steps {rows[i]['step']}-{rows[min(i + chunk, len(rows)) - 1]['step']}: "
-        f"{max(r['loss_diff'] for r in rows[i:i + chunk]):.1e} / {max(r['weight_diff'] for r in rows[i:i + chunk]):.1e}"
+        f"{np.max([r['loss_diff'] for r in rows[i:i + chunk]]):.1e} / "
+        f"{np.max([r['weight_diff'] for r in rows[i:i + chunk]]):.1e}"
         for i in range(0, len(rows), chunk)
     ]
     out.append("drift (max |loss diff| / max |dW|): " + "; ".join(growth))
     verdict = "PASS" if report["passed"] else "FAIL"
-    out.append(f"{verdict}: max |loss diff| {report['max_loss_diff']:.2e} (tolerance {report['tolerance']:g})")
+    line = f"{verdict}: max |loss diff| {report['max_loss_diff']:.2e} (tolerance {report['tolerance']:g})"
+    if report.get("nonfinite_steps"):
+        steps = report["nonfinite_steps"]
+        line += f"; a loss is NaN or infinite at {len(steps)} step(s), first at step {steps[0]}"
+    out.append(line)
     return "\n".join(out)
 
 
@@ -315,9 +339,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes (matrix); trajectory dtype")
     p.add_argument("--conventions-table", action="store_true", help="print the README conventions table and exit")
     p.add_argument("--trajectory", action="store_true", help="train LeNet-BN in both frameworks and compare")
-    p.add_argument("--steps", type=int, default=100, help="trajectory: number of SGD steps")
-    p.add_argument("--lr", type=float, default=1.0, help="trajectory: learning rate")
-    p.add_argument("--batch-size", type=int, default=256, help="trajectory: batch size")
+    p.add_argument("--steps", type=positive_int, default=100, help="trajectory: number of SGD steps")
+    p.add_argument("--lr", type=finite_positive_float, default=1.0, help="trajectory: learning rate (finite, > 0)")
+    p.add_argument("--batch-size", type=int_at_least(2), default=256, help="trajectory: batch size (>= 2)")
     p.add_argument("--convention", choices=sorted(spec.PRESETS), default="d2l", help="trajectory: BN convention")
     p.add_argument("--data-dir", default=None, help="trajectory: Fashion-MNIST directory (synthetic batches if absent)")
     args = p.parse_args(argv)
@@ -328,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dtype = (args.dtype or ["float32"])[-1]
         report = trajectory(args.steps, dtype=dtype, lr=args.lr, batch_size=args.batch_size,
                             convention=args.convention, data_dir=args.data_dir)  # fmt: skip
-        print(json.dumps(report, indent=2) if args.json else format_trajectory(report))
+        print(_io.dumps(report) if args.json else format_trajectory(report))
         return 0 if report["passed"] else 1
     start = time.perf_counter()
     results = matrix(
@@ -338,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     failed = [r for r in results if not r.passed]
     if args.json:
-        print(json.dumps([asdict(r) for r in results], indent=2))
+        print(_io.dumps([asdict(r) for r in results]))
     else:
         print(format_table(results))
         counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "not expressible")}

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from bnref import parity, spec
@@ -62,3 +63,65 @@ def test_cli_fails_on_a_broken_implementation(monkeypatch, capsys):
     monkeypatch.setattr(runners, "run_functional", off_by_a_bit)
     assert parity.main(["--preset", "d2l", "--dtype", "float32", "--impl", "bnref.torch"]) == 1
     assert "forward/y (bnref.torch, preset=d2l, NCHW, float32, step 0)" in capsys.readouterr().out
+
+
+def test_cli_refuses_a_non_finite_learning_rate(capsys):
+    """On main at 7b1ede4 `--trajectory --lr nan` printed PASS and exited 0."""
+    for lr in ("nan", "inf", "-1"):
+        with pytest.raises(SystemExit) as e:
+            parity.main(["--trajectory", "--lr", lr])
+        assert e.value.code == 2 and "argument --lr: must be a finite number > 0" in capsys.readouterr().err
+
+
+ROWS = [{"step": 1, "loss_torch": 2.30, "loss_jax": 2.30}, {"step": 2, "loss_torch": 1.90, "loss_jax": 1.90},
+        {"step": 3, "loss_torch": 1.50, "loss_jax": 1.50}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "jax_losses,first_bad",
+    [((float("nan"),) * 3, 1), ((2.30, float("nan"), 1.50), 2), ((2.30, 1.90, float("inf")), 3)],
+    ids=["all-nan", "nan-in-the-middle", "inf-last"],
+)
+def test_trajectory_verdict_fails_on_any_non_finite_loss(jax_losses, first_bad):
+    """Python's max() skips a NaN unless it comes first: on main at 7b1ede4 a JAX side of
+    (nan, nan, nan) against finite torch losses passed."""
+    rows = [dict(r, loss_jax=j) for r, j in zip(ROWS, jax_losses)]
+    verdict = parity.trajectory_verdict(rows, tolerance=1e-3)
+    assert verdict["passed"] is False and verdict["nonfinite_steps"][0] == first_bad
+    report = {"steps": 3, "lr": 1.0, "batch_size": 4, "dtype": "float32", "convention": "d2l", "data": "x",
+              "tolerance": 1e-3, "rows": [dict(r, loss_diff=abs(r["loss_torch"] - r["loss_jax"]), weight_diff=0.0,
+                                                stat_diff=0.0) for r in rows], **verdict}  # fmt: skip
+    text = parity.format_trajectory(report)
+    assert text.splitlines()[-1].startswith("FAIL") and f"first at step {first_bad}" in text
+
+
+def test_trajectory_verdict_passes_equal_finite_losses_only_within_tolerance():
+    assert parity.trajectory_verdict(ROWS, 1e-3)["passed"] is True
+    off = [dict(r, loss_jax=r["loss_jax"] + 2e-3) for r in ROWS]
+    assert parity.trajectory_verdict(off, 1e-3)["passed"] is False
+
+
+def test_matrix_reports_nan_errors_instead_of_hiding_them(monkeypatch):
+    import bnref.torch._runners as runners
+
+    real = runners.run_functional
+
+    def nan_at_step_two(inputs, convention, axis, dtype, train):
+        out = dict(real(inputs, convention, axis, dtype, train))
+        if train:
+            nan_at_step_two.calls += 1
+            if nan_at_step_two.calls == 2:
+                out["y"] = out["y"] * float("nan")
+        return out
+
+    nan_at_step_two.calls = 0
+    monkeypatch.setattr(runners, "run_functional", nan_at_step_two)
+    r = parity.run_cell("torch", "NC", "float64", "bnref.torch")
+    assert r.status == "FAIL" and np.isnan(r.errors["forward/y"][0])
+
+
+def test_json_output_is_strict(monkeypatch, capsys):
+    assert parity.main(["--preset", "torch", "--dtype", "float64", "--impl", "torch.nn", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out
+    json.loads(out)

@@ -1,0 +1,63 @@
+"""argparse value types shared by bnref's commands: a bad value is argparse's one-line error
+(``error: argument --lr: ...``, exit status 2) before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["finite_positive_float", "int_at_least", "non_negative_float", "positive_int", "seed"]
+
+#: largest seed every RNG bnref seeds accepts (NumPy's SeedSequence, torch, jax.random.key)
+MAX_SEED = 2**32 - 1
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an int >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed in [0, 2**32 - 1]."""
+    value = _int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {value}")
+    return value
+
+
+def _finite_float(text: str, minimum: float, strict: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+        raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {minimum:g}, got {text}")
+    return value
+
+
+def finite_positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0 (``nan``, ``inf``, 0 and negatives are refused)."""
+    return _finite_float(text, 0.0, strict=True)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite float >= 0."""
+    return _finite_float(text, 0.0, strict=False)
