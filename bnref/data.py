@@ -104,9 +104,15 @@ SHA256 = {
     "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 
-# The official mirror from the zalandoresearch/fashion-mnist README. Plain HTTP is
-# acceptable because every file is checked against SHA256 before it is kept.
-DEFAULT_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# The data directory of the official zalandoresearch/fashion-mnist repository, over HTTPS
+# (the S3 website mirror of its README is plain HTTP only). Every file is also checked
+# against SHA256 before it is kept, whatever the mirror.
+DEFAULT_MIRROR = "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/"
+
+# No Fashion-MNIST file decompresses to more than this (the largest, the training images, is
+# 47,040,016 bytes). Downloads and reads stop past it: a corrupt or hostile gzip stream
+# cannot make bnref inflate gigabytes (a "gzip bomb").
+MAX_FILE_BYTES = 64 << 20
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
 
@@ -131,6 +137,9 @@ class FashionMNIST:
 
     ``*_images``: uint8 ``(N, 28, 28)``; ``*_labels``: int64 ``(N,)`` in 0..9, indexing
     :data:`CLASSES`. ``source`` is the directory the files were read from, or "tfds".
+    ``release``: True when the four files' content is the original release's (their
+    SHA-256 checked as they were read), False when it is not (a fixture, a subset, another
+    dataset in the same format), None when not checked (synthetic data, tfds).
     """
 
     train_images: np.ndarray
@@ -138,6 +147,7 @@ class FashionMNIST:
     test_images: np.ndarray
     test_labels: np.ndarray
     source: str
+    release: bool | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -182,39 +192,62 @@ def real_or_synthetic(data_dir: str | os.PathLike | None = None, n_train: int = 
 # --- IDX reading and writing ----------------------------------------------------------
 
 
-def _read_bytes(path: Path, name: str | None = None) -> bytes:
-    """The whole decompressed content; gzip is recognised by its magic bytes, not the name."""
-    name = name or str(path)
-    with open(path, "rb") as f:
-        compressed = f.read(2) == b"\x1f\x8b"  # IDX files start with 0x00 0x00 instead
+def _open_maybe_gzip(path: Path):
+    """The file's decompressed stream; gzip is recognised by its magic bytes, not the name."""
+    f = open(path, "rb")
+    if f.read(2) == b"\x1f\x8b":  # IDX files start with 0x00 0x00 instead
         f.seek(0)
-        if not compressed:
-            return f.read()
-        try:
-            with gzip.GzipFile(fileobj=f) as g:
-                return g.read()
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # EOFError: stream cut short
-            raise ValueError(f"{name}: corrupt or truncated gzip stream ({e})") from e
+        return gzip.GzipFile(fileobj=f, mode="rb"), f
+    f.seek(0)
+    return f, f
 
 
-def _parse(path: Path, magic: int, ndim: int, what: str) -> tuple[tuple[int, ...], bytes, int]:
-    """Check the header; return (dimension sizes, content, offset of the data)."""
-    raw = _read_bytes(path)
+def _read_capped(stream, size: int, name: str) -> bytes:
+    try:
+        return stream.read(size)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # EOFError: stream cut short
+        raise ValueError(f"{name}: corrupt or truncated gzip stream ({e})") from e
+
+
+def _iter_decompressed(path: Path, name: str, limit: int = None):
+    """The decompressed content in 1 MiB chunks; ``ValueError`` past ``limit`` bytes (default
+    :data:`MAX_FILE_BYTES`) or on a corrupt stream. Never holds the whole content."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    stream, raw = _open_maybe_gzip(path)
+    total = 0
+    with raw, stream:
+        while chunk := _read_capped(stream, 1 << 20, name):
+            total += len(chunk)
+            if total > limit:
+                raise ValueError(f"{name}: decompresses to more than {limit} bytes; no Fashion-MNIST file is that large")
+            yield chunk
+
+
+def _parse(path: Path, magic: int, ndim: int, what: str, item_bytes) -> tuple[tuple[int, ...], bytes, str]:
+    """Read an IDX file: check the header, read exactly the data it promises (never more than
+    :data:`MAX_FILE_BYTES`); returns (dimension sizes, data bytes, SHA-256 of the content)."""
     start = 4 + 4 * ndim
-    if len(raw) < start:
-        raise ValueError(f"{path}: truncated header: {len(raw)} bytes, an IDX {what} file has {start}")
-    found = int.from_bytes(raw[:4], "big")
-    if found != magic:
-        raise ValueError(f"{path}: bad magic number {found} (0x{found:08x}), expected {magic} for IDX {what}")
-    return struct.unpack(f">{ndim}I", raw[4:start]), raw, start
-
-
-def _check_length(path: Path, raw: bytes, start: int, expected: int, what: str) -> None:
-    found = len(raw) - start
-    if found < expected:
-        raise ValueError(f"{path}: truncated: header promises {what} = {expected} bytes, file has {found}")
-    if found > expected:
-        raise ValueError(f"{path}: {found - expected} trailing bytes after {what} = {expected} bytes")
+    stream, raw = _open_maybe_gzip(path)
+    with raw, stream:
+        header = _read_capped(stream, start, str(path))
+        if len(header) < start:
+            raise ValueError(f"{path}: truncated header: {len(header)} bytes, an IDX {what} file has {start}")
+        found = int.from_bytes(header[:4], "big")
+        if found != magic:
+            raise ValueError(f"{path}: bad magic number {found} (0x{found:08x}), expected {magic} for IDX {what}")
+        dims = struct.unpack(f">{ndim}I", header[4:start])
+        expected, description = item_bytes(dims)
+        if start + expected > MAX_FILE_BYTES:
+            raise ValueError(f"{path}: header promises {description} = {expected} bytes, more than any "
+                             f"Fashion-MNIST file ({MAX_FILE_BYTES} bytes)")  # fmt: skip
+        body = _read_capped(stream, expected, str(path))
+        if len(body) < expected:
+            raise ValueError(f"{path}: truncated: header promises {description} = {expected} bytes, file has {len(body)}")
+        extra = len(_read_capped(stream, 1 << 20, str(path)))
+        if extra:
+            more = "" if extra < 1 << 20 else "at least "
+            raise ValueError(f"{path}: {more}{extra} trailing bytes after {description} = {expected} bytes")
+    return dims, body, hashlib.sha256(header + body).hexdigest()
 
 
 def _check_labels(labels: np.ndarray, name: str) -> None:
@@ -224,25 +257,33 @@ def _check_labels(labels: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: label {labels[i]} at index {i} is outside 0..9 ({bad.size} such labels)")
 
 
+def _read_images(path: Path) -> tuple[np.ndarray, str]:
+    def size(dims):
+        n, rows, cols = dims
+        if (rows, cols) != (ROWS, COLS):
+            raise ValueError(f"{path}: images are {rows}x{cols}, Fashion-MNIST's are {ROWS}x{COLS}")
+        return n * ROWS * COLS, f"{n} images of {ROWS}x{COLS}"
+
+    (n, _, _), body, digest = _parse(path, _IMAGES_MAGIC, 3, "images", size)
+    # copy(): frombuffer over bytes is read-only, and torch.from_numpy warns on that.
+    return np.frombuffer(body, np.uint8).reshape(n, ROWS, COLS).copy(), digest
+
+
+def _read_labels(path: Path) -> tuple[np.ndarray, str]:
+    (n,), body, digest = _parse(path, _LABELS_MAGIC, 1, "labels", lambda dims: (dims[0], f"{dims[0]} labels"))
+    labels = np.frombuffer(body, np.uint8).astype(np.int64)  # (N,), a copy
+    _check_labels(labels, str(path))
+    return labels, digest
+
+
 def read_idx_images(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX image file (.gz or not). Returns uint8 ``(N, 28, 28)``, writable."""
-    path = Path(path)
-    (n, rows, cols), raw, start = _parse(path, _IMAGES_MAGIC, 3, "images")
-    if (rows, cols) != (ROWS, COLS):
-        raise ValueError(f"{path}: images are {rows}x{cols}, Fashion-MNIST's are {ROWS}x{COLS}")
-    _check_length(path, raw, start, n * ROWS * COLS, f"{n} images of {ROWS}x{COLS}")
-    # copy(): frombuffer over bytes is read-only, and torch.from_numpy warns on that.
-    return np.frombuffer(raw, np.uint8, n * ROWS * COLS, start).reshape(n, ROWS, COLS).copy()
+    return _read_images(Path(path))[0]
 
 
 def read_idx_labels(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX label file (.gz or not). Returns int64 ``(N,)`` with values in 0..9."""
-    path = Path(path)
-    (n,), raw, start = _parse(path, _LABELS_MAGIC, 1, "labels")
-    _check_length(path, raw, start, n, f"{n} labels")
-    labels = np.frombuffer(raw, np.uint8, n, start).astype(np.int64)  # (N,), a copy
-    _check_labels(labels, str(path))
-    return labels
+    return _read_labels(Path(path))[0]
 
 
 def _write_gz(path: str | os.PathLike, content: bytes) -> None:
@@ -279,8 +320,12 @@ def write_fashion_mnist(directory: str | os.PathLike, data: FashionMNIST) -> Pat
 
 
 def decompressed_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of the file's decompressed content (what :data:`SHA256` records)."""
-    return hashlib.sha256(_read_bytes(Path(path))).hexdigest()
+    """Hex SHA-256 of the file's decompressed content (what :data:`SHA256` records), streamed,
+    at most :data:`MAX_FILE_BYTES` of it."""
+    h = hashlib.sha256()
+    for chunk in _iter_decompressed(Path(path), str(path)):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def verify_checksums(directory: str | os.PathLike, checksums: Mapping[str, str] = SHA256) -> None:
@@ -306,20 +351,29 @@ def cache_dir() -> Path:
     return Path(base) / "bnref" / "fashion-mnist"
 
 
+_ENV = "$BNREF_DATA_DIR"
+_DATA_DIR = "data_dir argument"
+_CACHE = "per-user cache"
+_SYSTEM = "Debian package dataset-fashion-mnist"
+
+
 def _candidates(data_dir: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
-    """(directory, why it is searched), in search order."""
-    found = []
+    """(directory, why it is searched), in search order.
+
+    A directory the user named (``data_dir``, else ``$BNREF_DATA_DIR``) is the only one: a
+    typo there must be an error, never a silent fall-back to other data. Otherwise the
+    cache, then the system directory.
+    """
     if data_dir is not None:
-        found.append((Path(data_dir).expanduser(), "data_dir argument"))
+        return [(Path(data_dir).expanduser(), _DATA_DIR)]
     if env := os.environ.get("BNREF_DATA_DIR"):
-        found.append((Path(env).expanduser(), "$BNREF_DATA_DIR"))
-    found.append((cache_dir(), "per-user cache"))
-    found.append((SYSTEM_DIR, "Debian package dataset-fashion-mnist"))
-    return found
+        return [(Path(env).expanduser(), _ENV)]
+    return [(cache_dir(), _CACHE), (SYSTEM_DIR, _SYSTEM)]
 
 
 def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Directories searched, in order: ``data_dir``, ``$BNREF_DATA_DIR``, cache, system."""
+    """Directories searched, in order: ``data_dir`` alone if given, else ``$BNREF_DATA_DIR``
+    alone if set, else the cache and the system directory."""
     return [path for path, _ in _candidates(data_dir)]
 
 
@@ -356,12 +410,16 @@ def _fetch(url: str, target: Path, sha256: str, progress: bool) -> None:
                     length = response.headers.get("Content-Length")
                     expected = int(length) if length is not None else None
                     received = 0
+                    if expected is not None and expected > MAX_FILE_BYTES:
+                        raise DownloadError(f"{url}: announces {expected} bytes; no Fashion-MNIST file is that large")
                     with tqdm(total=expected, desc=target.name, unit="B", unit_scale=True,
                               unit_divisor=1024, disable=not progress) as bar:  # fmt: skip
                         while chunk := response.read(1 << 16):
                             out.write(chunk)
                             received += len(chunk)
                             bar.update(len(chunk))
+                            if received > MAX_FILE_BYTES:
+                                raise DownloadError(f"{url}: more than {MAX_FILE_BYTES} bytes; no Fashion-MNIST file is that large")
             except urllib.error.HTTPError as e:
                 e.close()  # an HTTPError holds the open response
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
@@ -375,7 +433,7 @@ def _fetch(url: str, target: Path, sha256: str, progress: bool) -> None:
                 raise DownloadError(f"{url}: transfer incomplete, received {received} of {expected} bytes")
             out.flush()
             os.fsync(out.fileno())  # the rename must never expose unwritten data
-        digest = hashlib.sha256(_read_bytes(Path(tmp), name=url)).hexdigest()
+        digest = _digest_or_raise(Path(tmp), url)  # streamed, capped: no gzip bomb inflates in memory
         if digest != sha256:
             raise ValueError(
                 f"{url}: checksum mismatch: SHA-256 of the decompressed content is {digest}, "
@@ -387,10 +445,17 @@ def _fetch(url: str, target: Path, sha256: str, progress: bool) -> None:
         Path(tmp).unlink(missing_ok=True)  # gone already after a successful os.replace
 
 
+def _digest_or_raise(path: Path, name: str) -> str:
+    h = hashlib.sha256()
+    for chunk in _iter_decompressed(path, name):
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def _digest_or_none(path: Path) -> str | None:
     try:
         return decompressed_sha256(path)
-    except ValueError:  # not even valid gzip
+    except (OSError, ValueError):  # unreadable, not even valid gzip, or too large
         return None
 
 
@@ -424,19 +489,54 @@ _download = download  # load_fashion_mnist's `download` flag shadows the functio
 # --- Loading -------------------------------------------------------------------------------
 
 
-def _read_dir(directory: Path) -> FashionMNIST:
-    arrays = {}
+def _read_dir(directory: Path, checksums: Mapping[str, str]) -> FashionMNIST:
+    """Read the four files, checking each one's SHA-256 as it is read (no second pass)."""
+    arrays, release = {}, True
     for split in ("train", "test"):
         images_path = _find_file(directory, FILES[f"{split}_images"])
         labels_path = _find_file(directory, FILES[f"{split}_labels"])
-        images, labels = read_idx_images(images_path), read_idx_labels(labels_path)
+        (images, d_images), (labels, d_labels) = _read_images(images_path), _read_labels(labels_path)
+        release &= d_images == checksums[FILES[f"{split}_images"]] and d_labels == checksums[FILES[f"{split}_labels"]]
         if len(images) != len(labels):
             raise ValueError(
                 f"{directory}: {split} split mismatch: {images_path.name} holds {len(images)} "
                 f"images but {labels_path.name} holds {len(labels)} labels"
             )
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
-    return FashionMNIST(**arrays, source=str(directory))
+    return FashionMNIST(**arrays, source=str(directory), release=release)
+
+
+def _bad_files(directory: Path, checksums: Mapping[str, str]) -> list[Path]:
+    """The files in ``directory`` whose content is not the release's (or that cannot be read)."""
+    bad = []
+    for name in FILES.values():
+        path = _find_file(directory, name)
+        if path is not None and _digest_or_none(path) != checksums[name]:
+            bad.append(path)
+    return bad
+
+
+def _read_verified(directory: Path, why: str, download: bool) -> FashionMNIST:
+    """Read a directory bnref searched on its own (the cache, the system directory): its files
+    must be the release. A corrupt or truncated cache file is downloaded again (atomically
+    replaced) when downloading is allowed; otherwise, and for the system directory, the error
+    names the files to delete or reinstall."""
+    try:
+        loaded = _read_dir(directory, SHA256)
+    except ValueError:
+        loaded = None
+    if loaded is not None and loaded.release:
+        return loaded
+    bad = _bad_files(directory, SHA256)
+    if why == _CACHE and download:
+        _download_or_raise(directory, [(directory, why)])  # replaces exactly the bad files
+        return _read_dir(directory, SHA256)
+    remedy = ("delete them (they are downloaded again)" if why == _CACHE
+              else "reinstall the package: apt-get install --reinstall dataset-fashion-mnist")  # fmt: skip
+    raise ValueError(
+        f"{directory} ({why}): {len(bad)} file(s) are corrupt or not the Fashion-MNIST release "
+        f"(SHA-256 differs): {', '.join(str(p) for p in bad)}; {remedy}"
+    )
 
 
 def _not_found(looked: list[tuple[Path, str]], reason: str, dest: Path) -> DataNotFoundError:
@@ -491,16 +591,18 @@ def load_fashion_mnist(
 ) -> FashionMNIST:
     """Load both splits. Images uint8 ``(N, 28, 28)``, labels int64 ``(N,)``.
 
-    ``source="idx"`` (default): with ``data_dir`` given, ONLY that directory is used;
-    if it lacks files they are downloaded into it when ``download`` is true, else
-    :class:`DataNotFoundError` lists what is missing. An explicit directory never falls
-    back to other places, which could silently hand over different data. Without
-    ``data_dir``, the first of ``$BNREF_DATA_DIR``, the cache and the system directory
-    holding all four files is used; if none does, they are downloaded into the cache
-    (when ``download``). Failure raises :class:`DataNotFoundError` (a
-    ``FileNotFoundError``) listing every place looked at and how to provide the files.
-    Loading checks structure, not checksums (fixtures are not the real data); see
-    :func:`verify_checksums`.
+    ``source="idx"`` (default): with ``data_dir`` given, ONLY that directory is used
+    (likewise ``$BNREF_DATA_DIR`` when set, which must exist); if it lacks files they are
+    downloaded into it when ``download`` is true, else :class:`DataNotFoundError` lists
+    what is missing. A directory the user named never falls back to other places, which
+    could silently hand over different data; its content may differ from the release (a
+    subset, fixtures), and the result's ``release`` says whether it does. Otherwise the
+    cache, then the system directory, is used, and there the files must be the release:
+    a corrupt or truncated cache file is downloaded again (or, with downloading off, the
+    error names it); if neither holds the files, they are downloaded into the cache (when
+    ``download``). Failure raises :class:`DataNotFoundError` (a ``FileNotFoundError``)
+    listing every place looked at and how to provide the files, or ``ValueError`` naming
+    a corrupt file. Every file's SHA-256 is computed while it is read (``release``).
 
     ``source="tfds"``: tensorflow-datasets' ``fashion_mnist`` through ``tfds.data_source``;
     ``data_dir`` is then TFDS's own data directory and ``download`` is passed to it.
@@ -511,22 +613,37 @@ def load_fashion_mnist(
         return _load_tfds(data_dir, download)
     if source != "idx":
         raise ValueError(f"source must be 'idx' or 'tfds', got {source!r}")
-    if data_dir is not None:
-        looked = _candidates(data_dir)[:1]
-        directory = looked[0][0]
+    looked = _candidates(data_dir)
+    directory, why = looked[0]
+    if why in (_DATA_DIR, _ENV):
+        # The user's own directory: only it. The content may legitimately differ from the
+        # release (a subset, a fixture); `release` on the result says whether it is the release.
+        if why == _ENV and not directory.is_dir():
+            raise _not_found(looked, "$BNREF_DATA_DIR names a directory that does not exist.", directory)
         if _missing(directory):
             if not download:
                 raise _not_found(looked, _NO_DOWNLOAD, directory)
             _download_or_raise(directory, looked)
-        return _read_dir(directory)
-    directory = find_data_dir()
-    if directory is None:
-        looked = _candidates()
-        directory = cache_dir()
-        if not download:
-            raise _not_found(looked, _NO_DOWNLOAD, directory)
-        _download_or_raise(directory, looked)
-    return _read_dir(directory)
+        return _read_dir(directory, SHA256)
+    for directory, why in looked:
+        if not _missing(directory):
+            return _read_verified(directory, why, download)
+    directory = cache_dir()
+    if not download:
+        raise _not_found(looked, _NO_DOWNLOAD, directory)
+    _download_or_raise(directory, looked)
+    return _read_dir(directory, SHA256)
+
+
+def describe_source(data: FashionMNIST) -> str:
+    """Where ``data`` came from and whether it is the original release, in one line, e.g.
+    ``/usr/share/datasets/fashion-mnist (the Fashion-MNIST release: SHA-256 verified)``."""
+    verdict = {
+        True: "the Fashion-MNIST release: SHA-256 verified",
+        False: "NOT the Fashion-MNIST release: its SHA-256 differs (used as given)",
+        None: "not checked against the release",
+    }[data.release]
+    return f"{data.source} ({verdict}; {len(data.train_labels)} train / {len(data.test_labels)} test)"
 
 
 # --- Command line -------------------------------------------------------------------------

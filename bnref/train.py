@@ -16,14 +16,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
+import io
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bnref import spec
+from bnref import _io, spec
+from bnref._cli import MAX_SEED, finite_positive_float, int_at_least, positive_int, seed
 
 BACKENDS = ("jax", "torch")
 BN_CHOICES = ("bnref", "builtin", "none")
@@ -37,6 +39,8 @@ class TrainConfig:
     flax.linen.BatchNorm: the seed's "concise" version) or ``"none"`` (plain LeNet).
     ``convention``: a ``bnref.spec.PRESETS`` name for the BN layers' running statistics.
     ``train_limit`` / ``test_limit``: use only the first N examples (quick runs, tests).
+    ``plot`` / ``json``: files rewritten (atomically) after every epoch, so a crash or Ctrl-C
+    keeps the epochs already done.
     """
 
     backend: str = "jax"
@@ -53,6 +57,7 @@ class TrainConfig:
     test_limit: Optional[int] = None
     progress: bool = True
     plot: Optional[str] = None
+    json: Optional[str] = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -60,15 +65,23 @@ class TrainConfig:
         if self.bn not in BN_CHOICES:
             raise ValueError(f"bn must be one of {BN_CHOICES}, got {self.bn!r}")
         spec.preset(self.convention)  # raises ValueError naming the choices
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_limit", "test_limit"):
+        # A BatchNorm layer in training needs two values per channel: batches (and the training
+        # set) of at least 2 examples, unless there is no BN at all.
+        smallest = 1 if self.bn == "none" else 2
+        for name, minimum in (("epochs", 1), ("batch_size", smallest), ("train_limit", smallest), ("test_limit", 1)):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                why = " (BatchNorm needs two values per channel in training)" if minimum == 2 else ""
+                raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
+
+    def check_outputs(self) -> None:
+        """Raise ``ValueError`` if ``plot`` or ``json`` cannot be written (see ``bnref._io``);
+        run before any work, so that a bad path never costs a training run."""
+        _io.check_output_paths({"--plot": self.plot, "--json": self.json}, figures=("--plot",))
 
     @property
     def bn_convention(self) -> spec.Convention:
@@ -125,19 +138,32 @@ def format_epoch(m: Dict) -> str:
 
 
 def load_data(config: TrainConfig):
-    """Fashion-MNIST as NumPy arrays, cut to the configured limits."""
+    """Fashion-MNIST as NumPy arrays, cut to the configured limits; ``ValueError`` when a split
+    is too small to train or evaluate on."""
     from bnref import data as data_mod
 
     ds = data_mod.load_fashion_mnist(config.data_dir, download=config.download)
-    if config.train_limit is None and config.test_limit is None:
-        return ds
-    return dataclasses.replace(
-        ds,
-        train_images=ds.train_images[: config.train_limit],
-        train_labels=ds.train_labels[: config.train_limit],
-        test_images=ds.test_images[: config.test_limit],
-        test_labels=ds.test_labels[: config.test_limit],
-    )
+    if config.train_limit is not None or config.test_limit is not None:
+        ds = dataclasses.replace(
+            ds,
+            train_images=ds.train_images[: config.train_limit],
+            train_labels=ds.train_labels[: config.train_limit],
+            test_images=ds.test_images[: config.test_limit],
+            test_labels=ds.test_labels[: config.test_limit],
+        )
+    check_data(config, ds)
+    return ds
+
+
+def check_data(config: TrainConfig, data) -> None:
+    """Raise ``ValueError`` if ``data`` cannot be trained (fewer than 2 examples with BN, 1
+    without) or evaluated on (an empty test split), before any work."""
+    need = 1 if config.bn == "none" else 2
+    if len(data.train_labels) < need:
+        raise ValueError(f"{data.source}: the training split has {len(data.train_labels)} example(s); "
+                         f"training needs at least {need}")  # fmt: skip
+    if len(data.test_labels) == 0:
+        raise ValueError(f"{data.source}: the test split is empty; evaluation needs at least 1 example")
 
 
 def train_and_evaluate(
@@ -147,19 +173,43 @@ def train_and_evaluate(
     ``loss``, ``train_acc``, ``test_acc``, ``examples_per_sec``, ``device``).
 
     ``data`` (a ``bnref.data.FashionMNIST``) defaults to :func:`load_data`. ``on_epoch`` is
-    called with each epoch's metrics as soon as they exist (the CLI prints them).
+    called with each epoch's metrics as soon as they exist (the CLI prints them). The output
+    paths are checked before anything else; ``config.plot`` and ``config.json`` are rewritten
+    atomically after every epoch (strict JSON: a NaN metric is written as null and named
+    under "nonfinite").
     """
+    config.check_outputs()
     if data is None:
         data = load_data(config)
+    else:
+        check_data(config, data)
     backend = importlib.import_module(f"bnref.{config.backend}.train")
-    history = backend.fit(config, data, on_epoch or (lambda m: None))
-    if config.plot:
-        plot_history(history, config.plot, title=f"LeNet-BN ({config.backend}, bn={config.bn})")
+    history: List[Dict] = []
+
+    def epoch_done(m: Dict) -> None:
+        history.append(m)
+        if config.json:
+            _io.write_json(config.json, {"config": dataclasses.asdict(config), "data": data.source, "history": history})
+        if config.plot:
+            plot_history(history, config.plot, title=figure_title(config))
+        if on_epoch is not None:
+            on_epoch(m)
+
+    backend.fit(config, data, epoch_done)
     return history
 
 
+def figure_title(config: TrainConfig) -> str:
+    """What the figure shows: the network actually trained (no "BN" without BN layers)."""
+    bn = {"bnref": f"bnref BN, {config.convention}", "builtin": "framework BN", "none": "no BN"}[config.bn]
+    return f"LeNet ({bn}, {config.backend})"
+
+
 def plot_history(history: Sequence[Dict], path: str, title: str = "") -> None:
-    """Save d2l's training figure (loss, train acc, test acc per epoch) to ``path``."""
+    """Save d2l's training figure (loss, train acc, test acc per epoch) to ``path``, atomically.
+
+    Markers on every point, so the first epoch's single point is visible too.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -167,54 +217,65 @@ def plot_history(history: Sequence[Dict], path: str, title: str = "") -> None:
 
     epochs = [m["epoch"] for m in history]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, style in (("loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):
+    for key, style in (("loss", "o-"), ("train_acc", "s--"), ("test_acc", "^-.")):
         ax.plot(epochs, [m[key] for m in history], style, label=key.replace("_", " "))
     ax.set_xlabel("epoch")
+    ax.set_xticks(epochs)
     ax.set_title(title)
     ax.grid(True)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.rsplit(".", 1)[-1].lower())
     plt.close(fig)
+    _io.atomic_write_bytes(path, buf.getvalue())
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, Optional[str]]:
-    """``(config, json_path)`` from the command line; a bad value exits with argparse's message."""
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """The config from the command line. Every bad value, an unusable output path and an
+    unavailable device are argparse's one-line error (exit status 2), before any data loads."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m bnref.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=BACKENDS, default=d.backend)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument("--lr", type=finite_positive_float, default=d.lr, help="learning rate (finite, > 0)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=">= 2 with BatchNorm")
+    p.add_argument("--seed", type=seed, default=d.seed, help=f"in [0, {MAX_SEED}]")
     p.add_argument("--device", default=d.device, help="auto (a GPU when there is one), cpu, cuda/gpu, or e.g. cuda:1")
     p.add_argument("--bn", choices=BN_CHOICES, default=d.bn, help="bnref's from-scratch BN, the framework's, or none")
     p.add_argument("--convention", choices=sorted(spec.PRESETS), default=d.convention)
     p.add_argument("--data-dir", default=d.data_dir, help="directory with the four Fashion-MNIST IDX .gz files")
     p.add_argument("--no-download", dest="download", action="store_false", help="never download the data")
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test examples")
+    p.add_argument("--train-limit", type=positive_int, default=None, help="use only the first N training examples")
+    p.add_argument("--test-limit", type=positive_int, default=None, help="use only the first N test examples")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--plot", default=None, help="save the loss/accuracy curves to this image file")
-    p.add_argument("--json", dest="json_path", default=None, help="write the per-epoch metrics to this JSON file")
+    p.add_argument("--plot", default=None, help="save the loss/accuracy curves to this image file (after every epoch)")
+    p.add_argument("--json", default=None, help="write the per-epoch metrics to this JSON file (after every epoch)")
     args = vars(p.parse_args(argv))
-    json_path = args.pop("json_path")
     try:
         config = TrainConfig(**args)
+        config.check_outputs()
+        importlib.import_module(f"bnref.{config.backend}.train").resolve_device(config.device)
     except ValueError as e:
         p.error(str(e))
-    return config, json_path
+    return config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
-    """Parse, print the config, train with one line per epoch; returns the per-epoch metrics."""
-    config, json_path = parse_args(argv)
+    """Parse, print the config and the data used, train with one line per epoch; returns the
+    per-epoch metrics. A data problem (not found, corrupt, too small) is one line on stderr
+    and exit status 1."""
+    config = parse_args(argv)
     print(config, flush=True)
-    history = train_and_evaluate(config, on_epoch=lambda m: print(format_epoch(m), flush=True))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"config": dataclasses.asdict(config), "history": history}, f, indent=2)
-    return history
+    from bnref.data import DataNotFoundError, describe_source
+
+    try:
+        data = load_data(config)
+    except (DataNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"data: {describe_source(data)}", flush=True)
+    return train_and_evaluate(config, data, on_epoch=lambda m: print(format_epoch(m), flush=True))
 
 
 def cli() -> int:

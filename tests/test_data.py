@@ -247,14 +247,10 @@ def test_dataclass_validates_direct_construction(fixture_data):
 # --- Search order --------------------------------------------------------------------------
 
 
-def test_candidate_dirs_order(tmp_path, monkeypatch):
+def test_candidate_dirs_a_named_directory_is_the_only_one(tmp_path, monkeypatch):
     monkeypatch.setenv("BNREF_DATA_DIR", str(tmp_path / "env"))
-    assert data.candidate_dirs(tmp_path / "explicit") == [
-        tmp_path / "explicit",
-        tmp_path / "env",
-        tmp_path / "xdg-cache" / "bnref" / "fashion-mnist",
-        tmp_path / "system",
-    ]
+    assert data.candidate_dirs(tmp_path / "explicit") == [tmp_path / "explicit"]
+    assert data.candidate_dirs() == [tmp_path / "env"]
     monkeypatch.delenv("BNREF_DATA_DIR")
     assert data.candidate_dirs() == [tmp_path / "xdg-cache" / "bnref" / "fashion-mnist", tmp_path / "system"]
 
@@ -265,17 +261,30 @@ def test_cache_dir_defaults_to_home_cache(tmp_path, monkeypatch):
     assert data.cache_dir() == tmp_path / "home" / ".cache" / "bnref" / "fashion-mnist"
 
 
-@pytest.mark.parametrize("winner", ["explicit", "env", "cache", "system"])
-def test_find_data_dir_takes_first_complete_candidate(tmp_path, monkeypatch, fixture_data, winner):
+@pytest.mark.parametrize("winner", ["cache", "system"])
+def test_find_data_dir_takes_first_complete_candidate(tmp_path, fixture_data, winner):
     """Every candidate from `winner` on holds the data; the ones before hold 3 of 4 files."""
-    monkeypatch.setenv("BNREF_DATA_DIR", str(tmp_path / "env"))
-    dirs = dict(zip(["explicit", "env", "cache", "system"], data.candidate_dirs(tmp_path / "explicit")))
+    dirs = dict(zip(["cache", "system"], data.candidate_dirs()))
     order = list(dirs)
     for name, path in dirs.items():
         data.write_fashion_mnist(path, fixture_data)
         if order.index(name) < order.index(winner):
             (path / data.FILES["test_labels"]).unlink()  # incomplete: must be skipped
-    assert data.find_data_dir(tmp_path / "explicit") == dirs[winner]
+    assert data.find_data_dir() == dirs[winner]
+
+
+def test_env_dir_without_the_data_is_an_error_not_a_fallback(tmp_path, monkeypatch, fixture_data):
+    """On main at 7b1ede4, BNREF_DATA_DIR=/typo silently fell back to the cache's data."""
+    data.write_fashion_mnist(data.cache_dir(), fixture_data)
+    monkeypatch.setattr(data, "SHA256", checksums_of(data.cache_dir()))
+    monkeypatch.setenv("BNREF_DATA_DIR", str(tmp_path / "typo"))
+    assert data.find_data_dir() is None
+    with pytest.raises(data.DataNotFoundError, match="does not exist") as info:
+        data.load_fashion_mnist()
+    assert str(tmp_path / "typo") in str(info.value) and str(data.cache_dir()) not in str(info.value)
+    (tmp_path / "typo").mkdir()  # exists but empty: missing files, downloading off
+    with pytest.raises(data.DataNotFoundError, match="missing"):
+        data.load_fashion_mnist(download=False)
 
 
 def test_find_data_dir_none_when_nothing_found(tmp_path):
@@ -301,12 +310,47 @@ def test_load_explicit_dir(fixture_dir, fixture_data):
 
 @pytest.mark.parametrize("place", ["env", "cache", "system"])
 def test_load_searches_env_cache_system(tmp_path, monkeypatch, fixture_data, place):
-    monkeypatch.setenv("BNREF_DATA_DIR", str(tmp_path / "env"))
-    path = dict(zip(["env", "cache", "system"], data.candidate_dirs()))[place]
+    if place == "env":
+        monkeypatch.setenv("BNREF_DATA_DIR", str(tmp_path / "env"))
+    path = {"env": tmp_path / "env", "cache": data.cache_dir(), "system": data.SYSTEM_DIR}[place]
     data.write_fashion_mnist(path, fixture_data)
+    monkeypatch.setattr(data, "SHA256", checksums_of(path))  # the fixture plays the release here
     loaded = data.load_fashion_mnist(download=False)
-    assert loaded.source == str(path)
+    assert loaded.source == str(path) and loaded.release is True
     assert_same(loaded, fixture_data)
+
+
+def test_load_reports_whether_the_content_is_the_release(fixture_dir, monkeypatch):
+    assert data.load_fashion_mnist(fixture_dir, download=False).release is False  # a fixture, used as given
+    monkeypatch.setattr(data, "SHA256", checksums_of(fixture_dir))
+    loaded = data.load_fashion_mnist(fixture_dir, download=False)
+    assert loaded.release is True and "SHA-256 verified" in data.describe_source(loaded)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_corrupt_cache_file_is_downloaded_again(tmp_path, mirror, monkeypatch, fixture_data, damage):
+    """On main at 7b1ede4 a corrupt-but-parseable cache file trained silently and a truncated
+    one was never repaired."""
+    monkeypatch.setattr(data, "DEFAULT_MIRROR", mirror.url)
+    monkeypatch.setattr(data, "SHA256", checksums_of(mirror.root))
+    cache = data.write_fashion_mnist(data.cache_dir(), fixture_data)
+    labels = cache / data.FILES["train_labels"]
+    if damage == "corrupt":  # still a valid IDX file: other labels
+        data.write_idx_labels(labels, (fixture_data.train_labels + 1) % 10)
+    else:
+        labels.write_bytes(labels.read_bytes()[:-5])
+    loaded = data.load_fashion_mnist()
+    assert loaded.release is True and mirror.requests == ["/" + data.FILES["train_labels"]]
+    assert_same(loaded, fixture_data)
+
+
+def test_corrupt_cache_file_without_download_names_the_file(monkeypatch, fixture_data):
+    cache = data.write_fashion_mnist(data.cache_dir(), fixture_data)
+    monkeypatch.setattr(data, "SHA256", checksums_of(cache))
+    data.write_idx_labels(cache / data.FILES["test_labels"], (fixture_data.test_labels + 3) % 10)
+    with pytest.raises(ValueError, match="not the Fashion-MNIST release") as info:
+        data.load_fashion_mnist(download=False)
+    assert str(cache / data.FILES["test_labels"]) in str(info.value) and "delete" in str(info.value)
 
 
 def test_explicit_dir_never_falls_back(tmp_path, monkeypatch, fixture_data):
@@ -323,7 +367,6 @@ def test_explicit_dir_never_falls_back(tmp_path, monkeypatch, fixture_data):
 
 
 def test_not_found_message_lists_every_place_and_remedy(tmp_path, monkeypatch):
-    monkeypatch.setenv("BNREF_DATA_DIR", str(tmp_path / "env"))
     with pytest.raises(FileNotFoundError) as info:  # DataNotFoundError is one
         data.load_fashion_mnist(download=False)
     message = str(info.value)
@@ -411,6 +454,37 @@ def test_interrupted_transfer_keeps_no_partial_file(tmp_path, mirror, monkeypatc
     assert list((tmp_path / "dest").iterdir()) == []
 
 
+def test_default_mirror_is_https():
+    assert data.DEFAULT_MIRROR.startswith("https://")
+
+
+def test_download_refuses_a_gzip_bomb_without_inflating_it(tmp_path, mirror, monkeypatch):
+    """On main at 7b1ede4 the download decompressed the whole payload in memory (a 1 MiB gzip
+    bomb took RSS from 311 to 2274 MiB) before the checksum."""
+    import tracemalloc
+
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 8 << 20)
+    checksums = checksums_of(mirror.root)
+    name = data.FILES["train_labels"]
+    (mirror.root / name).write_bytes(gzip.compress(bytes(64 << 20), compresslevel=9))  # 64 MiB of zeros in ~64 KiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="decompresses to more than"):
+            data.download(tmp_path / "dest", mirror.url, progress=False, checksums=checksums)
+        peak_mib = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert peak_mib < 16, f"peak allocation {peak_mib:.0f} MiB"
+    assert not (tmp_path / "dest" / name).exists()
+
+
+def test_reading_a_gzip_bomb_stops_at_the_header_size(tmp_path):
+    path = tmp_path / "labels.gz"
+    path.write_bytes(gzip.compress(struct.pack(">2I", 2049, 3) + bytes(3) + bytes(32 << 20)))
+    with pytest.raises(ValueError, match="at least 1048576 trailing bytes"):
+        data.read_idx_labels(path)
+
+
 def test_load_downloads_into_cache(tmp_path, mirror, monkeypatch, fixture_data):
     monkeypatch.setattr(data, "DEFAULT_MIRROR", mirror.url)
     monkeypatch.setattr(data, "SHA256", checksums_of(mirror.root))
@@ -429,7 +503,6 @@ def test_load_downloads_into_explicit_dir(tmp_path, mirror, monkeypatch, fixture
 
 
 def test_offline_message_lists_places(tmp_path, monkeypatch, closed_port_url):
-    monkeypatch.setenv("BNREF_DATA_DIR", str(tmp_path / "env"))
     monkeypatch.setattr(data, "DEFAULT_MIRROR", closed_port_url)
     with pytest.raises(data.DataNotFoundError) as info:
         data.load_fashion_mnist()

@@ -1,6 +1,8 @@
 """The shared training CLI: config validation, the d2l-style line, --plot and --json."""
 
 import json
+import os
+import re
 
 import numpy as np
 
@@ -26,10 +28,15 @@ BAD = {
     "backend": ({"backend": "mxnet"}, "backend must be one of"),
     "bn": ({"bn": "layer"}, "bn must be one of"),
     "convention": ({"convention": "pytorch"}, "unknown convention preset"),
-    "epochs": ({"epochs": 0}, "epochs must be >= 1"),
-    "batch_size": ({"batch_size": 0}, "batch_size must be >= 1"),
-    "lr": ({"lr": 0.0}, "lr must be > 0"),
-    "train_limit": ({"train_limit": 0}, "train_limit must be >= 1"),
+    "epochs": ({"epochs": 0}, "epochs must be an int >= 1"),
+    "batch_size": ({"batch_size": 1}, "batch_size must be an int >= 2 .BatchNorm needs two values"),
+    "batch_size-none": ({"batch_size": 0, "bn": "none"}, "batch_size must be an int >= 1"),
+    "lr": ({"lr": 0.0}, "lr must be a finite number > 0"),
+    "lr-nan": ({"lr": float("nan")}, "lr must be a finite number > 0"),
+    "lr-inf": ({"lr": float("inf")}, "lr must be a finite number > 0"),
+    "train_limit": ({"train_limit": 1}, "train_limit must be an int >= 2"),
+    "test_limit": ({"test_limit": 0}, "test_limit must be an int >= 1"),
+    "seed": ({"seed": -1}, r"seed must be an int in \[0, 4294967295\]"),
 }
 
 
@@ -44,7 +51,67 @@ def test_cli_reports_bad_values_and_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--backend", "torch", "--lr", "-1"])
     assert e.value.code == 2
-    assert "lr must be > 0" in capsys.readouterr().err
+    assert "argument --lr: must be a finite number > 0, got -1" in capsys.readouterr().err
+
+
+BAD_FLAGS = {  # each must be argparse's one-line error (exit 2) before any data loads
+    "lr-nan": (["--lr", "nan"], "argument --lr: must be a finite number > 0"),
+    "lr-inf": (["--lr", "inf"], "argument --lr: must be a finite number > 0"),
+    "train-limit-1": (["--train-limit", "1"], "train_limit must be an int >= 2"),
+    "batch-size-1": (["--batch-size", "1"], "batch_size must be an int >= 2"),
+    "seed-negative": (["--seed", "-1"], r"argument --seed: must be in \[0, 4294967295\]"),
+    "epochs-zero": (["--epochs", "0"], "argument --epochs: must be >= 1"),
+    "device-cuda": (["--device", "cuda"], "device 'cuda' is not available"),
+    "device-unknown": (["--device", "tpu7"], "device 'tpu7'"),
+    "plot-format": (["--plot", "{tmp}/curves.xyz"], "unknown image format '.xyz'"),
+    "plot-dir-missing": (["--plot", "{tmp}/no/such/dir/c.png"], "does not exist"),
+    "plot-is-dir": (["--plot", "{tmp}"], "is a directory"),
+    "same-file": (["--plot", "{tmp}/out.png", "--json", "{tmp}/out.png"], "name the same file"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags_fail_before_data_loads(case, backend, tmp_path, capsys, monkeypatch):
+    """On main at 7b1ede4 several of these trained first, or crashed with a traceback after
+    loading the data; here the data directory does not even exist, so any attempt to load
+    it would be a different error (exit status 1)."""
+    if case == "device-cuda" and backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    if case == "device-cuda" and backend == "jax":
+        import jax
+
+        if any(d.platform == "gpu" for d in jax.devices()):
+            pytest.skip("this machine has a GPU")
+    argv, message = BAD_FLAGS[case]
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        train.main(["--backend", backend, "--data-dir", str(tmp_path / "absent"), "--no-download", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "absent").exists()
+
+
+def test_missing_data_is_one_line_and_exit_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--backend", "torch", "--data-dir", str(tmp_path / "absent"), "--no-download"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Fashion-MNIST files not found") and "Traceback" not in err
+
+
+def test_empty_test_split_is_a_clear_error(tmp_path, capsys):
+    from bnref import data
+
+    d = data.synthetic(64, 8)
+    empty = data.FashionMNIST(d.train_images, d.train_labels, d.test_images[:0], d.test_labels[:0], source="x")
+    directory = data.write_fashion_mnist(tmp_path / "empty-test", empty)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--backend", "torch", "--data-dir", str(directory), "--no-download"])
+    assert e.value.code == 1 and "the test split is empty" in capsys.readouterr().err
 
 
 def test_plot_and_json_are_written(tiny_fashion_dir, tmp_path, capsys):
@@ -54,7 +121,65 @@ def test_plot_and_json_are_written(tiny_fashion_dir, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(record.read_text())
     assert saved["config"]["backend"] == "torch" and saved["history"] == history
-    assert capsys.readouterr().out.startswith("TrainConfig(backend='torch'")
+    out = capsys.readouterr().out
+    assert out.startswith("TrainConfig(backend='torch'")
+    assert f"data: {tiny_fashion_dir} (NOT the Fashion-MNIST release" in out  # which data, verified or not
+
+
+def test_outputs_are_rewritten_after_every_epoch_and_survive_a_crash(tiny_fashion_dir, tmp_path, monkeypatch):
+    """A crash in epoch 2 keeps epoch 1's metrics and figure (on main at 7b1ede4 they were
+    written only after all training)."""
+    from bnref.torch import train as ttrain
+
+    real_evaluate = ttrain.evaluate
+    calls = []
+
+    def evaluate_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during epoch 2's evaluation
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(ttrain, "evaluate", evaluate_then_crash)
+    plot, record = tmp_path / "curves.svg", tmp_path / "metrics.json"
+    config = train.TrainConfig(backend="torch", epochs=3, batch_size=64, progress=False, plot=str(plot),
+                               json=str(record), data_dir=str(tiny_fashion_dir))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config)
+    saved = json.loads(record.read_text())
+    assert [m["epoch"] for m in saved["history"]] == [1]
+    assert plot.read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.svg", "metrics.json"]  # no temp files left
+
+
+def test_json_write_is_atomic_old_contents_survive_a_failed_write(tmp_path, monkeypatch):
+    from bnref import _io
+
+    path = tmp_path / "metrics.json"
+    _io.write_json(path, {"history": [1, 2]})
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        _io.write_json(path, {"history": [1, 2, 3]})
+    assert json.loads(path.read_text()) == {"history": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_json_is_strict_nan_becomes_null_and_is_named():
+    from bnref import _io
+
+    text = _io.dumps({"history": [{"epoch": 1, "loss": float("nan"), "test_acc": 0.5, "rates": [1.0, float("inf")]}]})
+    assert "NaN" not in text and "Infinity" not in text
+    epoch = json.loads(text)["history"][0]
+    assert epoch["loss"] is None and epoch["rates"] == [1.0, None] and epoch["nonfinite"] == ["loss", "rates"]
+
+
+def test_figure_title_names_the_bn_actually_used():
+    assert train.figure_title(train.TrainConfig(bn="none")) == "LeNet (no BN, jax)"
+    assert "bnref BN, d2l" in train.figure_title(train.TrainConfig())
 
 
 def test_limits_cut_the_data(tiny_fashion_dir):

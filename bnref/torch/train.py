@@ -32,15 +32,31 @@ EVAL_BATCH = 1024
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` (the first GPU when there is one, else the CPU), ``"cpu"``, ``"cuda"``/``"gpu"``
-    (the current GPU) or an explicit ``"cuda:1"``; always with an index for CUDA (``cuda:0``)."""
+    (the current GPU) or an explicit ``"cuda:1"``; always with an index for CUDA (``cuda:0``).
+
+    Raises ``ValueError`` for an unknown name or a GPU this machine does not have (a CPU-only
+    build of torch, no GPU, or an index past the last one), before any work.
+    """
     name = (name or "auto").lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "gpu":
-        name = "cuda"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if name == "gpu" or name.startswith("gpu:"):
+        name = "cuda" + name[3:]
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda/gpu or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda/gpu or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {name!r} is not available: {why}")
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if not 0 <= index < count:
+            raise ValueError(f"device {name!r} is not available ({count} CUDA device(s))")
+        device = torch.device("cuda", index)
     return device
 
 
