@@ -13,17 +13,32 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from bnref import _io
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse every selected backend's options first (a bad option fails before any
+    measurement), run them in turn, then write ``--json`` once: one backend's results, or
+    ``{"torch": ..., "jax": ...}`` for ``--backend all``."""
     p = argparse.ArgumentParser(prog="python -m bnref.bench", add_help=False)
     p.add_argument("--backend", choices=("torch", "jax", "all"), default="all")
+    p.add_argument("--json", dest="json_path", default=None, help="write the measurements to this JSON file")
     args, rest = p.parse_known_args(argv)
+    if args.json_path is not None:
+        try:
+            _io.check_output_paths({"--json": args.json_path})
+        except ValueError as e:
+            p.error(str(e))
     backends = ("torch", "jax") if args.backend == "all" else (args.backend,)
-    status = 0
-    for name in backends:
+    modules = {name: importlib.import_module(f"bnref.{name}.bench") for name in backends}
+    parsed = {name: m.parse_args(rest) for name, m in modules.items()}  # all validated up front
+    results = {}
+    for name, m in modules.items():
         print(f"=== {name}", flush=True)
-        status |= int(importlib.import_module(f"bnref.{name}.bench").main(rest) or 0)
-    return status
+        results[name] = m.run(parsed[name])
+    if args.json_path is not None:
+        _io.write_json(args.json_path, results if len(results) > 1 else results[backends[0]])
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ flax BN; target >= 2).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from bnref._cli import int_at_least, positive_int, seed
 
 VARIANTS = ("bnref BN", "flax BN", "no BN", "flax-examples loop")
 
@@ -129,17 +130,25 @@ def measure(steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: int =
 TARGETS = {"bnref BN / flax BN": 0.9, "bnref loop / flax-examples loop": 2.0}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The JAX benchmark's options; a bad value is argparse's one-line error (exit 2)."""
     p = argparse.ArgumentParser(prog="python -m bnref.bench --backend jax", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=50, help="timed SGD steps per variant per round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
-    args = p.parse_args(argv)
-    for name in ("steps", "rounds", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    p.add_argument("--steps", type=positive_int, default=50, help="timed SGD steps per variant per round")
+    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds (the median is reported)")
+    p.add_argument("--batch-size", type=int_at_least(2), default=256)
+    p.add_argument("--seed", type=seed, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m bnref.bench --backend jax [options]`` (``--json`` is the dispatcher's)."""
+    from bnref import bench
+
+    return bench.main(["--backend", "jax", *(argv or [])])
+
+
+def run(args: argparse.Namespace) -> Dict:
+    """Measure, print the medians and the ratios; returns the measurements (for ``--json``)."""
     res = measure(args.steps, args.rounds, args.batch_size, args.seed, log=lambda s: print(s, flush=True))
     for name in VARIANTS:
         print(f"{name:>20}: {res['examples_per_sec'][name]:9.1f} examples/sec (median)")
@@ -147,7 +156,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         target = TARGETS.get(name)
         note = f" (target >= {target}: {'met' if value >= target else 'NOT met'})" if target else ""
         print(f"ratio {name}: {value:.3f}{note}")
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(res, f, indent=2)
-    return 0
+    return res

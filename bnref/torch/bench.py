@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import time
@@ -31,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from bnref._cli import int_at_least, non_negative_float, positive_int
 from bnref.data import real_or_synthetic
 from bnref.torch import _seed
 from bnref.torch.train import _sync, load_tensors, make_model, resolve_device, train_batches
@@ -154,37 +154,47 @@ class _SeedInOwnProcess:
         self.conn.close()
 
 
-def _parse(argv):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The torch benchmark's options; a bad value is argparse's one-line error (exit 2)."""
     p = argparse.ArgumentParser(prog="python -m bnref.bench --backend torch", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40, help="training steps per variant per round")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians over these)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=positive_int, default=40, help="training steps per variant per round")
+    p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds (medians over these)")
+    p.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed steps per variant first")
+    p.add_argument("--batch-size", type=int_at_least(2), default=256)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--workers", type=int_at_least(0), default=None,
                    help="the seed's DataLoader workers (default: d2l's get_dataloader_workers() = 4)")
-    p.add_argument("--settle", type=float, default=0.5,
+    p.add_argument("--settle", type=non_negative_float, default=0.5,
                    help="seconds to wait after each seed round for its loader workers to go idle")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--json", dest="json_path", default=None, help="write the measurements to this JSON file")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     bad = set(args.variants) - set(VARIANTS)
     if bad:
         p.error(f"unknown variants {sorted(bad)}; choose from {VARIANTS}")
-    for name in ("steps", "rounds", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.variants:
+        p.error(f"--variants names no variant; choose from {VARIANTS}")
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse(argv)
+    """``python -m bnref.bench --backend torch [options]`` (``--json`` is the dispatcher's)."""
+    from bnref import bench
+
+    return bench.main(["--backend", "torch", *(argv or [])])
+
+
+def run(args: argparse.Namespace) -> Dict:
+    """Measure, print the table and the ratios; returns the measurements (for ``--json``)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = args.device
     ds = real_or_synthetic(args.data_dir)  # throughput is the same on either
     images, labels, source = ds.train_images, ds.train_labels, ds.source
     print(f"LeNet-BN training throughput: batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds "
@@ -233,9 +243,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ratios[f"{a}/{b}"] = ratio
             verdict = "met" if ratio >= target else "NOT met"
             print(f"ratio {a} / {b}: {ratio:.2f} (target >= {target}: {verdict})")
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump({"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                       "steps": args.steps, "rounds": args.rounds, "data": source,
-                       "examples_per_sec": rates, "ratios": ratios}, f, indent=2)
-    return 0
+    return {"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "steps": args.steps, "rounds": args.rounds, "data": source, "examples_per_sec": rates, "ratios": ratios}
