@@ -4,6 +4,8 @@ presets, and .ci/run runs exactly the README's test command."""
 import pathlib
 import re
 
+import pytest
+
 from bnref.parity import conventions_table
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -29,3 +31,11 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines, ".ci/run must run README's test command verbatim"
     assert "bnref.train" in commands[0]
+
+
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+def test_every_python_block_runs_as_written(index):
+    exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index + 1}", "exec"), {})
