@@ -87,6 +87,15 @@ A training batch with exactly one value per channel is an error for every conven
 (``n = 0``, e.g. a data-parallel shard or the tail of a dataset) normalizes nothing: the
 output is empty and the running statistics stay as they are (torch.nn's behaviour).
 
+Data parallelism
+----------------
+A global batch split into shards (one per replica; sizes may differ, a shard may be empty) has
+two meanings. Synchronized: :func:`sync_batch_norm_train` / :func:`sync_batch_norm_grad`, equal
+to single-device BatchNorm over the concatenation, the per-shard statistics merged exactly with
+counts (:func:`merge_stats`), the backward needing only two global per-channel sums. Local:
+:func:`local_batch_norm_train`, each replica on its own shard with its own running average.
+The derivation is in the comment above those functions.
+
 Validation
 ----------
 Bad input raises :class:`ValueError` naming the problem (:class:`TypeError` for complex
@@ -117,6 +126,11 @@ __all__ = [
     "running_update",
     "batch_stats",
     "check_training_batch",
+    "shard_stats",
+    "merge_stats",
+    "sync_batch_norm_train",
+    "sync_batch_norm_grad",
+    "local_batch_norm_train",
 ]
 
 RunningVar = Literal["biased", "unbiased"]
@@ -435,3 +449,152 @@ def batch_norm_grad(x, gamma, dy, convention: "Convention | str", axis: int = 1)
     # dx = gamma*inv/n * (n dy - sum dy - xhat * sum(dy xhat)): project out the mean and xhat directions
     dx = scale * (n * dy - dbeta.reshape(bshape) - xhat * dgamma.reshape(bshape))
     return dx, dgamma, dbeta
+
+
+# --- data parallelism: one global batch split into shards ---------------------------------------
+#
+# With R replicas each holding a shard x_r (n_r values per channel; sizes may differ, a shard may
+# be empty), BatchNorm has two meanings:
+#
+# - synchronized: the statistics of the whole global batch, as if the shards were concatenated.
+#   Each replica computes (n_r, mu_r, M2_r) with M2_r = sum over its values of (x - mu_r)^2 (two
+#   passes, locally), and the triples are merged exactly (Chan, Golub & LeVeque, 1979):
+#
+#       n  = sum_r n_r
+#       mu = sum_r n_r mu_r / n
+#       M2 = sum_r M2_r + sum_r n_r (mu_r - mu)^2          sigma2 = M2 / n
+#
+#   No E[x^2] - E[x]^2 anywhere: every term is a sum of squares of deviations. The running
+#   update uses the GLOBAL n for Bessel's correction, so every replica keeps identical running
+#   statistics. The backward needs, per channel, the two global sums of the single-device
+#   formula, sum dy and sum dy * xhat, each a sum over replicas of its local sum (one
+#   all-reduce); then each replica's dx_j = gamma inv / n (n dy_j - sum dy - xhat_j sum dy xhat)
+#   with the global n. dgamma and dbeta are those global sums.
+# - local: each replica normalizes its shard by itself and keeps its own running statistics
+#   (its own EMA of its own shards): the replicas' running statistics drift apart.
+
+
+def shard_stats(x, axis: int = 1):
+    """``(n, mean, M2)`` of one shard, per channel: the count, the mean and the sum of squared
+    deviations from it (two-pass). An empty shard gives ``n = 0``, mean 0 and M2 0."""
+    x, ax, reduce_axes, bshape, _ = _prepare(x, axis)
+    n = _values_per_channel(x, ax)
+    if n == 0:
+        zeros = np.zeros(x.shape[ax])
+        return 0, zeros, zeros.copy()
+    mean = x.mean(axis=reduce_axes)  # (C,)
+    centered = x - mean.reshape(bshape)
+    return n, mean, np.sum(centered * centered, axis=reduce_axes)
+
+
+def merge_stats(counts, means, m2s):
+    """Merge per-shard ``(n_r, mean_r, M2_r)`` into the global ``(n, mean, biased var)``, exactly.
+
+    ``counts``: R ints; ``means``, ``m2s``: R arrays (C,). Empty shards (``n_r = 0``) add
+    nothing. The global mean of an all-empty batch is undefined: ``ValueError``.
+    """
+    counts = [int(c) for c in counts]
+    n = sum(counts)
+    if n == 0:
+        raise ValueError("every shard is empty: the global batch has no statistics")
+    means = [np.asarray(m, dtype=np.float64) for m in means]
+    mean = sum(c * m for c, m in zip(counts, means)) / n  # (C,) count-weighted
+    m2 = sum(np.asarray(q, dtype=np.float64) for q in m2s) + sum(c * (m - mean) ** 2 for c, m in zip(counts, means))
+    return n, mean, m2 / n
+
+
+def _check_shards(shards, axis):
+    if len(shards) < 1:
+        raise ValueError("need at least one shard")
+    shards = [_as_real_array(s, "shard") for s in shards]
+    ax = _channel_axis(shards[0].ndim, axis)
+    for r, s in enumerate(shards):
+        if s.ndim != shards[0].ndim or s.shape[ax] != shards[0].shape[ax]:
+            raise ValueError(f"shard {r} has shape {s.shape}; every shard must have shard 0's rank and "
+                             f"{shards[0].shape[ax]} channels")  # fmt: skip
+    return shards
+
+
+def sync_batch_norm_train(shards, gamma, beta, running_mean, running_var, convention, axis: int = 1):
+    """Synchronized (cross-replica) BatchNorm in training: each shard normalized with the
+    statistics of the whole global batch.
+
+    Equals :func:`batch_norm_train` on the shards concatenated along axis 0, split back. Returns
+    ``(ys, new_running_mean, new_running_var)``: one output per shard and the running statistics
+    every replica holds (identical). ``ValueError`` when the global batch has exactly one value
+    per channel; an all-empty global batch leaves the running statistics unchanged.
+    """
+    convention = _resolve(convention)
+    shards = _check_shards(shards, axis)
+    stats = [shard_stats(s, axis) for s in shards]
+    n = sum(c for c, _, _ in stats)
+    check_training_batch(n)
+    ys = []
+    if n == 0:
+        for s in shards:
+            ys.append(batch_norm_train(s, gamma, beta, None, None, convention, axis)[0])
+        if running_mean is None:
+            return ys, None, None
+        return ys, np.array(running_mean, dtype=np.float64), np.array(running_var, dtype=np.float64)
+    _, mean, var = merge_stats(*zip(*stats))
+    for s in shards:
+        x, ax, _, bshape, v = _prepare(s, axis, gamma=gamma, beta=beta)
+        y = (x - mean.reshape(bshape)) / np.sqrt(var + convention.eps).reshape(bshape)
+        if v["gamma"] is not None:
+            y = y * v["gamma"].reshape(bshape)
+        if v["beta"] is not None:
+            y = y + v["beta"].reshape(bshape)
+        ys.append(y)
+    if running_mean is None:
+        return ys, None, None
+    new_mean, new_var = running_update(running_mean, running_var, mean, var, n, convention)
+    return ys, new_mean, new_var
+
+
+def sync_batch_norm_grad(shards, gamma, dys, convention, axis: int = 1):
+    """Backward of :func:`sync_batch_norm_train`: ``(dxs, dgamma, dbeta)``.
+
+    Each replica's ``dx`` needs only its own ``dy`` and the two global per-channel sums
+    ``sum dy`` and ``sum dy * xhat`` (an all-reduce of the local sums); ``dgamma`` and
+    ``dbeta`` are those global sums. Equals :func:`batch_norm_grad` on the concatenation.
+    """
+    convention = _resolve(convention)
+    shards = _check_shards(shards, axis)
+    if len(dys) != len(shards):
+        raise ValueError(f"{len(dys)} upstream gradients for {len(shards)} shards")
+    stats = [shard_stats(s, axis) for s in shards]
+    n = sum(c for c, _, _ in stats)
+    check_training_batch(n)
+    c = shards[0].shape[_channel_axis(shards[0].ndim, axis)]
+    if n == 0:
+        return [np.array(d, dtype=np.float64) for d in dys], np.zeros(c), np.zeros(c)
+    _, mean, var = merge_stats(*zip(*stats))
+    inv_std = 1.0 / np.sqrt(var + convention.eps)
+    xhats, sum_dy, sum_dy_xhat = [], np.zeros(c), np.zeros(c)
+    for s, d in zip(shards, dys):  # the local sums, then their sum over replicas (the all-reduce)
+        x, ax, reduce_axes, bshape, _ = _prepare(s, axis)
+        d = _as_real_array(d, "dy")
+        if d.shape != x.shape:
+            raise ValueError(f"dy must have its shard's shape {x.shape}, got {d.shape}")
+        xhat = (x - mean.reshape(bshape)) * inv_std.reshape(bshape)
+        xhats.append((xhat, d, bshape))
+        sum_dy = sum_dy + d.sum(axis=reduce_axes)
+        sum_dy_xhat = sum_dy_xhat + (d * xhat).sum(axis=reduce_axes)
+    g = np.ones(c) if gamma is None else _as_channel_vector(gamma, "gamma", c)
+    dxs = []
+    for xhat, d, bshape in xhats:
+        scale = (g * inv_std / n).reshape(bshape)
+        dxs.append(scale * (n * d - sum_dy.reshape(bshape) - xhat * sum_dy_xhat.reshape(bshape)))
+    return dxs, sum_dy_xhat, sum_dy
+
+
+def local_batch_norm_train(shards, gamma, beta, running_means, running_vars, convention, axis: int = 1):
+    """Unsynchronized data-parallel BatchNorm: each replica's :func:`batch_norm_train` on its own
+    shard with its own running statistics. Returns ``(ys, new_running_means, new_running_vars)``,
+    one entry per replica (an empty shard's running statistics are unchanged)."""
+    convention = _resolve(convention)
+    shards = _check_shards(shards, axis)
+    if len(running_means) != len(shards) or len(running_vars) != len(shards):
+        raise ValueError("one running mean and one running variance per replica")
+    out = [batch_norm_train(s, gamma, beta, m, v, convention, axis) for s, m, v in zip(shards, running_means, running_vars)]
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]

@@ -58,6 +58,8 @@ class TrainConfig:
     progress: bool = True
     plot: Optional[str] = None
     json: Optional[str] = None
+    replicas: int = 1
+    sync_bn: Optional[bool] = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -77,6 +79,17 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ValueError(f"replicas must be an int >= 1, got {self.replicas!r}")
+        if self.sync_bn is None:  # synchronized BN by default whenever there are several replicas
+            object.__setattr__(self, "sync_bn", self.replicas > 1)
+        if self.batch_size % self.replicas:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by replicas {self.replicas}: "
+                             "each replica takes an equal slice of every global batch")  # fmt: skip
+        local = self.batch_size // self.replicas
+        if self.bn != "none" and not self.sync_bn and local < 2:
+            raise ValueError(f"each replica's slice of a batch is {local} example(s); unsynchronized BatchNorm "
+                             "needs at least 2 (use --sync-bn or a larger --batch-size)")  # fmt: skip
 
     def check_outputs(self) -> None:
         """Raise ``ValueError`` if ``plot`` or ``json`` cannot be written (see ``bnref._io``);
@@ -159,6 +172,8 @@ def check_data(config: TrainConfig, data) -> None:
     """Raise ``ValueError`` if ``data`` cannot be trained (fewer than 2 examples with BN, 1
     without) or evaluated on (an empty test split), before any work."""
     need = 1 if config.bn == "none" else 2
+    if config.replicas > 1:
+        need = config.batch_size  # every replica takes its slice of full global batches
     if len(data.train_labels) < need:
         raise ValueError(f"{data.source}: the training split has {len(data.train_labels)} example(s); "
                          f"training needs at least {need}")  # fmt: skip
@@ -251,7 +266,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--plot", default=None, help="save the loss/accuracy curves to this image file (after every epoch)")
     p.add_argument("--json", default=None, help="write the per-epoch metrics to this JSON file (after every epoch)")
+    p.add_argument("--replicas", type=positive_int, default=None,
+                   help="data parallel over R replicas: torch processes (gloo on CPU, NCCL with one GPU each), "
+                        "JAX devices (R host devices on a CPU); under torchrun, its WORLD_SIZE")  # fmt: skip
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="synchronized BatchNorm statistics across replicas (default: on when R > 1)")
     args = vars(p.parse_args(argv))
+    launched = launched_world()
+    if launched is not None and args["replicas"] not in (None, launched):
+        p.error(f"--replicas {args['replicas']} contradicts the launcher's WORLD_SIZE={launched}")
+    args["replicas"] = args["replicas"] or launched or 1
+    if launched is not None and args["backend"] != "torch":
+        p.error("a torchrun launch trains with --backend torch")
     try:
         config = TrainConfig(**args)
         config.check_outputs()
@@ -266,7 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     per-epoch metrics. A data problem (not found, corrupt, too small) is one line on stderr
     and exit status 1."""
     config = parse_args(argv)
-    print(config, flush=True)
+    say = print if launched_rank() in (None, 0) else (lambda *a, **k: None)  # under torchrun only rank 0 speaks
+    say(config, flush=True)
     from bnref.data import DataNotFoundError, describe_source
 
     try:
@@ -274,8 +301,29 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     except (DataNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"data: {describe_source(data)}", flush=True)
-    return train_and_evaluate(config, data, on_epoch=lambda m: print(format_epoch(m), flush=True))
+    say(f"data: {describe_source(data)}", flush=True)
+    return train_and_evaluate(config, data, on_epoch=lambda m: say(format_epoch(m), flush=True))
+
+
+def launched_world() -> Optional[int]:
+    """``WORLD_SIZE`` when this process was started by torchrun (or a launcher like it), else None."""
+    import os
+
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        try:
+            return int(os.environ["WORLD_SIZE"])
+        except ValueError:
+            return None
+    return None
+
+
+def launched_rank() -> Optional[int]:
+    """``RANK`` under torchrun, else None."""
+    import os
+
+    if launched_world() is None:
+        return None
+    return int(os.environ["RANK"])
 
 
 def cli() -> int:

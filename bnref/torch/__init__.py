@@ -4,11 +4,14 @@
   *, train, convention, axis) -> (y, new_running_mean, new_running_var)``.
 - :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: drop-ins for
   ``torch.nn.BatchNorm*d`` with an extra ``convention=`` keyword.
+- :class:`SyncBatchNorm`: BatchNorm over the global batch of a ``torch.distributed`` group (CPU
+  and GPU), ``SyncBatchNorm.convert_sync_batchnorm`` for bnref's and torch.nn's layers.
 - :class:`LeNetBN`: the seed's LeNet with BatchNorm; ``bnref.torch.train`` trains it.
 """
 
 from bnref.torch.functional import resolve_convention, batch_norm
 from bnref.torch.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnref.torch.models import LeNetBN
+from bnref.torch.sync import SyncBatchNorm
 
-__all__ = ["batch_norm", "resolve_convention", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LeNetBN"]
+__all__ = ["batch_norm", "resolve_convention", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LeNetBN"]

@@ -114,7 +114,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if momentum is _UNSET:
             momentum = conv.torch_momentum  # torch's word: weight of the NEW batch
         kw = {"bias": bias} if _TORCH_HAS_BIAS_KW else {}
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kw)
+        # device and dtype by keyword: torch.nn.SyncBatchNorm takes process_group in that position
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **kw)
         if not _TORCH_HAS_BIAS_KW and affine and not bias:
             self.bias = None  # what torch.nn's bias=False does
         # "unbiased" (torch.nn) or "biased": which batch variance enters the running average.

@@ -94,11 +94,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tens
     return _step(model, optimizer, X, y)[0]
 
 
-def train_batches(model, optimizer, X, y, perm: torch.Tensor, starts, batch_size: int):
+def train_batches(model, optimizer, X, y, perm: torch.Tensor, starts, batch_size: int, losses=None):
     """One step per start ``i`` in ``starts`` on the examples ``perm[i : i + batch_size]``.
 
     Returns ``(loss_sum, correct, seen)``: the summed per-example loss and the number of
     correct train-mode predictions as device tensors (no sync), and the example count.
+    ``losses``, a list, gets each step's mean loss (a device tensor: still no sync).
     """
     loss_sum = torch.zeros((), device=X.device)
     correct = torch.zeros((), dtype=torch.int64, device=X.device)
@@ -108,6 +109,8 @@ def train_batches(model, optimizer, X, y, perm: torch.Tensor, starts, batch_size
         Xb, yb = X[idx], y[idx]  # (B, 1, 28, 28), (B,): one gather per batch, no per-example work
         loss, logits = _step(model, optimizer, Xb, yb)
         loss_sum += loss * yb.shape[0]
+        if losses is not None:
+            losses.append(loss)
         correct += (logits.argmax(1) == yb).sum()
         seen += yb.shape[0]
     return loss_sum, correct, seen
@@ -150,29 +153,110 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
     Metrics: ``loss`` (mean training loss over the epoch), ``train_acc`` (over the epoch,
     train mode, as the model was while it learned), ``test_acc`` (eval mode),
     ``examples_per_sec`` (training examples / training time, evaluation excluded),
-    ``device`` (``"cpu"``, ``"cuda:0"``).
+    ``device`` (``"cpu"``, ``"cuda:0"``, ``"2 x cpu"``).
+
+    Data parallel: launched by ``torchrun``, this process is one replica of the group torchrun
+    describes; with ``config.replicas > 1`` it starts that many processes itself (gloo on the
+    CPU, NCCL with one GPU each). See :func:`_train`.
     """
+    from bnref.torch import distributed
+
+    env = distributed.torchrun_env()
+    if env is not None and env["world"] > 1:
+        device = _replica_device(config.device, env["local_rank"])
+        distributed.init_from_env(distributed.backend_for(device))
+        try:
+            return _train(config, data, on_epoch, device, env["rank"], env["world"])
+        finally:
+            torch.distributed.destroy_process_group()
+    if config.replicas > 1:
+        device = resolve_device(config.device)
+        if device.type == "cuda" and torch.cuda.device_count() < config.replicas:
+            raise ValueError(f"--replicas {config.replicas} needs {config.replicas} GPUs; "
+                             f"{torch.cuda.device_count()} are visible")  # fmt: skip
+        results = distributed.launch(_replica_worker, config.replicas, (config, data), on_message=on_epoch,
+                                     backend=distributed.backend_for(device))  # fmt: skip
+        return results[0]
+    return _train(config, data, on_epoch, resolve_device(config.device), 0, 1)
+
+
+def _replica_device(name: str, local_rank: int) -> torch.device:
+    """The device of one replica: the CPU, or GPU ``local_rank`` (one GPU per process)."""
+    device = resolve_device(name)
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
+def _replica_worker(rank: int, world: int, send, config, data):
+    """One spawned replica (see :func:`bnref.torch.distributed.launch`): rank 0 streams its
+    epoch metrics with ``send`` and returns the history."""
+    return _train(config, data, send, _replica_device(config.device, rank), rank, world)
+
+
+def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device, rank: int, world: int) -> List[Dict]:
+    """The training loop, on one device or as replica ``rank`` of ``world`` (a process group
+    exists then). Data parallel: the same initial weights on every replica (DDP broadcasts
+    rank 0's anyway), the same example order; each global batch of ``config.batch_size`` is
+    split into ``world`` equal consecutive slices, one per replica; DDP averages the
+    gradients. With ``config.sync_bn`` every BN layer becomes :class:`bnref.torch.SyncBatchNorm`
+    (global-batch statistics, identical running statistics); without, each replica normalizes
+    its slice alone and DDP copies rank 0's running statistics to the others at every forward
+    (``broadcast_buffers=True``, torch's default), which evaluation then uses. Metrics are
+    summed over replicas; only rank 0 calls ``on_epoch``."""
     from tqdm.auto import tqdm
 
-    device = resolve_device(config.device)
     model = make_model(config).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from bnref.torch.sync import SyncBatchNorm
+
+        if config.sync_bn:
+            model = SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr)
     X_train, y_train = load_tensors(data.train_images, data.train_labels, device)
     X_test, y_test = load_tensors(data.test_images, data.test_labels, device)
     n = X_train.shape[0]
-    starts = [start for start, _ in batch_slices(n, config.batch_size)]
+    local = config.batch_size // world  # each replica's slice of every global batch
+    starts = [start + rank * (size // world) for start, size in batch_slices(n, config.batch_size)]
     history = []
     with _deterministic(device):
         for epoch in range(1, config.epochs + 1):
             perm = torch.from_numpy(epoch_permutation(config.seed, epoch, n)).long().to(device)  # (N,) example order
             _sync(device)
             t0 = time.perf_counter()
-            bar = tqdm(starts, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if config.progress else True)
-            loss_sum, correct, seen = train_batches(model, optimizer, X_train, y_train, perm, bar, config.batch_size)
+            show = None if (config.progress and rank == 0) else True
+            bar = tqdm(starts, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=show)
+            losses = []
+            loss_sum, correct, seen = train_batches(net, optimizer, X_train, y_train, perm, bar, min(local, n), losses)
+            totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device)])
+            step_losses = torch.stack(losses).double()  # (steps,) this replica's mean loss per step
+            if world > 1:
+                torch.distributed.all_reduce(totals)
+                torch.distributed.all_reduce(step_losses)
+                step_losses /= world  # equal slices: the global batch's mean loss
+                for buffer in model.buffers():  # the running statistics evaluation uses: rank 0's
+                    torch.distributed.broadcast(buffer, 0)
             _sync(device)
             seconds = time.perf_counter() - t0
-            m = epoch_metrics(config, epoch, loss_sum.item(), correct.item(), seen, seconds,
-                              evaluate(model, X_test, y_test), str(device))  # fmt: skip
+            test_acc = _evaluate_shared(model, X_test, y_test, rank, world)
+            where = str(device) if world == 1 else f"{world} x {device.type}"
+            m = epoch_metrics(config, epoch, float(totals[0]), float(totals[1]), int(totals[2]), seconds, test_acc, where)
+            m["step_losses"] = step_losses.tolist()
             history.append(m)
-            on_epoch(m)
-    return history
+            if rank == 0:
+                on_epoch(m)
+    return history if rank == 0 else []
+
+
+def _evaluate_shared(model, X, y, rank: int, world: int) -> float:
+    """Test accuracy, each replica evaluating every ``world``-th example (eval mode: the result
+    does not depend on how the examples are grouped), the counts summed."""
+    if world == 1:
+        return evaluate(model, X, y)
+    mine = len(X[rank::world])
+    correct = torch.tensor(evaluate(model, X[rank::world], y[rank::world]) * mine if mine else 0.0,
+                           dtype=torch.float64, device=X.device)  # fmt: skip
+    torch.distributed.all_reduce(correct)
+    return float(correct) / X.shape[0]

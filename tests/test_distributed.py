@@ -1,0 +1,248 @@
+"""Data-parallel BatchNorm: the spec's sharded semantics, bnref's SyncBatchNorm on gloo processes
+(unequal and empty shards), conversion, errors that name the rank, and the invariant that proves
+it: R-replica training with synchronized BN equals one replica on the same global batches.
+
+Multi-process tests spawn gloo processes on loopback; each launch has a deadline (and every
+collective a timeout), so nothing can hang.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from bnref import spec, testing
+from bnref.torch import BatchNorm2d, LeNetBN
+from bnref.torch._runners import run_sync
+from bnref.torch.distributed import launch
+from bnref.torch.sync import SyncBatchNorm
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+# --- the spec --------------------------------------------------------------------------------------------
+
+
+def _shards(sizes, c=3, seed=0, offset=5.0):
+    rng = np.random.default_rng(seed)
+    return [offset + (1 + np.arange(c)).reshape(1, c, 1) * rng.standard_normal((n, c, 4)) for n in sizes]
+
+
+SIZES = {"equal": (4, 4), "unequal": (5, 2, 1), "empty-shard": (3, 0, 4)}
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+@pytest.mark.parametrize("preset", ["torch", "d2l"])
+def test_spec_sync_equals_single_device_on_the_concatenation(sizes, preset):
+    shards = _shards(sizes)
+    rng = np.random.default_rng(1)
+    g, b, rm, rv = rng.random(3) + 0.5, rng.standard_normal(3), rng.standard_normal(3), rng.random(3) + 0.5
+    dys = [rng.standard_normal(s.shape) for s in shards]
+    ys, new_rm, new_rv = spec.sync_batch_norm_train(shards, g, b, rm, rv, preset)
+    dxs, dg, db = spec.sync_batch_norm_grad(shards, g, dys, preset)
+    whole = np.concatenate(shards)
+    y, rm1, rv1 = spec.batch_norm_train(whole, g, b, rm, rv, preset)
+    dx, dg1, db1 = spec.batch_norm_grad(whole, g, np.concatenate(dys), preset)
+    testing.assert_close({"y": np.concatenate(ys), "running_mean": new_rm, "running_var": new_rv, "dx": np.concatenate(dxs),
+                          "dgamma": dg, "dbeta": db},
+                         {"y": y, "running_mean": rm1, "running_var": rv1, "dx": dx, "dgamma": dg1, "dbeta": db1},
+                         context=f"spec sync vs concatenation, {preset}", dtype="float64")  # fmt: skip
+
+
+def test_spec_merge_is_stable_where_one_pass_is_not():
+    shards = [1e8 + 0.01 * np.random.default_rng(r).standard_normal((50, 2)) for r in range(3)]
+    stats = [spec.shard_stats(s) for s in shards]
+    n, mean, var = spec.merge_stats(*zip(*stats))
+    whole = np.concatenate(shards)
+    np.testing.assert_allclose(var, whole.var(0), rtol=1e-6)  # two-pass per shard, exact merge
+    one_pass = np.mean(whole**2, 0) - np.mean(whole, 0) ** 2
+    assert np.abs(one_pass - whole.var(0)).max() > 1e-3  # the formula bnref avoids is far off here
+
+
+def test_spec_local_keeps_one_running_average_per_replica():
+    shards = _shards((4, 4), offset=0.0)
+    shards[1] = shards[1] + 10.0  # replicas see different data
+    ys, rms, rvs = spec.local_batch_norm_train(shards, None, None, [np.zeros(3)] * 2, [np.ones(3)] * 2, "d2l")
+    for s, y, m in zip(shards, ys, rms):
+        np.testing.assert_allclose(y, spec.batch_norm_train(s, None, None, None, None, "d2l")[0])
+        np.testing.assert_allclose(m, 0.1 * s.mean((0, 2)))
+    assert np.abs(rms[0] - rms[1]).min() > 0.5  # the running statistics drift apart
+
+
+def test_spec_bad_shards_raise():
+    with pytest.raises(ValueError, match="shard 1 has shape"):
+        spec.sync_batch_norm_train([np.ones((2, 3)), np.ones((2, 4))], None, None, None, None, "torch")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        spec.sync_batch_norm_train([np.ones((1, 3)), np.ones((0, 3))], None, None, None, None, "torch")
+
+
+# --- SyncBatchNorm on gloo processes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [(5, 2), (3, 0, 4)], ids=["2-unequal", "3-with-empty"])
+@pytest.mark.parametrize("preset", ["torch", "d2l"])
+def test_sync_batch_norm_on_processes_matches_the_spec(sizes, preset):
+    shards = _shards(sizes)
+    rng = np.random.default_rng(2)
+    dys = [rng.standard_normal(s.shape) for s in shards]
+    g, b, rm, rv = rng.random(3) + 0.5, rng.standard_normal(3), rng.standard_normal(3), rng.random(3) + 0.5
+    conv = spec.preset(preset)
+    results = run_sync(shards, dys, g, b, rm, rv, conv, steps=2, timeout_s=60)
+    spec_rm, spec_rv = rm, rv
+    for step in range(2):
+        ys, spec_rm, spec_rv = spec.sync_batch_norm_train(shards, g, b, spec_rm, spec_rv, conv)
+        dxs, dg, db = spec.sync_batch_norm_grad(shards, g, dys, conv)
+        for r, res in enumerate(results):
+            got = res["steps"][step]
+            context = f"torch SyncBatchNorm, rank {r} of {len(shards)}, {preset}, step {step}"
+            testing.assert_close({"y": got["y"], "dx": got["dx"], "running_mean": got["running_mean"],
+                                  "running_var": got["running_var"]},
+                                 {"y": ys[r], "dx": dxs[r], "running_mean": spec_rm, "running_var": spec_rv},
+                                 context=context, dtype="float64")  # fmt: skip
+        # Each replica's weight/bias gradient is its own shard's sum (DDP averages them); summed: the spec's.
+        testing.assert_close({"dgamma": sum(res["steps"][step]["dgamma"] for res in results),
+                              "dbeta": sum(res["steps"][step]["dbeta"] for res in results)},
+                             {"dgamma": dg, "dbeta": db}, context=f"summed over replicas, step {step}", dtype="float64")
+    for r, res in enumerate(results):  # eval: the (identical) running statistics
+        expected = spec.batch_norm_eval(shards[r], g, b, spec_rm, spec_rv, conv)
+        testing.assert_close({"eval_y": res["eval_y"]}, {"eval_y": expected}, context=f"eval, rank {r}", dtype="float64")
+        assert res["num_batches_tracked"] == 2
+
+
+def test_sync_batch_norm_without_a_process_group_is_local_batch_norm():
+    torch.manual_seed(0)
+    sync, local = SyncBatchNorm(3, convention="d2l"), BatchNorm2d(3, convention="d2l")
+    x = torch.randn(4, 3, 2, 2) * 2 + 1
+    torch.testing.assert_close(sync(x), local(x))
+    for k, v in local.state_dict().items():
+        torch.testing.assert_close(sync.state_dict()[k], v)
+    assert isinstance(sync, torch.nn.modules.batchnorm._BatchNorm)
+    assert not isinstance(sync, torch.nn.SyncBatchNorm)  # DDP refuses those on CPU modules
+
+
+@pytest.mark.parametrize("bn", ["bnref", "builtin"])
+def test_convert_sync_batchnorm_keeps_state_keys_and_convention(bn):
+    model = LeNetBN(bn=bn, convention="d2l" if bn == "bnref" else "torch")
+    model(torch.rand(8, 1, 28, 28))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = SyncBatchNorm.convert_sync_batchnorm(model)
+    for i in range(1, 5):
+        layer = getattr(converted, f"bn{i}")
+        assert type(layer) is SyncBatchNorm
+        assert layer._running_var_estimator == ("biased" if bn == "bnref" else "unbiased")
+    after = converted.state_dict()
+    assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _different_channels(rank, world, send):
+    layer = SyncBatchNorm(3 + rank)
+    layer(torch.randn(4, 3 + rank, 2))
+
+
+def _fails_on_rank_one(rank, world, send):
+    if rank == 1:
+        raise ValueError("boom on rank one")
+    torch.distributed.barrier()  # rank 0 would wait here forever without the launcher
+
+
+def test_channel_counts_that_differ_between_ranks_are_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"differ in channel count across replicas \(rank 0: 3, rank 1: 4\)"):
+        launch(_different_channels, 2, timeout_s=30, deadline_s=90, threads=1)
+
+
+def test_a_failing_rank_stops_the_others_and_is_named():
+    with pytest.raises(RuntimeError, match="rank 1 of 2 failed: ValueError: boom on rank one"):
+        launch(_fails_on_rank_one, 2, timeout_s=30, deadline_s=90, threads=1)
+
+
+# --- the invariant: R replicas with synchronized BN = one replica --------------------------------------
+
+
+def _train_losses(replicas, sync, data, epochs=5):
+    from bnref.train import TrainConfig
+    from bnref.torch.train import fit
+
+    config = TrainConfig(backend="torch", epochs=epochs, batch_size=24, lr=0.5, replicas=replicas, sync_bn=sync,
+                         progress=False, convention="d2l")  # fmt: skip
+    history = fit(config, data, lambda m: None)
+    return np.concatenate([m["step_losses"] for m in history]), history
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    from bnref.data import synthetic
+
+    return synthetic(480, 60, seed=3)  # 20 global batches of 24 per epoch: 100 steps in 5 epochs
+
+
+@pytest.fixture(scope="module")
+def single_replica(small_data):
+    return _train_losses(1, False, small_data)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_synchronized_replicas_train_like_one_device(replicas, small_data, single_replica):
+    one, one_history = single_replica
+    many, history = _train_losses(replicas, True, small_data)
+    assert len(many) == len(one) == 100
+    diff = np.abs(many - one)
+    assert diff.max() < 1e-4, f"max |loss difference| {diff.max():.2e} over 100 steps"
+    assert [m["test_acc"] for m in history] == pytest.approx([m["test_acc"] for m in one_history], abs=1 / 60 + 1e-9)
+    assert history[-1]["device"] == f"{replicas} x cpu"
+
+
+def test_unsynchronized_replicas_differ_and_say_how_much(small_data, single_replica):
+    one, _ = single_replica
+    many, _ = _train_losses(2, False, small_data, epochs=1)
+    diff = np.abs(many - one[: len(many)])
+    assert diff.max() > 1e-3, f"local BN on 2 replicas of 12 should differ from BN over 24, max diff {diff.max():.2e}"
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+def test_cli_replicas_spawns_processes_and_only_rank_0_reports(tiny_fashion_dir, tmp_path, capsys):
+    from bnref import train
+
+    out = tmp_path / "metrics.json"
+    history = train.main(["--backend", "torch", "--replicas", "2", "--data-dir", str(tiny_fashion_dir), "--epochs", "2",
+                          "--batch-size", "64", "--no-progress", "--json", str(out)])  # fmt: skip
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 2 and lines[-1].endswith("on 2 x cpu")
+    import json
+
+    saved = json.loads(out.read_text())
+    assert saved["config"]["replicas"] == 2 and saved["config"]["sync_bn"] is True
+    assert [m["epoch"] for m in saved["history"]] == [1, 2] == [m["epoch"] for m in history]
+
+
+def test_torchrun_launch(tiny_fashion_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "metrics.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "bnref.train", "--backend", "torch", "--data-dir", str(tiny_fashion_dir), "--epochs", "1",
+           "--batch-size", "64", "--no-progress", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**__import__("os").environ,
+                          "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 1 and lines[0].endswith("on 2 x cpu"), proc.stdout  # rank 0 only
+    import json
+
+    assert json.loads(out.read_text())["config"]["replicas"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--replicas", "3", "--batch-size", "64"], "batch_size 64 is not divisible by replicas 3"),
+        (["--replicas", "4", "--batch-size", "4", "--no-sync-bn"], "unsynchronized BatchNorm needs at least 2"),
+    ],
+    ids=["not-divisible", "local-bn-slice-of-1"],
+)
+def test_cli_bad_replica_flags_fail_before_data_loads(argv, message, tmp_path, capsys):
+    from bnref import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--backend", "torch", "--data-dir", str(tmp_path / "absent"), "--no-download", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
