@@ -281,10 +281,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     try:
         config = TrainConfig(**args)
         config.check_outputs()
-        importlib.import_module(f"bnref.{config.backend}.train").resolve_device(config.device)
+        if config.backend == "jax" and config.replicas > 1:
+            provide_host_devices(config.replicas)
+        backend = importlib.import_module(f"bnref.{config.backend}.train")
+        backend.resolve_device(config.device)
+        if config.backend == "jax" and config.replicas > 1:
+            backend.replica_devices(config)
     except ValueError as e:
         p.error(str(e))
     return config
+
+
+def provide_host_devices(count: int) -> None:
+    """Ask XLA for ``count`` CPU devices (``--xla_force_host_platform_device_count``), which only
+    works before JAX initializes: a no-op once it has (``replica_devices`` then says so)."""
+    import os
+
+    if "jax" in sys.modules:
+        return
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:

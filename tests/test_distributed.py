@@ -246,3 +246,58 @@ def test_cli_bad_replica_flags_fail_before_data_loads(argv, message, tmp_path, c
     with pytest.raises(SystemExit) as e:
         train.main(["--backend", "torch", "--data-dir", str(tmp_path / "absent"), "--no-download", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# --- JAX: replicas are devices (host devices on a CPU, set before JAX starts: a subprocess) -------------
+
+JAX_EQUIVALENCE = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import numpy as np
+from bnref.data import synthetic
+from bnref.train import TrainConfig
+from bnref.jax.train import fit
+
+data = synthetic(480, 64, seed=3)  # batch 24... JAX needs R | 24 for R in 2, 4: batch 24 -> 20 steps an epoch
+
+def losses(replicas, sync):
+    config = TrainConfig(backend="jax", epochs=5, batch_size=24, lr=0.5, replicas=replicas, sync_bn=sync,
+                         progress=False, convention="d2l")
+    history = fit(config, data, lambda m: None)
+    return np.concatenate([m["step_losses"] for m in history]), [m["test_acc"] for m in history]
+
+one, acc1 = losses(1, False)
+out = {"steps": len(one)}
+for r in (2, 4):
+    many, acc = losses(r, True)
+    out[f"sync{r}"] = float(np.max(np.abs(many - one)))
+    out[f"acc{r}"] = float(np.max(np.abs(np.array(acc) - np.array(acc1))))
+local, _ = losses(4, False)
+out["local4"] = float(np.max(np.abs(local - one)))
+print(json.dumps(out))
+"""
+
+
+def test_jax_synchronized_replicas_train_like_one_device():
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", JAX_EQUIVALENCE], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["steps"] == 100
+    assert out["sync2"] < 1e-4 and out["sync4"] < 1e-4, out  # max |loss difference| over 100 steps
+    assert out["acc2"] <= 1 / 64 and out["acc4"] <= 1 / 64, out
+    assert out["local4"] > 1e-3, out  # unsynchronized BN on slices of 6 trains differently
+
+
+def test_jax_replicas_beyond_the_devices_is_a_clear_error(capsys):
+    import jax
+
+    from bnref import train
+
+    n = len(jax.devices("cpu"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--backend", "jax", "--replicas", str(2 * n), "--batch-size", str(4 * n), "--device", "cpu"])
+    assert e.value.code == 2 and f"needs {2 * n} cpu devices; JAX has {n}" in capsys.readouterr().err

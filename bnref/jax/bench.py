@@ -52,7 +52,7 @@ class _OnDeviceLoop:
     def run(self, steps: int) -> None:
         totals = self.jnp.zeros(2, self.jnp.float32)
         for _ in range(steps):
-            self.state, totals = self.T._fit_step(
+            self.state, totals, _ = self.T._fit_step(
                 self.state, totals, self.X, self.y, self.perm, self.i % self.steps_per_epoch, batch_size=self.batch_size
             )
             self.i += 1

@@ -13,7 +13,7 @@ converter permutes ``fc1``'s rows when it moves weights to/from torch's NCHW ord
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import jax.numpy as jnp
 import flax.linen as nn
@@ -45,19 +45,22 @@ class LeNetBN(nn.Module):
     convention: Union[spec.Convention, str] = spec.D2L
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    axis_name: Optional[str] = None  # BN statistics synchronized over this device axis (data parallel)
 
     @nn.nowrap  # a helper that builds a submodule: not a module method for Flax to intercept
     def _norm(self, name):
         conv = resolve_convention(self.convention)
         if self.bn == "bnref":
-            return BatchNorm(convention=conv, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            return BatchNorm(convention=conv, dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.axis_name,
+                             name=name)  # fmt: skip
         if conv.running_var == "unbiased":
             raise ValueError(
                 "flax.linen.BatchNorm always uses the biased variance in its running average; "
                 f"bn='builtin' cannot express convention {conv}"
             )
         return nn.BatchNorm(
-            momentum=conv.decay, epsilon=conv.eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            momentum=conv.decay, epsilon=conv.eps, dtype=self.dtype, param_dtype=self.param_dtype,
+            axis_name=self.axis_name, name=name,
         )
 
     @nn.compact

@@ -141,11 +141,12 @@ def eval_step(state: TrainState, X):
 @functools.partial(jax.jit, static_argnames=("batch_size",), donate_argnums=(0, 1))
 def _fit_step(state: TrainState, totals, X_all, y_all, perm, i, *, batch_size: int):
     """:func:`train_step` on rows ``perm[i*B:(i+1)*B]`` of the on-device dataset, adding the
-    batch's loss sum and number correct to ``totals`` (both donated, kept on the device)."""
+    batch's loss sum and number correct to ``totals`` (both donated, kept on the device);
+    also returns the batch's mean loss."""
     idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)  # (B,) example indices
     X, y = X_all[idx], y_all[idx]  # (B, 28, 28, 1), (B,): gathered on the device
     state, loss, correct = _loss_and_updates(state, X, y)
-    return state, totals + jnp.stack([loss * batch_size, correct.astype(jnp.float32)])
+    return state, totals + jnp.stack([loss * batch_size, correct.astype(jnp.float32)]), loss
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
@@ -169,7 +170,10 @@ def evaluate(state: TrainState, X, y, batch_size: int = 1000) -> float:
 
 def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
     """Train ``make_model(config)`` on ``data`` (a ``bnref.data.FashionMNIST``) for
-    ``config.epochs`` epochs; ``on_epoch(metrics)`` after each; returns all metrics."""
+    ``config.epochs`` epochs; ``on_epoch(metrics)`` after each; returns all metrics.
+    ``config.replicas > 1``: data parallel over that many devices (:func:`_fit_replicated`)."""
+    if config.replicas > 1:
+        return _fit_replicated(config, data, on_epoch)
     device = resolve_device(config.device)
     model = make_model(config)
     with jax.default_device(device):
@@ -192,12 +196,119 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
 
             steps = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="batch", disable=None)  # None: off when not a terminal
         t0 = time.perf_counter()
+        losses = []
         for start, size in steps:  # equal sizes: one compiled step
-            state, totals = _fit_step(state, totals, X_train, y_train, perm, start // size, batch_size=size)
+            state, totals, loss = _fit_step(state, totals, X_train, y_train, perm, start // size, batch_size=size)
+            losses.append(loss)
         loss_sum, correct = (float(v) for v in np.asarray(totals))  # the one sync per epoch
         seconds = time.perf_counter() - t0
         m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, evaluate(state, X_test, y_test),
                           device_name(device))  # fmt: skip
+        m["step_losses"] = np.asarray(jnp.stack(losses), np.float64).tolist()
+        history.append(m)
+        on_epoch(m)
+    return history
+
+
+AXIS = "batch"  # the mesh axis replicas are laid out along
+
+
+def replica_devices(config) -> List[jax.Device]:
+    """``config.replicas`` devices of ``config.device``'s platform, or ``ValueError`` saying how
+    many there are (on a CPU the CLI provides host devices before JAX starts)."""
+    platform = resolve_device(config.device).platform
+    devices = jax.devices(platform)
+    if len(devices) < config.replicas:
+        hint = (" (on a CPU, `python -m bnref.train --replicas R` provides R host devices itself, as long as "
+                "JAX has not started in that process yet)") if platform == "cpu" else ""  # fmt: skip
+        raise ValueError(f"--replicas {config.replicas} needs {config.replicas} {platform} devices; JAX has "
+                         f"{len(devices)}{hint}")  # fmt: skip
+    return devices[: config.replicas]
+
+
+def _replicated_step(model, tx, batch_size: int, replicas: int, sync: bool):
+    """One data-parallel SGD step under ``shard_map``: parameters replicated, each device gathering
+    its slice of the global batch, BN statistics synchronized through ``axis_name`` (or each
+    device's own), the gradient that of the global mean loss (averaged over devices)."""
+    local = batch_size // replicas
+
+    def step(params, opt_state, stats, totals, X_all, y_all, perm, i):
+        r = jax.lax.axis_index(AXIS)
+        idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size + r * local, local)  # this device's slice
+        X, y = X_all[idx], y_all[idx]
+        own = stats if sync else jax.tree.map(lambda a: a[0], stats)  # (1, C) per device -> (C,)
+
+        def loss_fn(p):
+            logits, updates = model.apply({"params": p, "batch_stats": own}, X, train=True, mutable=["batch_stats"])
+            local_loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            # The global batch's mean loss (equal slices). Differentiated with respect to the
+            # replicated parameters, shard_map's transpose sums over devices itself: the
+            # gradients come out replicated, with no explicit pmean (one would count R times).
+            return jax.lax.pmean(local_loss, AXIS), (local_loss, logits, updates["batch_stats"])
+
+        (_, (loss, logits, new)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        new = new if sync else jax.tree.map(lambda a: a[None], new)
+        correct = (jnp.argmax(logits, -1) == y).sum().astype(jnp.float32)
+        totals = totals + jax.lax.psum(jnp.stack([loss * local, correct]), AXIS)
+        return params, opt_state, new, totals, jax.lax.pmean(loss, AXIS)
+
+    return step
+
+
+def _fit_replicated(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
+    """Data-parallel training over ``config.replicas`` devices with a ``Mesh`` and
+    ``jax.shard_map``: the same example order and global batches as one device, each split into
+    equal consecutive slices. With ``config.sync_bn`` the BN layers take ``axis_name`` (global
+    statistics, identical on every device); without, each device keeps its own running
+    statistics, averaged across devices before evaluation (``cross_replica_mean``, what Flax's
+    examples do)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = replica_devices(config)
+    mesh = Mesh(np.array(devices), (AXIS,))
+    replicated = NamedSharding(mesh, P())
+    sync = bool(config.sync_bn)
+    model = LeNetBN(bn=config.bn, convention=config.bn_convention, axis_name=AXIS if sync else None)
+    X_train = jax.device_put(prepare_images(data.train_images), replicated)
+    y_train = jax.device_put(np.asarray(data.train_labels, np.int32), replicated)
+    X_test, y_test = jnp.asarray(prepare_images(data.test_images)), jnp.asarray(np.asarray(data.test_labels, np.int32))
+    state = create_train_state(LeNetBN(bn=config.bn, convention=config.bn_convention), jax.random.key(config.seed),
+                               config.lr, X_train[:1])  # fmt: skip
+    params, opt_state = jax.device_put((state.params, state.opt_state), replicated)
+    stats = state.batch_stats
+    stats_spec = P() if sync else P(AXIS)
+    if not sync:  # one copy per device, laid out along the mesh axis
+        stats = jax.tree.map(lambda a: jnp.broadcast_to(a, (config.replicas,) + a.shape), stats)
+    stats = jax.device_put(stats, NamedSharding(mesh, stats_spec))
+    step = jax.jit(
+        jax.shard_map(_replicated_step(model, state.tx, config.batch_size, config.replicas, sync), mesh=mesh,
+                      in_specs=(P(), P(), stats_spec, P(), P(), P(), P(), P()),
+                      out_specs=(P(), P(), stats_spec, P(), P())),
+        donate_argnums=(0, 1, 2, 3),
+    )  # fmt: skip
+    n = int(X_train.shape[0])
+    batches = batch_slices(n, config.batch_size)
+    seen = sum(size for _, size in batches)
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        perm = jax.device_put(epoch_permutation(config.seed, epoch, n), replicated)
+        totals = jax.device_put(jnp.zeros(2, jnp.float32), replicated)
+        losses = []
+        t0 = time.perf_counter()
+        for i in range(len(batches)):
+            params, opt_state, stats, totals, loss = step(params, opt_state, stats, totals, X_train, y_train, perm, i)
+            losses.append(loss)
+        loss_sum, correct = (float(v) for v in np.asarray(totals))
+        step_losses = np.asarray(jnp.stack(losses), np.float64).tolist()
+        seconds = time.perf_counter() - t0
+        eval_stats = stats if sync else jax.tree.map(lambda a: a.mean(0), stats)  # cross-replica mean
+        eval_state = state.replace(params=jax.device_get(params), batch_stats=jax.device_get(eval_stats))
+        test_acc = evaluate(eval_state, X_test, y_test)
+        m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, test_acc,
+                          f"{config.replicas} x {devices[0].platform}")  # fmt: skip
+        m["step_losses"] = step_losses
         history.append(m)
         on_epoch(m)
     return history
