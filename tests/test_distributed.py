@@ -301,3 +301,33 @@ def test_jax_replicas_beyond_the_devices_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--backend", "jax", "--replicas", str(2 * n), "--batch-size", str(4 * n), "--device", "cpu"])
     assert e.value.code == 2 and f"needs {2 * n} cpu devices; JAX has {n}" in capsys.readouterr().err
+
+
+# --- what the frameworks do (the README's table) ------------------------------------------------------------
+
+
+def _ddp_plain_bn(rank, world, send):
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3, momentum=0.1)
+    ddp = DistributedDataParallel(bn)  # broadcast_buffers=True, torch's default
+    g = torch.Generator().manual_seed(rank)
+    xs = [torch.randn(8, 3, generator=g) + 5 * rank for _ in range(2)]
+    ddp(xs[0]).sum().backward()
+    after_first = bn.running_mean.clone()
+    gathered = [torch.empty(3) for _ in range(world)]
+    torch.distributed.all_gather(gathered, after_first)
+    ddp(xs[1]).sum().backward()
+    # NumPy, not tensors: a tensor sent through the result queue lives in this process's shared memory
+    return {"after_first": [t.numpy() for t in gathered], "after_second": bn.running_mean.detach().numpy().copy(),
+            "batch_mean": xs[1].mean(0).numpy()}
+
+
+def test_torch_ddp_overwrites_every_replicas_buffers_with_rank_0s_at_each_forward():
+    results = launch(_ddp_plain_bn, 2, timeout_s=30, deadline_s=90, threads=1)
+    first = results[0]["after_first"]
+    assert not np.allclose(first[0], first[1])  # each replica updated its own
+    for r, res in enumerate(results):  # the second forward started from rank 0's statistics everywhere
+        np.testing.assert_allclose(res["after_second"], 0.9 * first[0] + 0.1 * res["batch_mean"], rtol=1e-6, atol=1e-6)

@@ -100,7 +100,9 @@ def launch(
     """Run ``worker(rank, world, send, *args)`` in ``replicas`` spawned processes joined into one
     ``backend`` process group; returns the workers' return values in rank order.
 
-    ``worker`` and ``args`` must be picklable (a module-level function). ``send(obj)`` in a
+    ``worker`` and ``args`` must be picklable (a module-level function), and so must what it
+    returns and sends: NumPy arrays rather than tensors (a tensor put on a multiprocessing queue
+    is shared memory of a process that exits). ``send(obj)`` in a
     worker calls ``on_message(obj)`` here, in order. ``threads``: torch threads per process
     (default: the machine's cores shared out). Raises ``RuntimeError`` naming the rank when a
     worker fails or its process dies, and ``TimeoutError`` when the whole run takes longer than
