@@ -331,6 +331,87 @@ def format_trajectory(report: Dict) -> str:
     return "\n".join(out)
 
 
+# --- data parallel: --replicas R -------------------------------------------------------------------------
+
+#: implementation -> how it runs its R replicas
+REPLICA_IMPLEMENTATIONS = ("bnref.torch", "torch.nn", "bnref.jax", "flax.linen")
+
+
+def shard_sizes(replicas: int) -> Dict[str, List[int]]:
+    """The shardings compared: equal, unequal, and one replica with an empty shard."""
+    return {"equal": [4] * replicas, "unequal": [2 + 2 * r for r in range(replicas)],
+            "empty": [0] + [5] * (replicas - 1)}  # fmt: skip
+
+
+def run_replica_cell(preset: str, sharding: str, dtype: str, impl: str, replicas: int, steps: int = STEPS) -> CellResult:
+    """One cell: ``steps`` synchronized training steps and one eval step on ``replicas`` shards,
+    every replica's y, dx, running statistics and the summed parameter gradients against
+    ``bnref.spec.sync_batch_norm_train`` / ``sync_batch_norm_grad``."""
+    convention = spec.preset(preset)
+    sizes = shard_sizes(replicas)[sharding]
+    rng = np.random.default_rng(sum(sizes) + replicas)
+    c = 3
+    shards = [round_to(10.0 * np.arange(c).reshape(1, c, 1) + (0.5 + np.arange(c)).reshape(1, c, 1)
+                       * rng.standard_normal((n, c, 4)), dtype) for n in sizes]  # fmt: skip
+    dys = [round_to(rng.standard_normal(s.shape), dtype) for s in shards]
+    g, b = round_to(1 + 0.5 * rng.standard_normal(c), dtype), round_to(rng.standard_normal(c), dtype)
+    rm, rv = round_to(rng.standard_normal(c), dtype), round_to(rng.uniform(0.5, 2.0, c), dtype)
+    label = f"{sharding} {'/'.join(map(str, sizes))}"
+    result = CellResult(preset, label, dtype, impl, "pass")
+    try:
+        if impl in ("bnref.torch", "torch.nn"):
+            if impl == "torch.nn":
+                raise NotExpressible("torch.nn.SyncBatchNorm refuses CPU tensors (CUDA only)")
+            from bnref.torch._runners import run_sync
+
+            per_rank = run_sync(shards, dys, g, b, rm, rv, convention, steps=steps, layer="bnref", dtype=dtype)
+            got = [{"ys": [r["steps"][k]["y"] for r in per_rank], "dxs": [r["steps"][k]["dx"] for r in per_rank],
+                    "dgamma": sum(r["steps"][k]["dgamma"] for r in per_rank),
+                    "dbeta": sum(r["steps"][k]["dbeta"] for r in per_rank),
+                    "running_mean": per_rank[0]["steps"][k]["running_mean"],
+                    "running_var": per_rank[0]["steps"][k]["running_var"]} for k in range(steps)]  # fmt: skip
+            eval_ys = [r["eval_y"] for r in per_rank]
+        else:
+            from bnref.jax._runners import run_axis_name
+
+            out = run_axis_name(shards, dys, g, b, rm, rv, convention, dtype, builtin=impl == "flax.linen", steps=steps)
+            got, eval_ys = out["steps"], out["eval_ys"]
+    except NotExpressible as e:
+        return CellResult(preset, label, dtype, impl, "not expressible", str(e))
+    worst: Dict[str, List[float]] = {}
+    failures: List[str] = []
+    s_rm, s_rv = rm, rv
+    for k in range(steps):
+        ys, s_rm, s_rv = spec.sync_batch_norm_train(shards, g, b, s_rm, s_rv, convention)
+        dxs, dg, db = spec.sync_batch_norm_grad(shards, g, dys, convention)
+        actual = {"y": np.concatenate(got[k]["ys"]), "dx": np.concatenate(got[k]["dxs"]), "dgamma": got[k]["dgamma"],
+                  "dbeta": got[k]["dbeta"], "running_mean": got[k]["running_mean"], "running_var": got[k]["running_var"]}
+        expected = {"y": np.concatenate(ys), "dx": np.concatenate(dxs), "dgamma": dg, "dbeta": db,
+                    "running_mean": s_rm, "running_var": s_rv}  # fmt: skip
+        context = f"{impl}, {replicas} replicas, preset={preset}, {label}, {dtype}"
+        cells = compare(actual, expected, context=f"{context}, step {k}", dtype=dtype, check_dtype=False)
+        if k == steps - 1:  # then evaluation with the running statistics
+            eval_expected = np.concatenate([spec.batch_norm_eval(s, g, b, s_rm, s_rv, convention) for s in shards])
+            cells += compare({"eval_y": np.concatenate(eval_ys)}, {"eval_y": eval_expected}, context=f"{context}, eval",
+                             dtype=dtype, check_dtype=False)  # fmt: skip
+        for cell in cells:
+            name = cell.label.split(" (")[0]
+            w = worst.setdefault(name, [0.0, 0.0])
+            w[0], w[1] = float(np.max([w[0], cell.max_abs])), float(np.max([w[1], cell.max_rel]))
+            if not cell.passed:
+                failures.append(str(cell))
+    result.errors = worst
+    if failures:
+        result.status, result.reason = "FAIL", "; ".join(failures)
+    return result
+
+
+def replicas_matrix(replicas: int, presets: Sequence[str] = ("torch", "d2l"), dtypes: Sequence[str] = DTYPES,
+                    impls: Sequence[str] = REPLICA_IMPLEMENTATIONS) -> List[CellResult]:
+    return [run_replica_cell(p, s, d, i, replicas) for p in presets for s in shard_sizes(replicas) for d in dtypes
+            for i in impls]  # fmt: skip
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bnref.parity", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -344,7 +425,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=int_at_least(2), default=256, help="trajectory: batch size (>= 2)")
     p.add_argument("--convention", choices=sorted(spec.PRESETS), default="d2l", help="trajectory: BN convention")
     p.add_argument("--data-dir", default=None, help="trajectory: Fashion-MNIST directory (synthetic batches if absent)")
+    p.add_argument("--replicas", type=int_at_least(2), default=None,
+                   help="data parallel: spec vs bnref.torch SyncBatchNorm on R processes vs bnref.jax / flax.linen "
+                        "with axis_name on R devices, for equal, unequal and empty shards")  # fmt: skip
     args = p.parse_args(argv)
+    if args.replicas is not None:
+        if args.trajectory:
+            p.error("--trajectory --replicas is not implemented yet")
+        from bnref.train import provide_host_devices
+
+        provide_host_devices(args.replicas)  # R JAX devices on a CPU, before JAX starts
+        start = time.perf_counter()
+        results = replicas_matrix(args.replicas, presets=args.preset or ("torch", "d2l"), dtypes=args.dtype or DTYPES,
+                                  impls=[i for i in REPLICA_IMPLEMENTATIONS if not args.impl or i in args.impl])  # fmt: skip
+        return _report(results, args.json, start)
     if args.conventions_table:
         print(conventions_table())
         return 0
@@ -360,8 +454,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dtypes=args.dtype or DTYPES,
         impls=args.impl or tuple(IMPLEMENTATIONS),
     )
+    return _report(results, args.json, start)
+
+
+def _report(results, as_json: bool, start: float) -> int:
     failed = [r for r in results if not r.passed]
-    if args.json:
+    if as_json:
         print(_io.dumps([asdict(r) for r in results]))
     else:
         print(format_table(results))

@@ -219,7 +219,11 @@ def test_torchrun_launch(tiny_fashion_dir, tmp_path):
     import sys
 
     out = tmp_path / "metrics.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    from bnref.torch.distributed import free_port
+
+    port = str(free_port())  # a static rendezvous on a free loopback port (nothing shared with other runs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0", "--master-addr",
+           "127.0.0.1", "--master-port", port, "--nproc-per-node", "2",
            "-m", "bnref.train", "--backend", "torch", "--data-dir", str(tiny_fashion_dir), "--epochs", "1",
            "--batch-size", "64", "--no-progress", "--json", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**__import__("os").environ,
@@ -331,3 +335,25 @@ def test_torch_ddp_overwrites_every_replicas_buffers_with_rank_0s_at_each_forwar
     assert not np.allclose(first[0], first[1])  # each replica updated its own
     for r, res in enumerate(results):  # the second forward started from rank 0's statistics everywhere
         np.testing.assert_allclose(res["after_second"], 0.9 * first[0] + 0.1 * res["batch_mean"], rtol=1e-6, atol=1e-6)
+
+
+def test_parity_replicas_compares_every_implementation_with_the_spec():
+    """`python -m bnref.parity --replicas 2` (a subprocess: it provides 2 JAX host devices before JAX
+    starts): bnref.torch's SyncBatchNorm on 2 gloo processes for equal, unequal and empty shards;
+    bnref.jax and flax.linen with axis_name on 2 devices for equal shards (shard_map's shards
+    are equal; the other cells say so); torch.nn's SyncBatchNorm is CUDA-only."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bnref.parity", "--replicas", "2", "--preset", "d2l", "--dtype", "float64", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cells = {(c["layout"].split()[0], c["impl"]): c for c in json.loads(proc.stdout)}
+    for sharding in ("equal", "unequal", "empty"):
+        assert cells[(sharding, "bnref.torch")]["status"] == "pass"
+        assert "CUDA only" in cells[(sharding, "torch.nn")]["reason"]
+    for impl in ("bnref.jax", "flax.linen"):
+        assert cells[("equal", impl)]["status"] == "pass"
+        assert cells[("unequal", impl)]["status"] == "not expressible"
+    assert set(cells[("equal", "bnref.jax")]["errors"]) >= {"forward/y", "backward/dx", "backward/dgamma", "eval/y"}

@@ -115,3 +115,72 @@ def run_builtin(inputs, convention: spec.Convention, axis: int, dtype: str, trai
 
 
 RUNNERS = {"functional": run_functional, "layer": run_layer, "builtin": run_builtin}
+
+
+# --- data parallel: BN with axis_name over R devices (shard_map) ---------------------------------------
+
+
+def run_axis_name(shards, dys, gamma, beta, running_mean, running_var, convention: spec.Convention, dtype: str,
+                  builtin: bool, steps: int = 2):
+    """``bnref.jax.BatchNorm`` (or ``flax.linen.BatchNorm``) with ``axis_name``, one shard per device
+    under ``shard_map``: ``steps`` training steps (gradients of ``sum(y * dy)``) then eval.
+
+    Shards are ``(n, C, L)`` NumPy arrays (channels first, as the spec's); the layer runs on
+    ``(n, L, C)``. Returns, per step, each replica's ``y`` and ``dx`` and the running statistics,
+    and the parameter gradients (global: shard_map's transpose sums them over devices).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    sizes = {s.shape[0] for s in shards}
+    if len(sizes) != 1 or 0 in sizes:
+        raise NotExpressible("shard_map splits a batch into equal, non-empty shards")
+    if builtin and convention.running_var == "unbiased":
+        raise NotExpressible("flax.linen always uses the biased variance in its running average")
+    replicas = len(shards)
+    devices = jax.devices("cpu")
+    if len(devices) < replicas:
+        raise NotExpressible(f"needs {replicas} JAX devices, this process has {len(devices)}")
+    with _x64(dtype):
+        jdt = jnp.dtype(dtype)
+        sdt = jnp.promote_types(jdt, jnp.float32)
+        if builtin:
+            import flax.linen as nn
+
+            module = nn.BatchNorm(axis=-1, momentum=convention.decay, epsilon=convention.eps, dtype=jdt, param_dtype=jdt,
+                                  use_fast_variance=False, axis_name="r")  # fmt: skip
+        else:
+            from bnref.jax.layers import BatchNorm
+
+            module = BatchNorm(axis=-1, convention=convention, dtype=jdt, param_dtype=jdt, axis_name="r")
+        mesh = Mesh(np.array(devices[:replicas]), ("r",))
+
+        def local(x, dy, params, stats):
+            def loss(x, params):
+                y, upd = module.apply({"params": params, "batch_stats": stats}, x, use_running_average=False,
+                                      mutable=["batch_stats"])  # fmt: skip
+                return (y * dy).sum(), (y, upd["batch_stats"])
+
+            (dx, dparams), (y, new_stats) = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+            return y, dx, dparams, new_stats
+
+        step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("r"), P("r"), P(), P()),
+                                     out_specs=(P("r"), P("r"), P(), P())))  # fmt: skip
+        to_nlc = lambda a: jnp.asarray(np.moveaxis(np.concatenate(a), 1, -1), jdt)  # noqa: E731
+        x, dy = to_nlc(shards), to_nlc(dys)
+        params = {"scale": jnp.asarray(gamma, jdt), "bias": jnp.asarray(beta, jdt)}
+        stats = {"mean": jnp.asarray(running_mean, sdt), "var": jnp.asarray(running_var, sdt)}
+        n = shards[0].shape[0]
+        back = lambda a: np.moveaxis(np.asarray(a, np.float64), -1, 1)  # noqa: E731
+        out = []
+        for _ in range(steps):
+            y, dx, dparams, stats = step(x, dy, params, stats)
+            y, dx = back(y), back(dx)
+            out.append({"ys": [y[r * n:(r + 1) * n] for r in range(replicas)],
+                        "dxs": [dx[r * n:(r + 1) * n] for r in range(replicas)],
+                        "dgamma": np.asarray(dparams["scale"], np.float64), "dbeta": np.asarray(dparams["bias"], np.float64),
+                        "running_mean": np.asarray(stats["mean"], np.float64),
+                        "running_var": np.asarray(stats["var"], np.float64)})  # fmt: skip
+        eval_y = back(module.apply({"params": params, "batch_stats": stats}, x, use_running_average=True))
+        return {"steps": out, "eval_ys": [eval_y[r * n:(r + 1) * n] for r in range(replicas)]}

@@ -114,8 +114,9 @@ RUNNERS = {"functional": run_functional, "layer": run_layer, "builtin": run_buil
 # --- data parallel: bnref's SyncBatchNorm on R gloo processes ------------------------------------
 
 
-def _sync_worker(rank, world, send, shards, dys, gamma, beta, running_mean, running_var, convention, steps, layer):
-    """One replica: ``layer`` ("bnref" or "torch.nn" SyncBatchNorm) in float64, ``steps`` training
+def _sync_worker(rank, world, send, shards, dys, gamma, beta, running_mean, running_var, convention, steps, layer,
+                 dtype="float64"):
+    """One replica: ``layer`` ("bnref" or "torch.nn" SyncBatchNorm) in ``dtype``, ``steps`` training
     steps on its shard (forward, backward of ``sum(y * dy)``), then an eval step. Returns NumPy."""
     from torch import nn
 
@@ -123,32 +124,32 @@ def _sync_worker(rank, world, send, shards, dys, gamma, beta, running_mean, runn
 
     c = shards[rank].shape[1]
     if layer == "bnref":
-        m = SyncBatchNorm(c, convention=convention, dtype=torch.float64)
+        m = SyncBatchNorm(c, convention=convention, dtype=_DTYPES[dtype])
     else:
         if convention.running_var == "biased":
             raise NotExpressible("torch.nn always uses the unbiased variance in its running average")
-        m = nn.SyncBatchNorm(c, eps=convention.eps, momentum=convention.torch_momentum, dtype=torch.float64)
+        m = nn.SyncBatchNorm(c, eps=convention.eps, momentum=convention.torch_momentum, dtype=_DTYPES[dtype])
     with torch.no_grad():
-        m.weight.copy_(torch.from_numpy(gamma)), m.bias.copy_(torch.from_numpy(beta))
-        m.running_mean.copy_(torch.from_numpy(running_mean)), m.running_var.copy_(torch.from_numpy(running_var))
+        m.weight.copy_(_tensor(gamma, dtype)), m.bias.copy_(_tensor(beta, dtype))
+        m.running_mean.copy_(_tensor(running_mean, dtype)), m.running_var.copy_(_tensor(running_var, dtype))
     out = []
     for _ in range(steps):
-        x = torch.from_numpy(shards[rank]).requires_grad_()
+        x = _tensor(shards[rank], dtype, grad=True)
         m.zero_grad()
         y = m(x)
-        (y * torch.from_numpy(dys[rank])).sum().backward()
+        (y * _tensor(dys[rank], dtype)).sum().backward()
         out.append({"y": _numpy(y), "dx": _numpy(x.grad), "dgamma": _numpy(m.weight.grad), "dbeta": _numpy(m.bias.grad),
                     "running_mean": _numpy(m.running_mean), "running_var": _numpy(m.running_var)})  # fmt: skip
     m.eval()
-    eval_y = _numpy(m(torch.from_numpy(shards[rank])))
+    eval_y = _numpy(m(_tensor(shards[rank], dtype)))
     return {"steps": out, "eval_y": eval_y, "num_batches_tracked": int(m.num_batches_tracked)}
 
 
 def run_sync(shards, dys, gamma, beta, running_mean, running_var, convention: spec.Convention, steps: int = 2,
-             layer: str = "bnref", timeout_s: float = 60.0):
+             layer: str = "bnref", timeout_s: float = 60.0, dtype: str = "float64"):
     """Run the replicas (one process per shard, gloo) and return each one's results."""
     from bnref.torch.distributed import launch
 
-    args = (shards, dys, gamma, beta, running_mean, running_var, convention, steps, layer)
+    args = (shards, dys, gamma, beta, running_mean, running_var, convention, steps, layer, dtype)
     return launch(_sync_worker, len(shards), args, backend="gloo", timeout_s=timeout_s, threads=1,
                   deadline_s=4 * timeout_s)

@@ -181,20 +181,26 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training and running_mean is not None and running_var is not None:
             return _normalize_eval(x, self.weight, self.bias, running_mean, running_var, self.eps, 1)
         y, mean, var, n = _normalize_train(x, self.weight, self.bias, self.eps, 1)
-        counter = self.num_batches_tracked
-        if self.training and self.track_running_stats and counter is not None:
-            # Only now that every check has passed: the running update (what batch_norm returns
-            # as new tensors) written into the buffers, and the step counted (an empty batch
-            # counts as a step and changes no statistic, as in torch.nn).
-            counter.add_(1)
-            if n > 0 and running_mean is not None and running_var is not None:
-                momentum = self.momentum
-                decay = 1.0 - 1.0 / float(counter) if momentum is None else 1.0 - momentum  # None: cumulative
-                new_mean, new_var = _running_update(running_mean, running_var, mean, var, n, decay,
-                                                    self._running_var_estimator == "unbiased")  # fmt: skip
-                running_mean.copy_(new_mean)
-                running_var.copy_(new_var)
+        if self.training:
+            self._count_and_update(mean, var, n)
         return y
+
+    def _count_and_update(self, mean: Tensor, var: Tensor, n: int) -> None:
+        """After a training forward whose checks all passed: count the step and write the running
+        update (what batch_norm returns as new tensors) into the buffers. An empty batch counts
+        as a step and changes no statistic, as in torch.nn. ``mean``/``var``: the batch's (biased)
+        statistics over ``n`` values per channel."""
+        counter, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if not self.track_running_stats or counter is None:
+            return
+        counter.add_(1)
+        if n > 0 and running_mean is not None and running_var is not None:
+            momentum = self.momentum
+            decay = 1.0 - 1.0 / float(counter) if momentum is None else 1.0 - momentum  # None: cumulative
+            new_mean, new_var = _running_update(running_mean, running_var, mean, var, n, decay,
+                                                self._running_var_estimator == "unbiased")  # fmt: skip
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):

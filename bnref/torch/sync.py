@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnref import spec
-from bnref.torch.functional import _bshape, _channel_mean, _channel_sum, _channel_sum_of_squares, _running_update
+from bnref.torch.functional import _bshape, _channel_mean, _channel_sum, _channel_sum_of_squares
 from bnref.torch.layers import _UNSET, _BatchNorm
 
 __all__ = ["SyncBatchNorm"]
@@ -165,16 +165,7 @@ class SyncBatchNorm(_BatchNorm):
         self._check_sync_input(x, world)
         y, mean, var, n = _SyncBatchNormTrain.apply(x, self.weight, self.bias, float(self.eps), self.process_group,
                                                     world)  # fmt: skip
-        counter = self.num_batches_tracked
-        if self.track_running_stats and counter is not None:
-            counter.add_(1)
-            if int(n) > 0 and self.running_mean is not None:
-                momentum = self.momentum
-                decay = 1.0 - 1.0 / float(counter) if momentum is None else 1.0 - momentum
-                new_mean, new_var = _running_update(self.running_mean, self.running_var, mean, var, int(n), decay,
-                                                    self._running_var_estimator == "unbiased")  # fmt: skip
-                self.running_mean.copy_(new_mean)
-                self.running_var.copy_(new_var)
+        self._count_and_update(mean, var, int(n))  # global statistics and count: identical on every replica
         return y
 
     def _check_sync_input(self, x: Tensor, world: int) -> None:
