@@ -37,7 +37,7 @@ import numpy as np
 
 from bnref import _io, spec
 from bnref._cli import finite_positive_float, int_at_least, positive_int
-from bnref.testing import QUANTITIES, TOLERANCES, NotExpressible, compare, make_inputs, round_to, spec_run
+from bnref.testing import TOLERANCES, NotExpressible, compare, make_inputs, round_to, spec_run
 
 #: implementation -> (backend module, runner name, channels_last)
 IMPLEMENTATIONS = {

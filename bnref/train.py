@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from bnref import _io, spec
-from bnref._cli import MAX_SEED, finite_positive_float, int_at_least, positive_int, seed
+from bnref._cli import MAX_SEED, finite_positive_float, positive_int, seed
 
 BACKENDS = ("jax", "torch")
 BN_CHOICES = ("bnref", "builtin", "none")
