@@ -8,7 +8,9 @@ is exact and stable (Chan et al.)::
 
     n = sum_r n_r      mu = sum_r n_r mu_r / n      M2 = sum_r M2_r + sum_r n_r (mu_r - mu)^2
 
-(no ``E[x^2] - E[x]^2``; shards may differ in size, and may be empty). Each replica normalizes
+(no ``E[x^2] - E[x]^2``; shards may differ in size, and may be empty; a layer's first
+distributed forward also all-gathers its channel count once, so that replicas built with
+different layers fail with a clear error instead of mismatched collectives). Each replica normalizes
 its shard with ``mu`` and ``M2 / n`` and, in training, updates its running statistics with them
 and with the global ``n`` for Bessel's correction, so they stay identical on every replica.
 The backward is ONE all-reduce of the local ``sum dy`` and ``sum dy (x - mu)`` (``2C`` numbers);
