@@ -232,10 +232,7 @@ def _replicated_step(model, tx, batch_size: int, replicas: int, sync: bool):
     device's own), the gradient that of the global mean loss (averaged over devices)."""
     local = batch_size // replicas
 
-    def step(params, opt_state, stats, totals, X_all, y_all, perm, i):
-        r = jax.lax.axis_index(AXIS)
-        idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size + r * local, local)  # this device's slice
-        X, y = X_all[idx], y_all[idx]
+    def step(params, opt_state, stats, totals, X, y):  # X, y: this device's slice of the global batch
         own = stats if sync else jax.tree.map(lambda a: a[0], stats)  # (1, C) per device -> (C,)
 
         def loss_fn(p):
@@ -257,6 +254,12 @@ def _replicated_step(model, tx, batch_size: int, replicas: int, sync: bool):
     return step
 
 
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _gather_batch(X_all, y_all, perm, i, *, batch_size: int):
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)  # (B,) example indices
+    return X_all[idx], y_all[idx]
+
+
 def _fit_replicated(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
     """Data-parallel training over ``config.replicas`` devices with a ``Mesh`` and
     ``jax.shard_map``: the same example order and global batches as one device, each split into
@@ -271,8 +274,11 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict
     replicated = NamedSharding(mesh, P())
     sync = bool(config.sync_bn)
     model = LeNetBN(bn=config.bn, convention=config.bn_convention, axis_name=AXIS if sync else None)
-    X_train = jax.device_put(prepare_images(data.train_images), replicated)
-    y_train = jax.device_put(np.asarray(data.train_labels, np.int32), replicated)
+    # The dataset stays on the first device (not R copies of 188 MB); each global batch is
+    # gathered there and laid out along the mesh, a consecutive slice per device.
+    X_train = jax.device_put(prepare_images(data.train_images), devices[0])
+    y_train = jax.device_put(np.asarray(data.train_labels, np.int32), devices[0])
+    sharded = NamedSharding(mesh, P(AXIS))
     X_test, y_test = jnp.asarray(prepare_images(data.test_images)), jnp.asarray(np.asarray(data.test_labels, np.int32))
     state = create_train_state(LeNetBN(bn=config.bn, convention=config.bn_convention), jax.random.key(config.seed),
                                config.lr, X_train[:1])  # fmt: skip
@@ -284,7 +290,7 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict
     stats = jax.device_put(stats, NamedSharding(mesh, stats_spec))
     step = jax.jit(
         jax.shard_map(_replicated_step(model, state.tx, config.batch_size, config.replicas, sync), mesh=mesh,
-                      in_specs=(P(), P(), stats_spec, P(), P(), P(), P(), P()),
+                      in_specs=(P(), P(), stats_spec, P(), P(AXIS), P(AXIS)),
                       out_specs=(P(), P(), stats_spec, P(), P())),
         donate_argnums=(0, 1, 2, 3),
     )  # fmt: skip
@@ -293,13 +299,20 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict
     seen = sum(size for _, size in batches)
     history = []
     for epoch in range(1, config.epochs + 1):
-        perm = jax.device_put(epoch_permutation(config.seed, epoch, n), replicated)
+        perm = jax.device_put(epoch_permutation(config.seed, epoch, n), devices[0])
         totals = jax.device_put(jnp.zeros(2, jnp.float32), replicated)
         losses = []
         t0 = time.perf_counter()
-        for i in range(len(batches)):
-            params, opt_state, stats, totals, loss = step(params, opt_state, stats, totals, X_train, y_train, perm, i)
+        for start, size in batches:
+            Xb, yb = _gather_batch(X_train, y_train, perm, start // size, batch_size=size)  # on the first device
+            Xb, yb = jax.device_put((Xb, yb), sharded)  # consecutive slices, one per device
+            params, opt_state, stats, totals, loss = step(params, opt_state, stats, totals, Xb, yb)
             losses.append(loss)
+            # Bound the steps in flight: on a CPU each device's collective holds a thread of a
+            # pool as small as the core count while it waits for the others, and with hundreds
+            # of steps queued the devices' threads blocked each other until XLA's 40 s
+            # rendezvous limit aborted the process (full Fashion-MNIST, R = 2, 2 cores).
+            loss.block_until_ready()
         loss_sum, correct = (float(v) for v in np.asarray(totals))
         step_losses = np.asarray(jnp.stack(losses), np.float64).tolist()
         seconds = time.perf_counter() - t0
