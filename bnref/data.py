@@ -319,11 +319,11 @@ def write_fashion_mnist(directory: str | os.PathLike, data: FashionMNIST) -> Pat
     return directory
 
 
-def decompressed_sha256(path: str | os.PathLike) -> str:
+def decompressed_sha256(path: str | os.PathLike, name: str | None = None) -> str:
     """Hex SHA-256 of the file's decompressed content (what :data:`SHA256` records), streamed,
-    at most :data:`MAX_FILE_BYTES` of it."""
+    at most :data:`MAX_FILE_BYTES` of it; errors name the file as ``name`` (default: its path)."""
     h = hashlib.sha256()
-    for chunk in _iter_decompressed(Path(path), str(path)):
+    for chunk in _iter_decompressed(Path(path), name or str(path)):
         h.update(chunk)
     return h.hexdigest()
 
@@ -433,7 +433,7 @@ def _fetch(url: str, target: Path, sha256: str, progress: bool) -> None:
                 raise DownloadError(f"{url}: transfer incomplete, received {received} of {expected} bytes")
             out.flush()
             os.fsync(out.fileno())  # the rename must never expose unwritten data
-        digest = _digest_or_raise(Path(tmp), url)  # streamed, capped: no gzip bomb inflates in memory
+        digest = decompressed_sha256(tmp, name=url)  # streamed, capped: no gzip bomb inflates in memory
         if digest != sha256:
             raise ValueError(
                 f"{url}: checksum mismatch: SHA-256 of the decompressed content is {digest}, "
@@ -443,13 +443,6 @@ def _fetch(url: str, target: Path, sha256: str, progress: bool) -> None:
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already after a successful os.replace
-
-
-def _digest_or_raise(path: Path, name: str) -> str:
-    h = hashlib.sha256()
-    for chunk in _iter_decompressed(path, name):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def _digest_or_none(path: Path) -> str | None:
