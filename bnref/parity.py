@@ -75,6 +75,16 @@ def _channels_first(a: np.ndarray) -> np.ndarray:
     return np.moveaxis(a, -1, 1)
 
 
+def _tally(cells, worst: Dict[str, List[float]], failures: List[str]) -> None:
+    """Fold compared cells into the per-quantity worst ``[max abs, max rel]`` and the failures."""
+    for cell in cells:
+        w = worst.setdefault(cell.label.split(" (")[0], [0.0, 0.0])
+        # np.max, not max(): a NaN must propagate into the report, never be skipped
+        w[0], w[1] = float(np.max([w[0], cell.max_abs])), float(np.max([w[1], cell.max_rel]))
+        if not cell.passed:
+            failures.append(str(cell))
+
+
 def run_cell(preset: str, layout: str, dtype: str, impl: str, steps: int = STEPS) -> CellResult:
     """One cell of the matrix: ``steps`` training steps then one eval step, vs the spec."""
     convention = spec.preset(preset)
@@ -107,13 +117,7 @@ def run_cell(preset: str, layout: str, dtype: str, impl: str, steps: int = STEPS
         context = f"{impl}, preset={preset}, {label_layout}, {dtype}, step {step}"
         # Running statistics keep their own dtype (float32 buffers for half inputs in torch,
         # float32 batch_stats in flax), so only outputs and gradients must match dtype.
-        for cell in compare(actual, expected, context=context, dtype=dtype, check_dtype=False):
-            name = cell.label.split(" (")[0]
-            w = worst.setdefault(name, [0.0, 0.0])
-            # np.max, not max(): a NaN must propagate into the report, never be skipped
-            w[0], w[1] = float(np.max([w[0], cell.max_abs])), float(np.max([w[1], cell.max_rel]))
-            if not cell.passed:
-                failures.append(str(cell))
+        _tally(compare(actual, expected, context=context, dtype=dtype, check_dtype=False), worst, failures)
         if not train:
             return spec_state, impl_state
         as64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
@@ -394,12 +398,7 @@ def run_replica_cell(preset: str, sharding: str, dtype: str, impl: str, replicas
             eval_expected = np.concatenate([spec.batch_norm_eval(s, g, b, s_rm, s_rv, convention) for s in shards])
             cells += compare({"eval_y": np.concatenate(eval_ys)}, {"eval_y": eval_expected}, context=f"{context}, eval",
                              dtype=dtype, check_dtype=False)  # fmt: skip
-        for cell in cells:
-            name = cell.label.split(" (")[0]
-            w = worst.setdefault(name, [0.0, 0.0])
-            w[0], w[1] = float(np.max([w[0], cell.max_abs])), float(np.max([w[1], cell.max_rel]))
-            if not cell.passed:
-                failures.append(str(cell))
+        _tally(cells, worst, failures)
     result.errors = worst
     if failures:
         result.status, result.reason = "FAIL", "; ".join(failures)
