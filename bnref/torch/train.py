@@ -24,7 +24,8 @@ from torch import nn
 from bnref.torch.models import LeNetBN
 from bnref.train import batch_slices, epoch_metrics, epoch_permutation
 
-__all__ = ["fit", "resolve_device", "make_model", "load_tensors", "train_step", "train_batches", "evaluate"]
+__all__ = ["fit", "resolve_device", "make_model", "load_tensors", "train_step", "train_batches", "evaluate",
+           "data_parallel"]
 
 #: batch size for test-set evaluation (eval mode: the result does not depend on it)
 EVAL_BATCH = 1024
@@ -205,15 +206,7 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
     from tqdm.auto import tqdm
 
     model = make_model(config).to(device)
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        from bnref.torch.sync import SyncBatchNorm
-
-        if config.sync_bn:
-            model = SyncBatchNorm.convert_sync_batchnorm(model)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model, net = data_parallel(model, device, config.sync_bn) if world > 1 else (model, model)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr)
     X_train, y_train = load_tensors(data.train_images, data.train_labels, device)
     X_test, y_test = load_tensors(data.test_images, data.test_labels, device)
@@ -248,6 +241,20 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
             if rank == 0:
                 on_epoch(m)
     return history if rank == 0 else []
+
+
+def data_parallel(model: nn.Module, device: torch.device, sync_bn: bool) -> Tuple[nn.Module, nn.Module]:
+    """``(model, net)`` for one replica of the current process group: ``model`` with every BN
+    layer converted to :class:`bnref.torch.SyncBatchNorm` when ``sync_bn`` (state and
+    conventions kept), and ``net``, that model wrapped in ``DistributedDataParallel`` (the one to
+    train; ``model`` is the one whose state to read)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bnref.torch.sync import SyncBatchNorm
+
+    if sync_bn:
+        model = SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _evaluate_shared(model, X, y, rank: int, world: int) -> float:
