@@ -21,6 +21,12 @@ status is non-zero on any failure. ``--json`` prints machine-readable results.
 ``--trajectory`` trains the same LeNet-BN in both frameworks instead (see
 :func:`trajectory`), and ``--conventions-table`` prints the README's conventions table,
 generated from the presets so it cannot drift.
+
+``--replicas R`` is the data-parallel proof: the matrix becomes spec vs bnref's
+SyncBatchNorm on R processes vs bnref.jax / flax.linen with ``axis_name`` on R devices, with
+equal, unequal and empty shards (:func:`replicas_matrix`); ``--trajectory --replicas R`` also
+trains LeNet-BN data-parallel in both frameworks and checks that R synchronized replicas
+train like one device (:func:`replica_trajectories`).
 """
 
 from __future__ import annotations
@@ -225,6 +231,7 @@ def trajectory(
     convention: str = "d2l",
     data_dir: Optional[str] = None,
     seed: int = 0,
+    replicas: Optional[int] = None,
 ) -> Dict:
     """Train one LeNet-BN in both frameworks and compare them step by step.
 
@@ -234,6 +241,11 @@ def trajectory(
     losses, their difference, the max abs difference of all weights (Flax's converted back to
     torch layout) and of the running statistics. ``passed`` when the max loss difference is
     within :data:`TRAJECTORY_TOLERANCE`.
+
+    ``replicas=R`` also trains the same model data-parallel from the same initial state on the
+    same global batches, each split into R equal slices: torch DDP on R gloo processes and
+    bnref.jax under ``shard_map`` on R devices, once with synchronized BN and once without. See
+    :func:`replica_trajectories` for what is compared and what must pass.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -243,6 +255,12 @@ def trajectory(
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (BatchNorm needs two values per channel), got {batch_size}")
+    if replicas is not None:
+        if replicas < 2:
+            raise ValueError(f"replicas must be >= 2, got {replicas}")
+        if batch_size % replicas or batch_size // replicas < 2:
+            raise ValueError(f"batch_size {batch_size} must split into {replicas} equal slices of at least 2 examples "
+                             "(unsynchronized BN normalizes each slice alone)")  # fmt: skip
     import jax
     import jax.numpy as jnp
     import optax
@@ -261,6 +279,7 @@ def trajectory(
     torch.manual_seed(seed)
     tmodel = TorchLeNetBN(bn="bnref", convention=conv).to(tdtype)
     opt = torch.optim.SGD(tmodel.parameters(), lr=lr)
+    initial = {k: v.detach().numpy().copy() for k, v in tmodel.state_dict().items()}
     stat_keys = [k for k in tmodel.state_dict() if k.endswith(("running_mean", "running_var"))]
     weight_keys = [k for k, _ in tmodel.named_parameters()]
     rows = []
@@ -284,11 +303,74 @@ def trajectory(
             j_loss = float(j_loss)
             rows.append({"step": step, "loss_torch": t_loss, "loss_jax": j_loss, "loss_diff": abs(t_loss - j_loss),
                          "weight_diff": diff(weight_keys), "stat_diff": diff(stat_keys)})  # fmt: skip
-    return {
+    report = {
         "steps": steps, "dtype": dtype, "lr": lr, "batch_size": batch_size, "convention": convention,
         "data": source, "tolerance": TRAJECTORY_TOLERANCE[dtype], **trajectory_verdict(rows, TRAJECTORY_TOLERANCE[dtype]),
         "rows": rows,
     }  # fmt: skip
+    if replicas is not None:
+        single = {"torch": {k: v.detach().numpy() for k, v in tmodel.state_dict().items()},
+                  "jax": convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})}  # fmt: skip
+        report["replicas"] = replica_trajectories(initial, batches, rows, single, replicas, dtype=dtype, lr=lr,
+                                                  convention=conv, weight_keys=weight_keys, stat_keys=stat_keys)  # fmt: skip
+        report["passed"] = report["passed"] and report["replicas"]["passed"]
+    return report
+
+
+#: data-parallel trajectory criterion: max |loss_R - loss_1| within one framework, synchronized BN.
+#: float64: the same training to rounding (measured 1e-14 over 100 steps at lr 1.0). float32: R
+#: replicas add up the batch in another order; at lr 1.0 and batch 256 that rounding grows to
+#: ~3e-4 over 100 steps, as much as torch vs JAX on one device (1.4e-4), so the bound is that one.
+REPLICA_TOLERANCE = {"float32": TRAJECTORY_TOLERANCE["float32"], "float64": 1e-10}
+
+
+def replica_trajectories(initial, batches, rows, single, replicas: int, *, dtype: str, lr: float,
+                         convention: spec.Convention, weight_keys, stat_keys) -> Dict:
+    """The data-parallel half of ``trajectory(..., replicas=R)``.
+
+    Four runs from the torch-layout ``initial`` state on the same global ``batches``: torch DDP
+    with :class:`bnref.torch.SyncBatchNorm` and with local BN (R gloo processes), bnref.jax under
+    ``shard_map`` with ``axis_name`` and without (R devices). Each run's per-step global mean
+    loss is added to ``rows`` (``loss_torch_sync``, ``loss_jax_sync``, ``loss_torch_local``,
+    ``loss_jax_local``). The comparisons, each with the max loss difference over the steps and
+    the final weights' and running statistics' max difference:
+
+    - synchronized R replicas vs one device, in each framework: must agree within
+      :data:`REPLICA_TOLERANCE` (the data-parallel invariant);
+    - torch R vs JAX R, synchronized: within :data:`TRAJECTORY_TOLERANCE`, as one device;
+    - local BN vs one device, in each framework: reported, no criterion (they differ; how much
+      is the point). Local runs' final statistics: rank 0's in torch (DDP's
+      ``broadcast_buffers``), the cross-replica mean in JAX (Flax's examples).
+
+    Any NaN or infinite loss fails a criterion, as in :func:`trajectory_verdict`.
+    """
+    from bnref import convert
+    from bnref.jax._runners import run_shard_map_trajectory
+    from bnref.torch._runners import run_ddp_trajectory
+
+    variables = convert.torch_to_flax(initial)
+    finals = dict(single)
+    torch_runs = run_ddp_trajectory(initial, batches, lr, dtype, convention, replicas, modes=(True, False))
+    for t, sync, kind in zip(torch_runs, (True, False), ("sync", "local")):
+        j = run_shard_map_trajectory(variables, batches, lr, dtype, convention, replicas, sync_bn=sync)
+        finals[f"torch_{kind}"], finals[f"jax_{kind}"] = t["state"], convert.flax_to_torch(j["variables"])
+        for row, lt, lj in zip(rows, t["losses"], j["losses"]):
+            row[f"loss_torch_{kind}"], row[f"loss_jax_{kind}"] = float(lt), float(lj)
+    plan = [("torch_sync", "torch", REPLICA_TOLERANCE[dtype]), ("jax_sync", "jax", REPLICA_TOLERANCE[dtype]),
+            ("torch_sync", "jax_sync", TRAJECTORY_TOLERANCE[dtype]), ("torch_local", "torch", None),
+            ("jax_local", "jax", None)]  # fmt: skip
+    comparisons = []
+    for left, right, tolerance in plan:
+        a = np.array([r[f"loss_{left}"] for r in rows], np.float64)
+        b = np.array([r[f"loss_{right}"] for r in rows], np.float64)
+        diff = lambda keys: max(float(np.max(np.abs(finals[left][k] - finals[right][k]))) for k in keys)  # noqa: E731
+        verdict = loss_verdict(a, b, tolerance if tolerance is not None else math.inf)
+        if tolerance is None:
+            verdict["passed"] = None  # reported, not checked
+        comparisons.append({"left": left, "right": right, "tolerance": tolerance, **verdict,
+                            "weight_diff": diff(weight_keys), "stat_diff": diff(stat_keys)})  # fmt: skip
+    return {"replicas": replicas, "comparisons": comparisons,
+            "passed": all(c["passed"] for c in comparisons if c["tolerance"] is not None)}  # fmt: skip
 
 
 def trajectory_verdict(rows: Sequence[Dict], tolerance: float) -> Dict:
@@ -298,9 +380,16 @@ def trajectory_verdict(rows: Sequence[Dict], tolerance: float) -> Dict:
     diverged runs do not "agree", and ``max()`` must not skip a NaN (Python's does, unless it
     comes first). ``nonfinite_steps`` lists the steps where either loss is not finite.
     """
-    losses = np.array([[r["loss_torch"], r["loss_jax"]] for r in rows], dtype=np.float64)  # (steps, 2)
-    bad = [r["step"] for r, ok in zip(rows, np.isfinite(losses).all(axis=1)) if not ok]
-    max_loss_diff = float(np.max(np.abs(losses[:, 0] - losses[:, 1]))) if len(rows) else float("nan")
+    losses = np.array([[r["loss_torch"], r["loss_jax"]] for r in rows], dtype=np.float64).reshape(-1, 2)
+    return loss_verdict(losses[:, 0], losses[:, 1], tolerance, steps=[r["step"] for r in rows])
+
+
+def loss_verdict(a: np.ndarray, b: np.ndarray, tolerance: float, steps: Optional[Sequence[int]] = None) -> Dict:
+    """``max_loss_diff``, ``passed`` and ``nonfinite_steps`` (1-based unless ``steps`` names
+    them) for two runs' per-step losses: NaN or inf on either side fails; no steps fails."""
+    steps = list(range(1, len(a) + 1)) if steps is None else list(steps)
+    bad = [s for s, x, y in zip(steps, a, b) if not (math.isfinite(x) and math.isfinite(y))]
+    max_loss_diff = float(np.max(np.abs(a - b))) if len(a) else float("nan")
     passed = not bad and bool(max_loss_diff <= tolerance)
     return {"max_loss_diff": max_loss_diff, "passed": passed, "nonfinite_steps": bad}
 
@@ -326,13 +415,42 @@ def format_trajectory(report: Dict) -> str:
         for i in range(0, len(rows), chunk)
     ]
     out.append("drift (max |loss diff| / max |dW|): " + "; ".join(growth))
-    verdict = "PASS" if report["passed"] else "FAIL"
-    line = f"{verdict}: max |loss diff| {report['max_loss_diff']:.2e} (tolerance {report['tolerance']:g})"
+    one_device = not report["nonfinite_steps"] and report["max_loss_diff"] <= report["tolerance"]
+    line = f"{'PASS' if one_device else 'FAIL'}: max |loss diff| {report['max_loss_diff']:.2e} (tolerance {report['tolerance']:g})"
     if report.get("nonfinite_steps"):
         steps = report["nonfinite_steps"]
         line += f"; a loss is NaN or infinite at {len(steps)} step(s), first at step {steps[0]}"
     out.append(line)
+    if "replicas" in report:
+        out.extend(_format_replicas(report["replicas"], rows, stride))
+        checks = 1 + sum(c["passed"] is not None for c in report["replicas"]["comparisons"])
+        out.append(f"{'PASS' if report['passed'] else 'FAIL'}: all {checks} checks")
     return "\n".join(out)
+
+
+#: how the report names each run of a data-parallel trajectory
+RUN_NAMES = {"torch": "torch, 1 process", "jax": "JAX, 1 device", "torch_sync": "torch DDP + SyncBatchNorm",
+             "jax_sync": "JAX shard_map + axis_name", "torch_local": "torch DDP, local BN",
+             "jax_local": "JAX shard_map, local BN"}  # fmt: skip
+
+
+def _format_replicas(rep: Dict, rows, stride: int) -> List[str]:
+    r = rep["replicas"]
+    out = [f"data parallel, {r} replicas (the same global batches, {r} equal slices each): mean loss of the global batch",
+           f"{'step':>5}  {'torch sync':>12}  {'jax sync':>12}  {'torch local':>12}  {'jax local':>12}"]  # fmt: skip
+    for row in rows:
+        if row["step"] % stride == 0 or row["step"] in (1, len(rows)):
+            out.append(f"{row['step']:>5}  {row['loss_torch_sync']:>12.6f}  {row['loss_jax_sync']:>12.6f}  "
+                       f"{row['loss_torch_local']:>12.6f}  {row['loss_jax_local']:>12.6f}")  # fmt: skip
+    for c in rep["comparisons"]:
+        verdict = "info" if c["passed"] is None else ("PASS" if c["passed"] else "FAIL")
+        tol = "" if c["tolerance"] is None else f" (tolerance {c['tolerance']:g})"
+        line = (f"{verdict}: {RUN_NAMES[c['left']]} vs {RUN_NAMES[c['right']]}: max |loss diff| "
+                f"{c['max_loss_diff']:.2e}{tol}; final max |dW| {c['weight_diff']:.2e}, |d stats| {c['stat_diff']:.2e}")
+        if c["nonfinite_steps"]:
+            line += f"; a loss is NaN or infinite at step {c['nonfinite_steps'][0]}"
+        out.append(line)
+    return out
 
 
 # --- data parallel: --replicas R -------------------------------------------------------------------------
@@ -429,11 +547,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "with axis_name on R devices, for equal, unequal and empty shards")  # fmt: skip
     args = p.parse_args(argv)
     if args.replicas is not None:
-        if args.trajectory:
-            p.error("--trajectory --replicas is not implemented yet")
         from bnref.train import provide_host_devices
 
+        if args.trajectory and (args.batch_size % args.replicas or args.batch_size // args.replicas < 2):
+            p.error(f"--batch-size {args.batch_size} must split into --replicas {args.replicas} equal slices of at "
+                    "least 2 examples")  # fmt: skip
         provide_host_devices(args.replicas)  # R JAX devices on a CPU, before JAX starts
+    if args.replicas is not None and not args.trajectory:
         start = time.perf_counter()
         results = replicas_matrix(args.replicas, presets=args.preset or ("torch", "d2l"), dtypes=args.dtype or DTYPES,
                                   impls=[i for i in REPLICA_IMPLEMENTATIONS if not args.impl or i in args.impl])  # fmt: skip
@@ -444,7 +564,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.trajectory:
         dtype = (args.dtype or ["float32"])[-1]
         report = trajectory(args.steps, dtype=dtype, lr=args.lr, batch_size=args.batch_size,
-                            convention=args.convention, data_dir=args.data_dir)  # fmt: skip
+                            convention=args.convention, data_dir=args.data_dir, replicas=args.replicas)  # fmt: skip
         print(_io.dumps(report) if args.json else format_trajectory(report))
         return 0 if report["passed"] else 1
     start = time.perf_counter()

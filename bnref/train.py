@@ -41,6 +41,10 @@ class TrainConfig:
     ``train_limit`` / ``test_limit``: use only the first N examples (quick runs, tests).
     ``plot`` / ``json``: files rewritten (atomically) after every epoch, so a crash or Ctrl-C
     keeps the epochs already done.
+    ``replicas`` / ``sync_bn``: data parallelism (see the backends' ``fit``).
+    ``coordinator`` / ``num_processes`` / ``process_id``: this process's part of a multi-process
+    JAX run (``jax.distributed.initialize``'s arguments); ``replicas`` then counts the devices of
+    all processes (default: one per process).
     """
 
     backend: str = "jax"
@@ -60,6 +64,10 @@ class TrainConfig:
     json: Optional[str] = None
     replicas: int = 1
     sync_bn: Optional[bool] = None
+    coordinator: Optional[str] = None
+    num_processes: int = 1
+    process_id: int = 0
+    join_timeout_s: int = 120
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -81,6 +89,7 @@ class TrainConfig:
             raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
         if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
             raise ValueError(f"replicas must be an int >= 1, got {self.replicas!r}")
+        self._check_processes()
         if self.sync_bn is None:  # synchronized BN by default whenever there are several replicas
             object.__setattr__(self, "sync_bn", self.replicas > 1)
         if self.batch_size % self.replicas:
@@ -90,6 +99,29 @@ class TrainConfig:
         if self.bn != "none" and not self.sync_bn and local < 2:
             raise ValueError(f"each replica's slice of a batch is {local} example(s); unsynchronized BatchNorm "
                              "needs at least 2 (use --sync-bn or a larger --batch-size)")  # fmt: skip
+
+    def _check_processes(self) -> None:
+        n, pid = self.num_processes, self.process_id
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_processes must be an int >= 1, got {n!r}")
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < n:
+            raise ValueError(f"process_id must be an int in [0, num_processes={n}), got {pid!r}")
+        t = self.join_timeout_s
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"join_timeout_s must be an int >= 1 (seconds), got {t!r}")
+        if n == 1:
+            if self.coordinator is not None:
+                raise ValueError("a coordinator address needs num_processes >= 2")
+            return
+        if self.backend != "jax":
+            raise ValueError("num_processes is the JAX backend's multi-process runtime; torch runs several "
+                             "processes with --replicas R or under torchrun")  # fmt: skip
+        host, _, port = (self.coordinator or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"coordinator must be HOST:PORT (process 0's address), got {self.coordinator!r}")
+        if self.replicas % n:
+            raise ValueError(f"replicas {self.replicas} must be a multiple of num_processes {n}: every process "
+                             "brings the same number of devices")  # fmt: skip
 
     def check_outputs(self) -> None:
         """Raise ``ValueError`` if ``plot`` or ``json`` cannot be written (see ``bnref._io``);
@@ -271,19 +303,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
                         "JAX devices (R host devices on a CPU); under torchrun, its WORLD_SIZE")  # fmt: skip
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="synchronized BatchNorm statistics across replicas (default: on when R > 1)")
+    jp = p.add_argument_group("multi-process JAX (jax.distributed.initialize; run one command per process)")
+    jp.add_argument("--coordinator", default=None, help="HOST:PORT where process 0 listens")
+    jp.add_argument("--num-processes", type=positive_int, default=1, help="number of processes (>= 2)")
+    jp.add_argument("--process-id", type=int, default=0, help="this process, in [0, --num-processes)")
+    jp.add_argument("--join-timeout", dest="join_timeout_s", type=positive_int, default=d.join_timeout_s,
+                    help="seconds to wait for every process to join; then JAX aborts the process")
     args = vars(p.parse_args(argv))
     launched = launched_world()
     if launched is not None and args["replicas"] not in (None, launched):
         p.error(f"--replicas {args['replicas']} contradicts the launcher's WORLD_SIZE={launched}")
-    args["replicas"] = args["replicas"] or launched or 1
+    args["replicas"] = args["replicas"] or launched or args["num_processes"]
     if launched is not None and args["backend"] != "torch":
         p.error("a torchrun launch trains with --backend torch")
     try:
         config = TrainConfig(**args)
         config.check_outputs()
         if config.backend == "jax" and config.replicas > 1:
-            provide_host_devices(config.replicas)
+            provide_host_devices(config.replicas // config.num_processes)  # on a CPU: this process's share
         backend = importlib.import_module(f"bnref.{config.backend}.train")
+        if config.num_processes > 1:
+            print(f"process {config.process_id} of {config.num_processes}: joining at {config.coordinator} "
+                  f"(JAX aborts the process if the others have not joined within {config.join_timeout_s} s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            backend.join_processes(config)
         backend.resolve_device(config.device)
         if config.backend == "jax" and config.replicas > 1:
             backend.replica_devices(config)
@@ -308,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     per-epoch metrics. A data problem (not found, corrupt, too small) is one line on stderr
     and exit status 1."""
     config = parse_args(argv)
-    say = print if launched_rank() in (None, 0) else (lambda *a, **k: None)  # under torchrun only rank 0 speaks
+    say = print if speaks(config) else (lambda *a, **k: None)  # several processes: only the first speaks
     say(config, flush=True)
     from bnref.data import DataNotFoundError, describe_source
 
@@ -340,6 +383,12 @@ def launched_rank() -> Optional[int]:
     if launched_world() is None:
         return None
     return int(os.environ["RANK"])
+
+
+def speaks(config: TrainConfig) -> bool:
+    """Whether this process prints and writes files: the only process, torchrun's rank 0, or
+    process 0 of a multi-process JAX run."""
+    return launched_rank() in (None, 0) and config.process_id == 0
 
 
 def cli() -> int:

@@ -125,3 +125,46 @@ def test_json_output_is_strict(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "NaN" not in out and "Infinity" not in out
     json.loads(out)
+
+
+def test_trajectory_replicas_needs_equal_slices_of_two(capsys):
+    with pytest.raises(SystemExit) as e:
+        parity.main(["--trajectory", "--replicas", "3"])  # batch 256
+    assert e.value.code == 2 and "--batch-size 256 must split into --replicas 3 equal slices" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="equal slices"):
+        parity.trajectory(1, batch_size=6, replicas=4)
+
+
+@pytest.fixture(scope="module")
+def lenet_state():
+    import torch
+
+    from bnref.torch.models import LeNetBN
+
+    torch.manual_seed(0)
+    return {k: v.numpy().copy() for k, v in LeNetBN(bn="bnref").state_dict().items()}
+
+
+@pytest.mark.parametrize("bad_run", ["torch_sync", "jax_sync", "torch_local"])
+def test_replica_trajectories_fail_on_a_non_finite_synchronized_run(monkeypatch, lenet_state, bad_run):
+    """A NaN in a synchronized run fails its checks; in a local run (reported, not checked) it is
+    shown and fails nothing, and no check passes on it either."""
+    import bnref.jax._runners as jr
+    import bnref.torch._runners as tr
+    from bnref import convert
+
+    losses = lambda name: np.array([2.3, np.nan if name == bad_run else 1.9, 1.5])  # noqa: E731
+    monkeypatch.setattr(tr, "run_ddp_trajectory", lambda *a, **k: [
+        {"losses": losses(f"torch_{m}"), "state": lenet_state} for m in ("sync", "local")])
+    monkeypatch.setattr(jr, "run_shard_map_trajectory", lambda *a, sync_bn, **k: {
+        "losses": losses("jax_sync" if sync_bn else "jax_local"), "variables": convert.torch_to_flax(lenet_state)})
+    rows = [{"step": i + 1, "loss_torch": x, "loss_jax": x} for i, x in enumerate((2.3, 1.9, 1.5))]
+    keys = list(lenet_state)
+    rep = parity.replica_trajectories(lenet_state, [None] * 3, rows, {"torch": lenet_state, "jax": lenet_state}, 2,
+                                      dtype="float32", lr=1.0, convention=parity.spec.preset("d2l"),
+                                      weight_keys=keys, stat_keys=keys)  # fmt: skip
+    bad = [c for c in rep["comparisons"] if bad_run in (c["left"], c["right"])]
+    assert bad and all(c["nonfinite_steps"] == [2] and c["passed"] is not True for c in bad)
+    assert rep["passed"] is (bad_run == "torch_local")
+    text = "\n".join(parity._format_replicas(rep, rows, 1))
+    assert "NaN or infinite at step 2" in text

@@ -184,3 +184,51 @@ def run_axis_name(shards, dys, gamma, beta, running_mean, running_var, conventio
                         "running_var": np.asarray(stats["var"], np.float64)})  # fmt: skip
         eval_y = back(module.apply({"params": params, "batch_stats": stats}, x, use_running_average=True))
         return {"steps": out, "eval_ys": [eval_y[r * n:(r + 1) * n] for r in range(replicas)]}
+
+
+# --- data parallel: LeNet-BN trained on R devices (python -m bnref.parity --trajectory --replicas R) ------
+
+
+def run_shard_map_trajectory(variables, batches, lr: float, dtype: str, convention: spec.Convention, replicas: int,
+                             sync_bn: bool = True):
+    """bnref.jax's LeNet-BN trained data-parallel on ``replicas`` CPU devices (``Mesh`` +
+    ``jax.shard_map``, :func:`bnref.jax.train.data_parallel_step`) from Flax ``variables``, SGD
+    (``lr``) in ``dtype``, on ``batches`` (uint8 images (B, 28, 28), labels (B,); ``replicas``
+    divides B), BN statistics synchronized with ``axis_name`` or each device's own.
+
+    Returns ``{"losses": (steps,) global mean loss per step, "variables"}``; with local BN the
+    returned statistics are the cross-replica mean (what Flax's examples evaluate with).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from bnref.jax import train as jtrain
+    from bnref.jax.models import LeNetBN
+
+    devices = jax.devices("cpu")
+    if len(devices) < replicas:
+        raise ValueError(f"{replicas} replicas need {replicas} JAX CPU devices; this process has {len(devices)} "
+                         "(set XLA_FLAGS=--xla_force_host_platform_device_count before JAX starts)")  # fmt: skip
+    with _x64(dtype):
+        jdt = jnp.dtype(dtype)
+        mesh = Mesh(np.array(devices[:replicas]), (jtrain.AXIS,))
+        model = LeNetBN(bn="bnref", convention=convention, dtype=jdt, param_dtype=jdt,
+                        axis_name=jtrain.AXIS if sync_bn else None)  # fmt: skip
+        cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jdt), tree)  # noqa: E731
+        state = jtrain.TrainState.create(apply_fn=model.apply, params=cast(variables["params"]),
+                                         batch_stats=cast(variables["batch_stats"]), tx=optax.sgd(lr))  # fmt: skip
+        params, opt_state, stats = jtrain.replicate_state(state, mesh, sync_bn)
+        sharded, replicated = NamedSharding(mesh, P(jtrain.AXIS)), NamedSharding(mesh, P())
+        totals = jax.device_put(jnp.zeros(2, jdt), replicated)
+        step = jtrain.data_parallel_step(model, state.tx, mesh, len(batches[0][0]), sync_bn)
+        losses = []
+        for images, labels in batches:
+            X = jax.device_put(jnp.asarray(jtrain.prepare_images(images), jdt), sharded)
+            y = jax.device_put(jnp.asarray(labels, jnp.int32), sharded)
+            params, opt_state, stats, totals, loss = step(params, opt_state, stats, totals, X, y)
+            losses.append(float(loss))  # one step in flight (see bnref.jax.train._fit_replicated)
+        if not sync_bn:
+            stats = jax.tree.map(lambda a: a.mean(0), stats)
+        return {"losses": np.array(losses), "variables": jax.device_get({"params": params, "batch_stats": stats})}

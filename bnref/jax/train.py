@@ -48,6 +48,10 @@ __all__ = [
     "train_step",
     "eval_step",
     "fit",
+    "replica_devices",
+    "join_processes",
+    "replicate_state",
+    "data_parallel_step",
 ]
 
 
@@ -173,6 +177,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
     ``config.epochs`` epochs; ``on_epoch(metrics)`` after each; returns all metrics.
     ``config.replicas > 1``: data parallel over that many devices (:func:`_fit_replicated`)."""
     if config.replicas > 1:
+        join_processes(config)  # a no-op unless this is one process of several (and has not joined yet)
         return _fit_replicated(config, data, on_epoch)
     device = resolve_device(config.device)
     model = make_model(config)
@@ -212,12 +217,27 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
 
 AXIS = "batch"  # the mesh axis replicas are laid out along
 
+def join_processes(config) -> None:
+    """Join a multi-process JAX run (``config.coordinator``, ``num_processes``, ``process_id``):
+    ``jax.distributed.initialize``, with CPU collectives across processes over gloo (the CPU's
+    only cross-process implementation; GPUs use NCCL regardless). Must run before anything
+    starts JAX's backends. A process whose peers do not join within ``config.join_timeout_s``
+    is aborted by JAX (DEADLINE_EXCEEDED, exit status 134): it never hangs."""
+    if config.num_processes == 1 or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
+                               process_id=config.process_id, initialization_timeout=config.join_timeout_s)  # fmt: skip
+
 
 def replica_devices(config) -> List[jax.Device]:
     """``config.replicas`` devices of ``config.device``'s platform, or ``ValueError`` saying how
     many there are (on a CPU the CLI provides host devices before JAX starts)."""
     platform = resolve_device(config.device).platform
-    devices = jax.devices(platform)
+    devices = jax.devices(platform)  # every process's, in a multi-process run
+    if jax.process_count() > 1 and len(devices) != config.replicas:
+        raise ValueError(f"--replicas {config.replicas} must be every device of the {jax.process_count()} processes: "
+                         f"they have {len(devices)} {platform} devices")  # fmt: skip
     if len(devices) < config.replicas:
         hint = (" (on a CPU, `python -m bnref.train --replicas R` provides R host devices itself, as long as "
                 "JAX has not started in that process yet)") if platform == "cpu" else ""  # fmt: skip
@@ -254,6 +274,36 @@ def _replicated_step(model, tx, batch_size: int, replicas: int, sync: bool):
     return step
 
 
+def replicate_state(state: TrainState, mesh, sync: bool):
+    """``(params, opt_state, batch_stats)`` of ``state`` laid out on ``mesh`` for
+    :func:`data_parallel_step`: parameters and optimizer state replicated; the statistics
+    replicated when ``sync``, else one copy per device along the mesh axis (leading axis R)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    params, opt_state = jax.device_put((state.params, state.opt_state), NamedSharding(mesh, P()))
+    stats = state.batch_stats
+    if not sync:
+        stats = jax.tree.map(lambda a: jnp.broadcast_to(a, (mesh.size,) + a.shape), stats)
+    return params, opt_state, jax.device_put(stats, NamedSharding(mesh, P() if sync else P(AXIS)))
+
+
+def data_parallel_step(model, tx, mesh, batch_size: int, sync: bool):
+    """The jitted data-parallel SGD step over ``mesh`` (one axis, :data:`AXIS`):
+    ``step(params, opt_state, stats, totals, X, y) -> (params, opt_state, stats, totals, loss)``
+    with ``X``, ``y`` the global batch sharded along the axis, ``loss`` the global batch's mean
+    and ``totals`` += (loss sum, number correct). ``model`` has ``axis_name=AXIS`` when ``sync``;
+    the state comes from :func:`replicate_state`; the first four arguments are donated."""
+    from jax.sharding import PartitionSpec as P
+
+    stats_spec = P() if sync else P(AXIS)
+    return jax.jit(
+        jax.shard_map(_replicated_step(model, tx, batch_size, mesh.size, sync), mesh=mesh,
+                      in_specs=(P(), P(), stats_spec, P(), P(AXIS), P(AXIS)),
+                      out_specs=(P(), P(), stats_spec, P(), P())),
+        donate_argnums=(0, 1, 2, 3),
+    )  # fmt: skip
+
+
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def _gather_batch(X_all, y_all, perm, i, *, batch_size: int):
     idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)  # (B,) example indices
@@ -274,54 +324,92 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict
     replicated = NamedSharding(mesh, P())
     sync = bool(config.sync_bn)
     model = LeNetBN(bn=config.bn, convention=config.bn_convention, axis_name=AXIS if sync else None)
-    # The dataset stays on the first device (not R copies of 188 MB); each global batch is
-    # gathered there and laid out along the mesh, a consecutive slice per device.
-    X_train = jax.device_put(prepare_images(data.train_images), devices[0])
-    y_train = jax.device_put(np.asarray(data.train_labels, np.int32), devices[0])
     sharded = NamedSharding(mesh, P(AXIS))
+    batches_of = _batches_on_mesh(data, sharded, devices)
     X_test, y_test = jnp.asarray(prepare_images(data.test_images)), jnp.asarray(np.asarray(data.test_labels, np.int32))
     state = create_train_state(LeNetBN(bn=config.bn, convention=config.bn_convention), jax.random.key(config.seed),
-                               config.lr, X_train[:1])  # fmt: skip
-    params, opt_state = jax.device_put((state.params, state.opt_state), replicated)
-    stats = state.batch_stats
-    stats_spec = P() if sync else P(AXIS)
-    if not sync:  # one copy per device, laid out along the mesh axis
-        stats = jax.tree.map(lambda a: jnp.broadcast_to(a, (config.replicas,) + a.shape), stats)
-    stats = jax.device_put(stats, NamedSharding(mesh, stats_spec))
-    step = jax.jit(
-        jax.shard_map(_replicated_step(model, state.tx, config.batch_size, config.replicas, sync), mesh=mesh,
-                      in_specs=(P(), P(), stats_spec, P(), P(AXIS), P(AXIS)),
-                      out_specs=(P(), P(), stats_spec, P(), P())),
-        donate_argnums=(0, 1, 2, 3),
-    )  # fmt: skip
-    n = int(X_train.shape[0])
+                               config.lr, prepare_images(data.train_images[:1]))  # fmt: skip
+    params, opt_state, stats = replicate_state(state, mesh, sync)
+    step = data_parallel_step(model, state.tx, mesh, config.batch_size, sync)
+    cross_replica_mean = jax.jit(lambda s: jax.tree.map(lambda a: a.mean(0), s), out_shardings=replicated)
+    n = len(data.train_labels)
     batches = batch_slices(n, config.batch_size)
     seen = sum(size for _, size in batches)
     history = []
     for epoch in range(1, config.epochs + 1):
-        perm = jax.device_put(epoch_permutation(config.seed, epoch, n), devices[0])
+        global_batch = batches_of(epoch_permutation(config.seed, epoch, n))
         totals = jax.device_put(jnp.zeros(2, jnp.float32), replicated)
         losses = []
         t0 = time.perf_counter()
         for start, size in batches:
-            Xb, yb = _gather_batch(X_train, y_train, perm, start // size, batch_size=size)  # on the first device
-            Xb, yb = jax.device_put((Xb, yb), sharded)  # consecutive slices, one per device
+            Xb, yb = global_batch(start // size, size)  # consecutive slices, one per device
             params, opt_state, stats, totals, loss = step(params, opt_state, stats, totals, Xb, yb)
             losses.append(loss)
             # Bound the steps in flight: on a CPU each device's collective holds a thread of a
             # pool as small as the core count while it waits for the others, and with hundreds
             # of steps queued the devices' threads blocked each other until XLA's 40 s
             # rendezvous limit aborted the process (full Fashion-MNIST, R = 2, 2 cores).
-            loss.block_until_ready()
-        loss_sum, correct = (float(v) for v in np.asarray(totals))
-        step_losses = np.asarray(jnp.stack(losses), np.float64).tolist()
+            _wait(loss, epoch, len(losses))
+        loss_sum, correct = (float(v) for v in _local_copy(totals))
+        step_losses = [float(_local_copy(v)) for v in losses]
         seconds = time.perf_counter() - t0
-        eval_stats = stats if sync else jax.tree.map(lambda a: a.mean(0), stats)  # cross-replica mean
-        eval_state = state.replace(params=jax.device_get(params), batch_stats=jax.device_get(eval_stats))
-        test_acc = evaluate(eval_state, X_test, y_test)
-        m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, test_acc,
-                          f"{config.replicas} x {devices[0].platform}")  # fmt: skip
+        eval_stats = stats if sync else cross_replica_mean(stats)
+        eval_state = state.replace(params=jax.tree.map(_local_copy, params), batch_stats=jax.tree.map(_local_copy, eval_stats))
+        test_acc = evaluate(eval_state, X_test, y_test)  # every process, on its own first device
+        where = f"{config.replicas} x {devices[0].platform}"
+        if jax.process_count() > 1:
+            where += f" in {jax.process_count()} processes"
+        m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, test_acc, where)
         m["step_losses"] = step_losses
-        history.append(m)
-        on_epoch(m)
+        if jax.process_index() == 0:  # several processes: the first reports (they all hold the same numbers)
+            history.append(m)
+            on_epoch(m)
     return history
+
+
+def _wait(loss, epoch: int, step: int) -> None:
+    """Wait for a step; in a multi-process run, a collective that failed (a peer died: "Connection
+    reset by peer") becomes an error naming this process, the epoch and the step."""
+    try:
+        loss.block_until_ready()
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        raise RuntimeError(f"process {jax.process_index()} of {jax.process_count()}: epoch {epoch}, step {step} failed "
+                           f"(did another process die?): {str(e).splitlines()[0]}") from e  # fmt: skip
+
+
+def _local_copy(a) -> np.ndarray:
+    """This process's copy of a replicated array (every process of a multi-process run holds one)."""
+    return np.asarray(a.addressable_data(0))
+
+
+def _batches_on_mesh(data, sharded, devices):
+    """``batches_of(perm) -> global_batch(i, size)``: rows ``perm[i*size:(i+1)*size]`` of the
+    training set (``perm``: an epoch's example order) as two arrays laid out along the mesh, a
+    consecutive slice per device.
+
+    One process: the dataset stays on the first device (not R copies of 188 MB) and each batch is
+    gathered there, then laid out. Several processes: every process holds the dataset on the
+    host (it loaded it) and gives each of its devices that device's slice of the batch."""
+    if jax.process_count() == 1:
+        X_train = jax.device_put(prepare_images(data.train_images), devices[0])
+        y_train = jax.device_put(np.asarray(data.train_labels, np.int32), devices[0])
+
+        def batches_of(perm):
+            perm = jax.device_put(perm, devices[0])
+            return lambda i, size: jax.device_put(_gather_batch(X_train, y_train, perm, i, batch_size=size), sharded)
+
+        return batches_of
+    X_host, y_host = prepare_images(data.train_images), np.asarray(data.train_labels, np.int32)
+
+    def batches_of(perm):
+        def global_batch(i, size):
+            idx = perm[i * size : (i + 1) * size]
+            Xb, yb = X_host[idx], y_host[idx]
+            return (jax.make_array_from_callback(Xb.shape, sharded, lambda index: Xb[index]),
+                    jax.make_array_from_callback(yb.shape, sharded, lambda index: yb[index]))  # fmt: skip
+
+        return global_batch
+
+    return batches_of

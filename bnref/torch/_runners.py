@@ -153,3 +153,51 @@ def run_sync(shards, dys, gamma, beta, running_mean, running_var, convention: sp
     args = (shards, dys, gamma, beta, running_mean, running_var, convention, steps, layer, dtype)
     return launch(_sync_worker, len(shards), args, backend="gloo", timeout_s=timeout_s, threads=1,
                   deadline_s=4 * timeout_s)
+
+
+# --- data parallel: LeNet-BN trained by R DDP processes (python -m bnref.parity --trajectory --replicas R) ----
+
+
+def _trajectory_worker(rank, world, send, state, batches, lr, dtype, convention, modes):
+    """One replica of data-parallel LeNet-BN runs, one per entry of ``modes`` (``True``:
+    synchronized BN, ``False``: local), each from ``state`` (a torch-layout state_dict of NumPy
+    arrays) in ``dtype``: DDP, SGD(``lr``), each global batch split into ``world`` equal
+    consecutive slices. Rank 0 returns, per run, the global batch's mean loss per step and the
+    final state (running statistics: rank 0's, which DDP gives every replica at each forward when
+    BN is not synchronized)."""
+    from bnref.torch import train as ttrain
+    from bnref.torch.models import LeNetBN
+
+    cpu = torch.device("cpu")
+    runs = []
+    for sync_bn in modes:
+        model = LeNetBN(bn="bnref", convention=convention).to(_DTYPES[dtype])
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+        model, net = ttrain.data_parallel(model, cpu, sync_bn)
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+        losses = []
+        for images, labels in batches:
+            local = len(images) // world
+            mine = slice(rank * local, (rank + 1) * local)
+            X, y = ttrain.load_tensors(images[mine], labels[mine], cpu)
+            losses.append(ttrain.train_step(net, optimizer, X.to(_DTYPES[dtype]), y))
+        losses = torch.stack(losses).double()  # (steps,) this replica's mean loss
+        torch.distributed.all_reduce(losses)
+        losses /= world  # equal slices: the global batch's mean loss
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+        runs.append({"losses": losses.numpy(), "state": {k: _numpy(v) for k, v in model.state_dict().items()}})
+    return runs if rank == 0 else None
+
+
+def run_ddp_trajectory(state, batches, lr: float, dtype: str, convention: spec.Convention, replicas: int,
+                       modes=(True, False), timeout_s: float = 120.0):
+    """LeNet-BN trained with DDP on ``replicas`` gloo processes from ``state`` on ``batches`` (a
+    list of (uint8 images (B, 28, 28), labels (B,)) with ``replicas`` dividing B), once per entry
+    of ``modes`` (synchronized BN or not) in the same processes: a list of ``{"losses" (steps,),
+    "state"}`` (see :func:`_trajectory_worker`)."""
+    from bnref.torch.distributed import launch
+
+    args = (state, batches, lr, dtype, convention, tuple(modes))
+    return launch(_trajectory_worker, replicas, args, backend="gloo", timeout_s=timeout_s,
+                  deadline_s=10 * timeout_s)[0]  # fmt: skip
