@@ -96,6 +96,12 @@ counts (:func:`merge_stats`), the backward needing only two global per-channel s
 :func:`local_batch_norm_train`, each replica on its own shard with its own running average.
 The derivation is in the comment above those functions.
 
+Evaluation statistics
+---------------------
+The running averages trail weights that move; :func:`batch_average_stats` (fvcore's PreciseBN,
+``torch.optim.swa_utils.update_bn``) and :func:`population_stats` (what inference sees) recompute
+them with the weights fixed. Both, and how they differ, in the comment above those functions.
+
 Validation
 ----------
 Bad input raises :class:`ValueError` naming the problem (:class:`TypeError` for complex
@@ -131,6 +137,8 @@ __all__ = [
     "sync_batch_norm_train",
     "sync_batch_norm_grad",
     "local_batch_norm_train",
+    "batch_average_stats",
+    "population_stats",
 ]
 
 RunningVar = Literal["biased", "unbiased"]
@@ -503,14 +511,14 @@ def merge_stats(counts, means, m2s):
     return n, mean, m2 / n
 
 
-def _check_shards(shards, axis):
+def _check_shards(shards, axis, what: str = "shard"):
     if len(shards) < 1:
-        raise ValueError("need at least one shard")
-    shards = [_as_real_array(s, "shard") for s in shards]
+        raise ValueError(f"need at least one {what}")
+    shards = [_as_real_array(s, what) for s in shards]
     ax = _channel_axis(shards[0].ndim, axis)
     for r, s in enumerate(shards):
         if s.ndim != shards[0].ndim or s.shape[ax] != shards[0].shape[ax]:
-            raise ValueError(f"shard {r} has shape {s.shape}; every shard must have shard 0's rank and "
+            raise ValueError(f"{what} {r} has shape {s.shape}; every {what} must have {what} 0's rank and "
                              f"{shards[0].shape[ax]} channels")  # fmt: skip
     return shards
 
@@ -598,3 +606,58 @@ def local_batch_norm_train(shards, gamma, beta, running_means, running_vars, con
         raise ValueError("one running mean and one running variance per replica")
     out = [batch_norm_train(s, gamma, beta, m, v, convention, axis) for s, m, v in zip(shards, running_means, running_vars)]
     return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+
+# --- which statistics evaluation uses: precise BN --------------------------------------------------
+#
+# The running averages are an EMA of batch statistics taken while the weights moved: at lr 1.0
+# they trail the network that is evaluated (measured on LeNet-BN: bn3's running variance up to
+# 6.7x its population variance after 19 steps). "Precise BN" recomputes them with the weights
+# fixed, over many batches, in one of two ways that exist in practice:
+#
+# (a) batch average (fvcore's PreciseBN, torch.optim.swa_utils.update_bn): every layer in
+#     training mode, the average over K batches of each batch's mean and of each batch's
+#     variance, each batch weighted equally, the variance with the layer's running-variance
+#     estimator (torch.nn and fvcore: unbiased). One pass over the batches for all layers.
+# (b) population: the exact mean and (biased) variance of the layer's input over all the values
+#     of the K batches, with the layers below in EVALUATION mode using their own population
+#     statistics: what inference actually feeds the layer. Layer by layer, bottom-up (a layer's
+#     input depends on the statistics chosen below it): one pass per BN layer.
+#
+# How they differ, for one layer whose input is the same in both (the lowest BN layer): with
+# equal batch sizes the law of total variance gives
+#     population var = mean over batches of the biased batch variance + variance of the batch means,
+# so (a)'s biased variance is smaller by the between-batch variance of the means (about var/m
+# for m values per channel per batch, i.i.d.), and Bessel's correction (unbiased) adds about
+# that much back. Above the lowest layer they also see different inputs: (a) normalizes the
+# layers below with each batch's own statistics, (b) with fixed ones, as inference does.
+
+
+def batch_average_stats(batches, convention: "Convention | str", axis: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """Variant (a): ``(mean, var)`` per channel, the equally weighted average over ``batches``
+    (one layer's inputs, each computed with the network in training mode) of each batch's mean
+    and variance, the variance biased or unbiased as ``convention.running_var`` says (the
+    estimator the layer feeds its running average; torch.nn's: unbiased). Every batch needs at
+    least 2 values per channel."""
+    convention = _resolve(convention)
+    batches = _check_shards(batches, axis, "batch")
+    means, variances = [], []
+    for k, b in enumerate(batches):
+        n = _values_per_channel(b, _channel_axis(b.ndim, axis))
+        if n < 2:
+            raise ValueError(f"batch {k} has {n} value(s) per channel; a batch variance needs at least 2")
+        mean, var = batch_stats(b, axis)
+        means.append(mean)
+        variances.append(var * (n / (n - 1)) if convention.running_var == "unbiased" else var)
+    return np.mean(means, axis=0), np.mean(variances, axis=0)
+
+
+def population_stats(batches, axis: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """Variant (b): ``(mean, var)`` per channel, the exact mean and biased variance of all the
+    values in ``batches`` (one layer's inputs, computed with the layers below in evaluation
+    mode), merged batch by batch with counts (:func:`merge_stats`): no ``E[x^2] - E[x]^2``
+    cancellation, batch sizes may differ."""
+    batches = _check_shards(batches, axis, "batch")
+    stats = [shard_stats(b, axis) for b in batches]
+    _, mean, var = merge_stats([s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats])
+    return mean, var

@@ -349,3 +349,57 @@ def test_empty_batch_normalizes_nothing_and_keeps_the_running_statistics():
     assert dx.shape == x.shape and not dgamma.any() and not dbeta.any()
     with pytest.raises(ValueError, match="more than 1 value per channel"):  # one value stays an error
         spec.batch_norm_train(np.zeros((1, 3)), None, None, rm, rv, spec.TORCH)
+
+
+# --- precise BN: the two population-statistics variants ----------------------------------------
+
+
+def _precise_batches(sizes=(5, 7, 3), c=3, offset=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return [offset + np.arange(c).reshape(1, c, 1) + rng.standard_normal((n, c, 4)) * (1 + np.arange(c)).reshape(1, c, 1)
+            for n in sizes]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["d2l", "torch"])
+def test_batch_average_stats_is_the_mean_of_the_batch_statistics(preset):
+    batches = _precise_batches()
+    mean, var = spec.batch_average_stats(batches, preset)
+    ddof = 1 if spec.preset(preset).running_var == "unbiased" else 0
+    per_batch = [b.transpose(1, 0, 2).reshape(3, -1) for b in batches]  # (C, n) each
+    np.testing.assert_allclose(mean, np.mean([p.mean(1) for p in per_batch], axis=0), rtol=1e-13)
+    np.testing.assert_allclose(var, np.mean([p.var(1, ddof=ddof) for p in per_batch], axis=0), rtol=1e-13)
+
+
+def test_population_stats_are_those_of_the_concatenated_values_even_far_from_zero():
+    for offset in (0.0, 1e8):
+        batches = _precise_batches(offset=offset)
+        allv = np.concatenate(batches).transpose(1, 0, 2).reshape(3, -1)
+        mean, var = spec.population_stats(batches)
+        np.testing.assert_allclose(mean, allv.mean(1), rtol=1e-14)
+        np.testing.assert_allclose(var, ((allv - allv.mean(1, keepdims=True)) ** 2).mean(1), rtol=1e-7)
+    one_pass = (allv**2).mean(1) - allv.mean(1) ** 2  # what a sum-of-squares accumulator would give at 1e8
+    assert np.max(np.abs(one_pass - var) / var) > 1e-2
+    nhwc = [np.moveaxis(b, 1, -1) for b in _precise_batches()]
+    np.testing.assert_allclose(spec.population_stats(nhwc, axis=-1), spec.population_stats(_precise_batches()))
+
+
+def test_the_variants_differ_by_the_variance_of_the_batch_means():
+    """Law of total variance, equal batch sizes: population var = mean biased batch var + var of means."""
+    batches = _precise_batches(sizes=(6, 6, 6, 6))
+    pop_mean, pop_var = spec.population_stats(batches)
+    avg_mean, avg_var = spec.batch_average_stats(batches, "d2l")  # biased
+    means = np.array([spec.batch_stats(b)[0] for b in batches])  # (K, C)
+    np.testing.assert_allclose(pop_mean, avg_mean, rtol=1e-13)
+    np.testing.assert_allclose(pop_var, avg_var + means.var(0), rtol=1e-12)
+    assert np.all(avg_var < pop_var)
+
+
+def test_precise_stats_bad_input():
+    with pytest.raises(ValueError, match="at least one batch"):
+        spec.population_stats([])
+    with pytest.raises(ValueError, match="batch 1 has shape"):
+        spec.population_stats([np.zeros((2, 3)), np.zeros((2, 4))])
+    with pytest.raises(ValueError, match="batch 0 has 1 value"):
+        spec.batch_average_stats([np.zeros((1, 3))], "d2l")
+    with pytest.raises(TypeError):
+        spec.population_stats([np.zeros((2, 3), complex)])

@@ -1,5 +1,6 @@
 """bnref's JAX/Flax backend: ``batch_norm`` (pure function), ``BatchNorm`` (flax.linen drop-in),
-``LeNetBN`` (the seed's model in NHWC).
+``LeNetBN`` (the seed's model in NHWC), ``precise_batch_stats`` (BN statistics recomputed with
+the weights fixed, for any Flax model).
 
 Mirror of ``bnref.torch``: the functional core ``batch_norm`` returns the new running statistics
 instead of mutating them; the ``flax.linen`` module keeps them in the ``batch_stats`` collection.
@@ -12,5 +13,6 @@ This subpackage is called ``jax``; its modules import the real library with abso
 from bnref.jax.functional import batch_norm
 from bnref.jax.layers import BatchNorm
 from bnref.jax.models import LeNetBN
+from bnref.jax.precise import precise_batch_stats
 
-__all__ = ["batch_norm", "BatchNorm", "LeNetBN"]
+__all__ = ["batch_norm", "BatchNorm", "LeNetBN", "precise_batch_stats"]

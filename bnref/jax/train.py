@@ -207,12 +207,28 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
             losses.append(loss)
         loss_sum, correct = (float(v) for v in np.asarray(totals))  # the one sync per epoch
         seconds = time.perf_counter() - t0
+        precise, t1 = None, time.perf_counter()
+        if config.precise_bn:
+            precise = _precise_test_acc(config, model, state, X_train, np.asarray(perm), X_test, y_test)
         m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, evaluate(state, X_test, y_test),
-                          device_name(device))  # fmt: skip
+                          device_name(device), test_acc_precise=precise, precise_seconds=time.perf_counter() - t1)  # fmt: skip
         m["step_losses"] = np.asarray(jnp.stack(losses), np.float64).tolist()
         history.append(m)
         on_epoch(m)
     return history
+
+
+def _precise_test_acc(config, model, state: TrainState, X_train, perm: np.ndarray, X_test, y_test) -> float:
+    """Test accuracy with ``batch_stats`` recomputed over the epoch's training batches
+    (:func:`bnref.jax.precise_batch_stats`); ``state`` keeps its running averages, so training
+    goes on exactly as without precise BN."""
+    from bnref.jax.precise import precise_batch_stats
+    from bnref.train import precise_batch_indices
+
+    batches = [X_train[jnp.asarray(i)] for i in precise_batch_indices(config, perm)]
+    stats = precise_batch_stats(model, {"params": state.params, "batch_stats": state.batch_stats}, batches,
+                                variant=config.precise_variant, progress=config.progress)  # fmt: skip
+    return evaluate(state.replace(batch_stats=stats), X_test, y_test)
 
 
 AXIS = "batch"  # the mesh axis replicas are laid out along

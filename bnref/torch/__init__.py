@@ -6,12 +6,16 @@
   ``torch.nn.BatchNorm*d`` with an extra ``convention=`` keyword.
 - :class:`SyncBatchNorm`: BatchNorm over the global batch of a ``torch.distributed`` group (CPU
   and GPU), ``SyncBatchNorm.convert_sync_batchnorm`` for bnref's and torch.nn's layers.
+- :func:`precise_bn`: recompute every BN layer's running statistics with the weights fixed
+  (the spec's population or batch-average variant), for any module.
 - :class:`LeNetBN`: the seed's LeNet with BatchNorm; ``bnref.torch.train`` trains it.
 """
 
 from bnref.torch.functional import resolve_convention, batch_norm
 from bnref.torch.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnref.torch.models import LeNetBN
+from bnref.torch.precise import precise_bn
 from bnref.torch.sync import SyncBatchNorm
 
-__all__ = ["batch_norm", "resolve_convention", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LeNetBN"]
+__all__ = ["batch_norm", "resolve_convention", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LeNetBN",
+           "precise_bn"]

@@ -234,8 +234,11 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
             _sync(device)
             seconds = time.perf_counter() - t0
             test_acc = _evaluate_shared(model, X_test, y_test, rank, world)
+            t1 = time.perf_counter()
+            precise = _precise_test_acc(config, model, X_train, perm, X_test, y_test) if config.precise_bn else None
             where = str(device) if world == 1 else f"{world} x {device.type}"
-            m = epoch_metrics(config, epoch, float(totals[0]), float(totals[1]), int(totals[2]), seconds, test_acc, where)
+            m = epoch_metrics(config, epoch, float(totals[0]), float(totals[1]), int(totals[2]), seconds, test_acc, where,
+                              test_acc_precise=precise, precise_seconds=time.perf_counter() - t1)  # fmt: skip
             m["step_losses"] = step_losses.tolist()
             history.append(m)
             if rank == 0:
@@ -255,6 +258,23 @@ def data_parallel(model: nn.Module, device: torch.device, sync_bn: bool) -> Tupl
     if sync_bn:
         model = SyncBatchNorm.convert_sync_batchnorm(model)
     return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _precise_test_acc(config, model, X_train, perm, X_test, y_test) -> float:
+    """Test accuracy with BN statistics recomputed over the epoch's training batches
+    (:func:`bnref.torch.precise_bn`); the running averages are put back afterwards, so training
+    goes on exactly as without precise BN."""
+    from bnref.torch.precise import precise_bn
+    from bnref.train import precise_batch_indices
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = precise_batch_indices(config, perm.cpu().numpy())
+    try:
+        precise_bn(model, [X_train[torch.from_numpy(i).to(X_train.device)] for i in idx], variant=config.precise_variant,
+                   progress=config.progress)  # fmt: skip
+        return evaluate(model, X_test, y_test)
+    finally:
+        model.load_state_dict(saved)
 
 
 def _evaluate_shared(model, X, y, rank: int, world: int) -> float:

@@ -1,0 +1,188 @@
+"""Precise BatchNorm statistics for any Flax model: :func:`precise_batch_stats`.
+
+The JAX twin of :func:`bnref.torch.precise_bn`: new ``batch_stats`` for every BN layer of a
+``flax.linen`` model (``flax.linen.BatchNorm`` and ``bnref.jax.BatchNorm``), recomputed with the
+weights fixed over ``batches``, in one of the two variants :mod:`bnref.spec` defines:
+
+- ``"population"`` (:func:`bnref.spec.population_stats`): the exact mean and biased variance of
+  each layer's input over all the batches' values, the model applied in evaluation mode with
+  the new statistics of the layers below; bottom-up, one pass per layer. Each pass is a jitted
+  function returning only the measured layer's input moments, so XLA drops the layers above it.
+- ``"batch_average"`` (:func:`bnref.spec.batch_average_stats`): the model in training mode, the
+  equally weighted average of each batch's mean and variance, the variance with the layer's own
+  estimator (flax.linen: biased; bnref.jax: its convention's); one pass.
+
+The layers' inputs are observed with ``flax.linen.intercept_methods``, so nothing in the model
+changes. Per-batch moments are computed two-pass on the device, and merged across batches on the
+host in float64 with counts (:func:`bnref.spec.merge_stats`). The returned statistics keep each leaf's dtype; ``variables`` is
+not modified.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnref import spec
+from bnref.jax.layers import BatchNorm as BnrefBatchNorm
+
+__all__ = ["VARIANTS", "precise_batch_stats"]
+
+#: the variants, the default first
+VARIANTS = ("population", "batch_average")
+_BN_TYPES = (nn.BatchNorm, BnrefBatchNorm)
+
+
+def _feature_axes(module, ndim: int) -> Tuple[int, ...]:
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    return tuple(sorted(a % ndim for a in axis))
+
+
+def _moments(module, x):
+    """``(n, mean, M2)`` of ``x`` per feature of ``module`` (two-pass, float32 at least)."""
+    features = _feature_axes(module, x.ndim)
+    reduce = tuple(a for a in range(x.ndim) if a not in features)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = x.mean(reduce)
+    d = x - jnp.expand_dims(mean, reduce)
+    n = int(np.prod([x.shape[a] for a in reduce]))
+    return n, mean, (d * d).sum(reduce)
+
+
+def _unbiased(module) -> bool:
+    return isinstance(module, BnrefBatchNorm) and module.resolved_convention().running_var == "unbiased"
+
+
+def _recording(store: Dict):
+    """An interceptor that records each BN layer's ``(module, moments of its input)`` by path."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name == "__call__" and isinstance(m, _BN_TYPES) and not m.is_initializing():
+            store.setdefault(tuple(m.path), (m, _moments(m, args[0])))
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+def _inputs(batch):
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _bar(batches, desc: str, progress: bool):
+    if not progress:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=desc, leave=False, unit="batch", disable=None)
+
+
+def _host(moments):
+    n, mean, m2 = moments
+    return n, np.asarray(mean, np.float64), np.asarray(m2, np.float64)
+
+
+def _set(stats, path, mean, var):
+    """``stats`` (a nested dict) with ``path``'s ``mean`` and ``var`` replaced, dtypes kept."""
+    stats = flax.core.unfreeze(stats)
+    leaf = stats
+    for name in path:
+        leaf = leaf[name]
+    leaf["mean"] = jnp.asarray(mean, leaf["mean"].dtype)
+    leaf["var"] = jnp.asarray(var, leaf["var"].dtype)
+    return stats
+
+
+def precise_batch_stats(
+    module: nn.Module,
+    variables: Dict[str, Any],
+    batches: Iterable,
+    *,
+    variant: str = "population",
+    train_kwargs: Optional[Dict[str, Any]] = None,
+    eval_kwargs: Optional[Dict[str, Any]] = None,
+    progress: bool = False,
+):
+    """New ``batch_stats`` for every BN layer of ``module`` over ``batches``.
+
+    ``variables``: ``{"params": ..., "batch_stats": ...}``. ``batches``: the inputs (arrays, or
+    ``(inputs, ...)`` tuples); ``"population"`` goes over them once per BN layer, so they must be
+    re-iterable (a list), not a one-shot iterator. ``train_kwargs`` / ``eval_kwargs``: what
+    ``module.apply`` takes to run in training / evaluation mode (default ``{"train": True}`` /
+    ``{"train": False}``, as bnref's and Flax's example models; a bare ``flax.linen.BatchNorm``
+    wants ``{"use_running_average": False}`` / ``True``). Returns the new ``batch_stats`` (a
+    new tree of the same structure); ``ValueError`` for an unknown variant, no batches, a
+    one-shot iterator for ``"population"``, or a model with no BN layer.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "population" and iter(batches) is batches:
+        raise ValueError("the population variant goes over the batches once per BN layer: pass a list, not a "
+                         "one-shot iterator")  # fmt: skip
+    batches = list(batches) if variant == "batch_average" else batches
+    if not any(True for _ in batches):
+        raise ValueError("precise BN needs at least one batch")
+    train_kwargs = {"train": True} if train_kwargs is None else dict(train_kwargs)
+    eval_kwargs = {"train": False} if eval_kwargs is None else dict(eval_kwargs)
+    stats = variables.get("batch_stats")
+    if not stats:
+        raise ValueError("the variables have no batch_stats: the model has no BatchNorm layer")
+
+    def observe(kwargs, mutable):
+        def run(variables, x):
+            store: Dict = {}
+            with nn.intercept_methods(_recording(store)):
+                module.apply(variables, x, mutable=mutable, **kwargs)
+            return {path: moments for path, (_, moments) in store.items()}, {p: m for p, (m, _) in store.items()}
+
+        return run
+
+    if variant == "batch_average":
+        return _batch_average(observe(train_kwargs, ["batch_stats"]), variables, batches, progress)
+    return _population(observe(eval_kwargs, False), variables, batches, progress)
+
+
+def _layers(run, variables, x):
+    """The BN layers ``run`` meets, in call order: ``{path: module}``."""
+    _, modules = run(variables, x)  # traced once, eagerly: cheap next to the passes
+    if not modules:
+        raise ValueError("no flax.linen.BatchNorm or bnref.jax.BatchNorm layer was called by the model")
+    return modules
+
+
+def _batch_average(run, variables, batches, progress):
+    modules = _layers(run, variables, jnp.asarray(_inputs(batches[0])))
+    step = jax.jit(lambda v, x: run(v, x)[0])
+    sums: Dict = {}
+    for batch in _bar(batches, "precise BN (batch average)", progress):
+        for path, moments in step(variables, jnp.asarray(_inputs(batch))).items():
+            n, mean, m2 = _host(moments)
+            if n < 2:
+                raise ValueError(f"layer {'/'.join(path)} got {n} value(s) per feature; a batch variance needs 2")
+            var = m2 / (n - 1) if _unbiased(modules[path]) else m2 / n
+            k, sm, sv = sums.get(path, (0, 0.0, 0.0))
+            sums[path] = (k + 1, sm + mean, sv + var)
+    stats = variables["batch_stats"]
+    for path, (k, sm, sv) in sums.items():
+        stats = _set(stats, path, sm / k, sv / k)
+    return stats
+
+
+def _population(run, variables, batches, progress):
+    modules = _layers(run, variables, jnp.asarray(_inputs(next(iter(batches)))))
+    stats = variables["batch_stats"]
+    for k, path in enumerate(modules, start=1):
+        # Only this layer's moments are returned: XLA drops everything above it.
+        measure = jax.jit(lambda v, x, path=path: run(v, x)[0][path])
+        current = {**variables, "batch_stats": stats}
+        moments = [_host(measure(current, jnp.asarray(_inputs(batch))))
+                   for batch in _bar(batches, f"precise BN (layer {k}/{len(modules)}: {'/'.join(path)})", progress)]
+        _, mean, var = spec.merge_stats(*zip(*moments))  # exact, with counts; biased: the population's variance
+        stats = _set(stats, path, mean, var)
+    return stats
