@@ -18,7 +18,9 @@ import dataclasses
 import importlib
 import io
 import math
+import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -29,6 +31,8 @@ from bnref._cli import MAX_SEED, finite_positive_float, positive_int, seed
 
 BACKENDS = ("jax", "torch")
 BN_CHOICES = ("bnref", "builtin", "none")
+#: the metrics that measure time, not training: two runs of the same training differ only in these
+TIMING_KEYS = ("examples_per_sec", "compile_seconds", "wall_seconds", "precise_seconds")
 PRECISE_VARIANTS = ("population", "batch_average")  # as bnref.torch.precise / bnref.jax.precise (no framework import here)
 
 
@@ -121,8 +125,6 @@ class TrainConfig:
             return
         if self.bn == "none":
             raise ValueError("precise BN recomputes BatchNorm statistics; --bn none has none")
-        if self.replicas > 1:
-            raise ValueError("precise BN with several replicas is not implemented yet; run it on one device")
 
     def _check_processes(self) -> None:
         n, pid = self.num_processes, self.process_id
@@ -261,8 +263,21 @@ def precise_batch_indices(config: TrainConfig, perm: np.ndarray) -> List[np.ndar
     return [perm[start : start + size] for start, size in slices]
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run stops (its last checkpoint stays)."""
+
+
+def check_finite_loss(epoch: int, step_losses: Sequence[float]) -> None:
+    """Raise :class:`NonFiniteLoss` naming the epoch and the step (1-based, within the epoch) of
+    the first NaN or infinite batch loss of an epoch, before anything of that epoch is saved."""
+    for step, loss in enumerate(step_losses, start=1):
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"epoch {epoch}, step {step}: the training loss is {loss}; the run stops here "
+                                f"(the checkpoint of epoch {epoch - 1} is kept; a smaller --lr may help)")  # fmt: skip
+
+
 def train_and_evaluate(
-    config: TrainConfig, data=None, on_epoch: Optional[Callable[[Dict], None]] = None
+    config: TrainConfig, data=None, on_epoch: Optional[Callable[[Dict], None]] = None, run=None
 ) -> List[Dict]:
     """Train and evaluate; returns the per-epoch metrics (dicts with ``epoch``, ``epochs``,
     ``loss``, ``train_acc``, ``test_acc``, ``examples_per_sec``, ``device``).
@@ -272,6 +287,10 @@ def train_and_evaluate(
     paths are checked before anything else; ``config.plot`` and ``config.json`` are rewritten
     atomically after every epoch (strict JSON: a NaN metric is written as null and named
     under "nonfinite").
+
+    ``run``: a :class:`bnref.runs.RunDir` to log to (``metrics.jsonl``, ``curves.png``) and
+    checkpoint into after every epoch, or to resume from (``run.resuming``); the returned
+    metrics then include the epochs before the resume.
     """
     config.check_outputs()
     if data is None:
@@ -279,10 +298,18 @@ def train_and_evaluate(
     else:
         check_data(config, data)
     backend = importlib.import_module(f"bnref.{config.backend}.train")
-    history: List[Dict] = []
+    history: List[Dict] = run.history if run is not None else []
+
+    started = time.perf_counter()
 
     def epoch_done(m: Dict) -> None:
+        m["wall_seconds"] = time.perf_counter() - started  # since this process started training
         history.append(m)
+        if run is not None:
+            from bnref import runs
+
+            run.log_epoch(m)
+            runs.plot_curves(history, run.curves, title=figure_title(config))
         if config.json:
             _io.write_json(config.json, {"config": dataclasses.asdict(config), "data": data.source, "history": history})
         if config.plot:
@@ -290,7 +317,7 @@ def train_and_evaluate(
         if on_epoch is not None:
             on_epoch(m)
 
-    backend.fit(config, data, epoch_done)
+    backend.fit(config, data, epoch_done, run=run)
     return history
 
 
@@ -329,6 +356,14 @@ def plot_history(history: Sequence[Dict], path: str, title: str = "") -> None:
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """The config from the command line. Every bad value, an unusable output path and an
     unavailable device are argparse's one-line error (exit status 2), before any data loads."""
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: Optional[Sequence[str]] = None):
+    """``(config, run_options)``: :func:`parse_args`'s config, and ``{"out", "resume", "compare"}``
+    (the run directory to create, the one to resume, the runs to compare). With ``--resume``
+    the config is the run's own, with ``--epochs`` (and the data / progress / output flags)
+    taken from the command line; any other flag that differs from the run's is an error."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m bnref.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=BACKENDS, default=d.backend)
@@ -363,7 +398,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     jp.add_argument("--process-id", type=int, default=0, help="this process, in [0, --num-processes)")
     jp.add_argument("--join-timeout", dest="join_timeout_s", type=positive_int, default=d.join_timeout_s,
                     help="seconds to wait for every process to join; then JAX aborts the process")
+    rp = p.add_argument_group("run directories")
+    rp.add_argument("--out", default=None, help="the run directory: config.json, metrics.jsonl, curves.png, checkpoint "
+                    "(default: $BNREF_RUNS_DIR or runs/, then <backend>-<bn>-<UTC timestamp>)")
+    rp.add_argument("--no-out", action="store_true", help="write no run directory")
+    rp.add_argument("--resume", default=None, metavar="DIR", help="continue DIR's run from its last checkpoint to --epochs")
+    rp.add_argument("--compare", nargs="+", default=None, metavar="DIR",
+                    help="draw these runs' curves in one figure (--plot FILE, default compare.png) and exit")
     args = vars(p.parse_args(argv))
+    options = {k: args.pop(k) for k in ("out", "no_out", "resume", "compare")}
+    if options["compare"] is not None:
+        return None, _compare_options(p, options, args)
+    if options["resume"] is not None:
+        if options["out"] is not None or options["no_out"]:
+            p.error("--resume DIR continues DIR: it takes no --out / --no-out")
+        from bnref import runs
+
+        try:
+            run = runs.RunDir.open(options["resume"])
+            run.require_checkpoint()
+            defaults = {a.dest: a.default for a in p._actions}
+            args = vars(run.resumed_config({k: v for k, v in args.items() if v != defaults.get(k)}))
+        except (ValueError, OSError) as e:
+            p.error(str(e))
     launched = launched_world()
     if launched is not None and args["replicas"] not in (None, launched):
         p.error(f"--replicas {args['replicas']} contradicts the launcher's WORLD_SIZE={launched}")
@@ -386,7 +443,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             backend.replica_devices(config)
     except ValueError as e:
         p.error(str(e))
-    return config
+    if options["out"] is not None and os.path.exists(os.path.join(options["out"], "config.json")):
+        p.error(f"--out {options['out']} already holds a run; resume it with --resume {options['out']}, or choose "
+                "another directory")  # fmt: skip
+    return config, options
+
+
+def _compare_options(p, options, args) -> Dict:
+    if options["out"] is not None or options["resume"] is not None:
+        p.error("--compare draws finished runs: it takes no --out / --resume")
+    figure = args.get("plot") or "compare.png"
+    try:
+        _io.check_output_paths({"--plot": figure}, figures=("--plot",))
+        from bnref import runs
+
+        for d in options["compare"]:
+            runs.RunDir.open(d)
+    except ValueError as e:
+        p.error(str(e))
+    return {**options, "figure": figure}
 
 
 def provide_host_devices(count: int) -> None:
@@ -404,7 +479,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     """Parse, print the config and the data used, train with one line per epoch; returns the
     per-epoch metrics. A data problem (not found, corrupt, too small) is one line on stderr
     and exit status 1."""
-    config = parse_args(argv)
+    config, options = parse_command(argv)
+    from bnref import runs
+
+    if config is None:  # --compare
+        try:
+            runs.compare(options["compare"], options["figure"])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        print(f"wrote {options['figure']} ({len(options['compare'])} runs)")
+        return []
     say = print if speaks(config) else (lambda *a, **k: None)  # several processes: only the first speaks
     say(config, flush=True)
     from bnref.data import DataNotFoundError, describe_source
@@ -415,7 +500,25 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     say(f"data: {describe_source(data)}", flush=True)
-    return train_and_evaluate(config, data, on_epoch=lambda m: say(format_epoch(m), flush=True))
+    run = None
+    if options["resume"] is not None:
+        run = runs.RunDir.open(options["resume"])
+        run.resuming, run.readonly = True, not speaks(config)
+        say(f"resuming {run.path}", flush=True)
+    elif not options["no_out"]:
+        path = options["out"] or runs.default_run_dir(config)
+        device = config.device if config.replicas == 1 else f"{config.replicas} x {config.device}"
+        if speaks(config):
+            run = runs.RunDir.create(path, config, argv if argv is not None else sys.argv[1:], data.source, device)
+        else:
+            run = runs.RunDir(path)
+            run.readonly = True
+        say(f"run directory: {run.path}", flush=True)
+    try:
+        return train_and_evaluate(config, data, on_epoch=lambda m: say(format_epoch(m), flush=True), run=run)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def launched_world() -> Optional[int]:

@@ -21,6 +21,10 @@ def pytest_configure(config):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    # Training runs write a run directory by default (runs/...): keep the suite's out of the tree.
+    import tempfile
+
+    os.environ["BNREF_RUNS_DIR"] = tempfile.mkdtemp(prefix="bnref-test-runs-")
 
 
 def _importable(name):

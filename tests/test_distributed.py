@@ -6,6 +6,8 @@ Multi-process tests spawn gloo processes on loopback; each launch has a deadline
 collective a timeout), so nothing can hang.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -193,18 +195,23 @@ def test_synchronized_replicas_train_like_one_device(replicas, small_data, singl
 
 
 def test_cli_replicas_spawns_processes_and_only_rank_0_reports(tiny_fashion_dir, tmp_path, capsys):
-    from bnref import train
+    """2 processes: rank 0 reports, with precise BN; the run directory gets rank 0's checkpoint,
+    and --resume continues it on 2 processes again."""
+    from bnref import runs, train
 
-    out = tmp_path / "metrics.json"
-    history = train.main(["--backend", "torch", "--replicas", "2", "--data-dir", str(tiny_fashion_dir), "--epochs", "2",
-                          "--batch-size", "64", "--no-progress", "--json", str(out)])  # fmt: skip
+    out, run = tmp_path / "metrics.json", tmp_path / "run"
+    history = train.main(["--backend", "torch", "--replicas", "2", "--data-dir", str(tiny_fashion_dir), "--epochs", "1",
+                          "--batch-size", "64", "--no-progress", "--json", str(out), "--precise-bn", "--out", str(run)])  # fmt: skip
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")]
-    assert len(lines) == 2 and lines[-1].endswith("on 2 x cpu")
+    assert len(lines) == 1 and lines[-1].endswith("on 2 x cpu") and "(precise; EMA " in lines[-1]
     import json
 
     saved = json.loads(out.read_text())
     assert saved["config"]["replicas"] == 2 and saved["config"]["sync_bn"] is True
-    assert [m["epoch"] for m in saved["history"]] == [1, 2] == [m["epoch"] for m in history]
+    assert [m["epoch"] for m in saved["history"]] == [1] == [m["epoch"] for m in history]
+    resumed = train.main(["--resume", str(run), "--epochs", "2", "--no-progress"])
+    assert [m["epoch"] for m in resumed] == [1, 2] == [m["epoch"] for m in runs.read_metrics(str(run))]
+    assert resumed[0]["step_losses"] == history[0]["step_losses"] and resumed[1]["test_acc_precise"] is not None
 
 
 def test_torchrun_launch(tiny_fashion_dir, tmp_path):
@@ -271,6 +278,23 @@ for r in (2, 4):
     out[f"acc{r}"] = float(np.max(np.abs(np.array(acc) - np.array(acc1))))
 local, _ = losses(4, False)
 out["local4"] = float(np.max(np.abs(local - one)))
+
+# Resume a data-parallel run with local BN (per-device statistics in the checkpoint).
+import tempfile
+from bnref.runs import RunDir
+def run_in(path, epochs, resuming):
+    run = RunDir(path)
+    run.resuming = resuming
+    config = TrainConfig(backend="jax", epochs=epochs, batch_size=24, lr=0.5, replicas=2, sync_bn=False, progress=False)
+    fit(config, data, lambda m: run.history.append(m), run=run)
+    return run.history
+d = tempfile.mkdtemp()
+run_in(d, 1, False)
+resumed = run_in(d, 2, True)
+whole = fit(TrainConfig(backend="jax", epochs=2, batch_size=24, lr=0.5, replicas=2, sync_bn=False, progress=False),
+            data, lambda m: None)
+out["resume"] = [m["step_losses"] for m in resumed] == [m["step_losses"] for m in whole] and \
+    [m["test_acc"] for m in resumed] == [m["test_acc"] for m in whole]
 print(json.dumps(out))
 """
 
@@ -287,6 +311,7 @@ def test_jax_synchronized_replicas_train_like_one_device():
     assert out["sync2"] < 1e-4 and out["sync4"] < 1e-4, out  # max |loss difference| over 100 steps
     assert out["acc2"] <= 1 / 64 and out["acc4"] <= 1 / 64, out
     assert out["local4"] > 1e-3, out  # unsynchronized BN on slices of 6 trains differently
+    assert out["resume"] is True, out  # 2 devices, local BN: resumed = uninterrupted, bit for bit
 
 
 def test_jax_replicas_beyond_the_devices_is_a_clear_error(capsys):
@@ -413,18 +438,21 @@ def test_jax_processes_train_like_one_device(tiny_fashion_dir, tmp_path):
     from bnref.jax.train import fit
     from bnref.train import TrainConfig
 
-    out = tmp_path / "metrics.json"
-    common = ["--data-dir", str(tiny_fashion_dir), "--epochs", "2", "--batch-size", "64", "--lr", "0.5", "--no-progress"]
-    (rc0, out0, err0), (rc1, out1, err1) = _jax_processes([*common, "--json", str(out)], 2)
+    out, run = tmp_path / "metrics.json", tmp_path / "run"
+    common = ["--data-dir", str(tiny_fashion_dir), "--epochs", "2", "--batch-size", "64", "--lr", "0.5", "--no-progress",
+              "--precise-bn"]  # fmt: skip
+    (rc0, out0, err0), (rc1, out1, err1) = _jax_processes([*common, "--json", str(out), "--out", str(run)], 2)
     assert rc0 == 0 and rc1 == 0, err0[-2000:] + err1[-2000:]
     lines = [l for l in out0.splitlines() if l.startswith("epoch ")]
     assert len(lines) == 2 and lines[-1].endswith("on 2 x cpu in 2 processes"), out0
     assert "epoch " not in out1  # process 1 trains silently
     many = json.loads(out.read_text())["history"]
-    one = fit(TrainConfig(backend="jax", epochs=2, batch_size=64, lr=0.5, progress=False),
+    one = fit(TrainConfig(backend="jax", epochs=2, batch_size=64, lr=0.5, progress=False, precise_bn=True),
               load_fashion_mnist(str(tiny_fashion_dir)), lambda m: None)  # fmt: skip
     diff = np.abs(np.concatenate([m["step_losses"] for m in many]) - np.concatenate([m["step_losses"] for m in one]))
     assert len(diff) == 16 and diff.max() < 1e-4, diff.max()
+    assert [m["test_acc_precise"] for m in many] == [m["test_acc_precise"] for m in one]
+    assert sorted(os.listdir(run)) == ["checkpoint", "config.json", "curves.png", "metrics.jsonl"]  # process 0's
 
 
 def test_a_jax_process_whose_peer_never_joins_is_aborted_not_left_waiting(tiny_fashion_dir):

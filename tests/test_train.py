@@ -234,11 +234,10 @@ def test_precise_batch_indices_take_the_epochs_first_full_batches():
     [
         (["--precise-batches", "3"], "precise_batches needs precise_bn"),
         (["--precise-bn", "--bn", "none"], "--bn none has none"),
-        (["--precise-bn", "--replicas", "2"], "precise BN with several replicas is not implemented yet"),
         (["--precise-bn", "--precise-variant", "ema"], "invalid choice: 'ema'"),
         (["--precise-bn", "--precise-batches", "0"], "must be"),
     ],
-    ids=["batches-alone", "no-bn", "replicas", "variant", "zero"],
+    ids=["batches-alone", "no-bn", "variant", "zero"],
 )
 def test_bad_precise_flags_fail_before_data_loads(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

@@ -36,7 +36,7 @@ import optax
 from flax.training import train_state
 
 from bnref.jax.models import LeNetBN
-from bnref.train import batch_slices, epoch_metrics, epoch_permutation
+from bnref.train import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
 __all__ = [
     "TrainState",
@@ -172,13 +172,18 @@ def evaluate(state: TrainState, X, y, batch_size: int = 1000) -> float:
     return float(correct) / n
 
 
-def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
+def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     """Train ``make_model(config)`` on ``data`` (a ``bnref.data.FashionMNIST``) for
     ``config.epochs`` epochs; ``on_epoch(metrics)`` after each; returns all metrics.
-    ``config.replicas > 1``: data parallel over that many devices (:func:`_fit_replicated`)."""
+    ``config.replicas > 1``: data parallel over that many devices (:func:`_fit_replicated`).
+
+    ``run`` (a :class:`bnref.runs.RunDir`): a checkpoint after every epoch, and with
+    ``run.resuming`` the run starts from its checkpoint. On one device the step is compiled
+    ahead of the first epoch: ``compile_seconds`` (epoch 1) is that time, and
+    ``examples_per_sec`` excludes it."""
     if config.replicas > 1:
         join_processes(config)  # a no-op unless this is one process of several (and has not joined yet)
-        return _fit_replicated(config, data, on_epoch)
+        return _fit_replicated(config, data, on_epoch, run)
     device = resolve_device(config.device)
     model = make_model(config)
     with jax.default_device(device):
@@ -188,11 +193,22 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
         y_test = jax.device_put(np.asarray(data.test_labels, np.int32), device)
         state = create_train_state(model, jax.random.key(config.seed), config.lr, X_train[:1])
         state = jax.device_put(state, device)
+    first, past = 1, []
+    if run is not None and run.resuming:
+        state, done, past = load_checkpoint(run.require_checkpoint(), state)
+        state = jax.device_put(state, device)
+        run.resumed(past)
+        first = done + 1
     n = int(X_train.shape[0])
     batches = batch_slices(n, config.batch_size)
     seen = sum(size for _, size in batches)
+    t_compile = time.perf_counter()
+    with jax.default_device(device):  # ahead of time: the first epoch's examples/sec is training only
+        step = _fit_step.lower(state, jnp.zeros(2, jnp.float32), X_train, y_train, jnp.zeros(n, jnp.int32), 0,
+                               batch_size=batches[0][1]).compile()  # fmt: skip
+    compile_seconds = time.perf_counter() - t_compile
     history = []
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first, config.epochs + 1):
         perm = jax.device_put(epoch_permutation(config.seed, epoch, n), device)  # (N,) example order
         totals = jax.device_put(jnp.zeros(2, jnp.float32), device)  # loss sum, number correct
         steps = batches
@@ -203,7 +219,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
         t0 = time.perf_counter()
         losses = []
         for start, size in steps:  # equal sizes: one compiled step
-            state, totals, loss = _fit_step(state, totals, X_train, y_train, perm, start // size, batch_size=size)
+            state, totals, loss = step(state, totals, X_train, y_train, perm, start // size)
             losses.append(loss)
         loss_sum, correct = (float(v) for v in np.asarray(totals))  # the one sync per epoch
         seconds = time.perf_counter() - t0
@@ -213,9 +229,40 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
         m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, evaluate(state, X_test, y_test),
                           device_name(device), test_acc_precise=precise, precise_seconds=time.perf_counter() - t1)  # fmt: skip
         m["step_losses"] = np.asarray(jnp.stack(losses), np.float64).tolist()
+        m["compile_seconds"] = compile_seconds if epoch == first else 0.0
+        check_finite_loss(epoch, m["step_losses"])
         history.append(m)
         on_epoch(m)
+        if run is not None:
+            save_checkpoint(run.checkpoint, state, epoch, past + history)
     return history
+
+
+def save_checkpoint(path: str, state, epoch: int, history: List[Dict]) -> None:
+    """The run's state after ``epoch`` (a TrainState: ``params``, ``batch_stats``, optimizer
+    state and step; or a dict of such trees), with ``flax.serialization``, and the metrics so
+    far, written atomically: a kill leaves the previous checkpoint."""
+    import json
+
+    from flax import serialization
+
+    from bnref import _io
+
+    payload = {"epoch": epoch, "state": serialization.to_state_dict(jax.device_get(state)),
+               "history": json.dumps(_io.strict_json(history))}  # fmt: skip
+    _io.atomic_write_bytes(path, serialization.msgpack_serialize(payload))
+
+
+def load_checkpoint(path: str, state):
+    """``(state, epoch, history)`` from :func:`save_checkpoint`'s file, ``state`` giving the
+    structure (a freshly created TrainState of the same model, or a dict like the one saved)."""
+    import json
+
+    from flax import serialization
+
+    with open(path, "rb") as f:
+        raw = serialization.msgpack_restore(f.read())
+    return serialization.from_state_dict(state, raw["state"]), int(raw["epoch"]), json.loads(raw["history"])
 
 
 def _precise_test_acc(config, model, state: TrainState, X_train, perm: np.ndarray, X_test, y_test) -> float:
@@ -225,7 +272,7 @@ def _precise_test_acc(config, model, state: TrainState, X_train, perm: np.ndarra
     from bnref.jax.precise import precise_batch_stats
     from bnref.train import precise_batch_indices
 
-    batches = [X_train[jnp.asarray(i)] for i in precise_batch_indices(config, perm)]
+    batches = [X_train[i] for i in precise_batch_indices(config, perm)]  # on the device, or on the host
     stats = precise_batch_stats(model, {"params": state.params, "batch_stats": state.batch_stats}, batches,
                                 variant=config.precise_variant, progress=config.progress)  # fmt: skip
     return evaluate(state.replace(batch_stats=stats), X_test, y_test)
@@ -326,7 +373,7 @@ def _gather_batch(X_all, y_all, perm, i, *, batch_size: int):
     return X_all[idx], y_all[idx]
 
 
-def _fit_replicated(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
+def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     """Data-parallel training over ``config.replicas`` devices with a ``Mesh`` and
     ``jax.shard_map``: the same example order and global batches as one device, each split into
     equal consecutive slices. With ``config.sync_bn`` the BN layers take ``axis_name`` (global
@@ -348,12 +395,23 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict
     params, opt_state, stats = replicate_state(state, mesh, sync)
     step = data_parallel_step(model, state.tx, mesh, config.batch_size, sync)
     cross_replica_mean = jax.jit(lambda s: jax.tree.map(lambda a: a.mean(0), s), out_shardings=replicated)
+    first, past = 1, []
+    if run is not None and run.resuming:  # every process loads the checkpoint process 0 wrote
+        template = {"params": state.params, "opt_state": state.opt_state, "batch_stats": jax.tree.map(_gathered, stats)}
+        saved, done, past = load_checkpoint(run.require_checkpoint(), template)
+        params, opt_state = jax.device_put((saved["params"], saved["opt_state"]), replicated)
+        stats = jax.device_put(saved["batch_stats"], NamedSharding(mesh, P() if sync else P(AXIS)))
+        run.resumed(past)
+        first = done + 1
     n = len(data.train_labels)
     batches = batch_slices(n, config.batch_size)
     seen = sum(size for _, size in batches)
+    X_host = prepare_images(data.train_images) if config.precise_bn else None  # precise BN goes over it
+    plain = LeNetBN(bn=config.bn, convention=config.bn_convention)  # evaluation needs no axis
     history = []
-    for epoch in range(1, config.epochs + 1):
-        global_batch = batches_of(epoch_permutation(config.seed, epoch, n))
+    for epoch in range(first, config.epochs + 1):
+        perm = epoch_permutation(config.seed, epoch, n)
+        global_batch = batches_of(perm)
         totals = jax.device_put(jnp.zeros(2, jnp.float32), replicated)
         losses = []
         t0 = time.perf_counter()
@@ -372,15 +430,35 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict
         eval_stats = stats if sync else cross_replica_mean(stats)
         eval_state = state.replace(params=jax.tree.map(_local_copy, params), batch_stats=jax.tree.map(_local_copy, eval_stats))
         test_acc = evaluate(eval_state, X_test, y_test)  # every process, on its own first device
+        precise, t1 = None, time.perf_counter()
+        if config.precise_bn:  # every process, the same batches: the same statistics
+            precise = _precise_test_acc(config, plain, eval_state, X_host, perm, X_test, y_test)
         where = f"{config.replicas} x {devices[0].platform}"
         if jax.process_count() > 1:
             where += f" in {jax.process_count()} processes"
-        m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, test_acc, where)
+        m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, test_acc, where,
+                          test_acc_precise=precise, precise_seconds=time.perf_counter() - t1)  # fmt: skip
         m["step_losses"] = step_losses
+        m["compile_seconds"] = 0.0  # compiled during the first step: inside epoch 1's time here
+        check_finite_loss(epoch, step_losses)
+        history.append(m)
+        trained = {"params": eval_state.params, "opt_state": jax.tree.map(_gathered, opt_state),
+                   "batch_stats": jax.tree.map(_gathered, stats)}  # fmt: skip
         if jax.process_index() == 0:  # several processes: the first reports (they all hold the same numbers)
-            history.append(m)
             on_epoch(m)
-    return history
+            if run is not None:
+                save_checkpoint(run.checkpoint, trained, epoch, past + history)
+    return history if jax.process_index() == 0 else []
+
+
+def _gathered(a) -> np.ndarray:
+    """The whole of a global array on this host: its local copy when replicated, else every
+    device's part gathered (local BN's per-device statistics, across processes too)."""
+    if a.is_fully_replicated:
+        return _local_copy(a)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
 def _wait(loss, epoch: int, step: int) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bnref.torch.models import LeNetBN
-from bnref.train import batch_slices, epoch_metrics, epoch_permutation
+from bnref.train import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
 __all__ = ["fit", "resolve_device", "make_model", "load_tensors", "train_step", "train_batches", "evaluate",
            "data_parallel"]
@@ -146,7 +146,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
+def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     """Train LeNet-BN per ``config`` (a ``bnref.train.TrainConfig``) on ``data`` (a
     ``bnref.data.FashionMNIST``); returns one metrics dict per epoch, each also passed to
     ``on_epoch`` as soon as it exists.
@@ -159,6 +159,9 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
     Data parallel: launched by ``torchrun``, this process is one replica of the group torchrun
     describes; with ``config.replicas > 1`` it starts that many processes itself (gloo on the
     CPU, NCCL with one GPU each). See :func:`_train`.
+
+    ``run`` (a :class:`bnref.runs.RunDir`): a checkpoint after every epoch (rank 0 writes it),
+    and with ``run.resuming`` the run starts from its checkpoint.
     """
     from bnref.torch import distributed
 
@@ -167,7 +170,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
         device = _replica_device(config.device, env["local_rank"])
         distributed.init_from_env(distributed.backend_for(device))
         try:
-            return _train(config, data, on_epoch, device, env["rank"], env["world"])
+            return _train(config, data, on_epoch, device, env["rank"], env["world"], run)
         finally:
             torch.distributed.destroy_process_group()
     if config.replicas > 1:
@@ -175,10 +178,12 @@ def fit(config, data, on_epoch: Callable[[Dict], None]) -> List[Dict]:
         if device.type == "cuda" and torch.cuda.device_count() < config.replicas:
             raise ValueError(f"--replicas {config.replicas} needs {config.replicas} GPUs; "
                              f"{torch.cuda.device_count()} are visible")  # fmt: skip
-        results = distributed.launch(_replica_worker, config.replicas, (config, data), on_message=on_epoch,
+        if run is not None and run.resuming:  # the metrics so far, for this process's log and figure
+            run.resumed(torch.load(run.require_checkpoint(), map_location="cpu", weights_only=True)["history"])
+        results = distributed.launch(_replica_worker, config.replicas, (config, data, run), on_message=on_epoch,
                                      backend=distributed.backend_for(device))  # fmt: skip
         return results[0]
-    return _train(config, data, on_epoch, resolve_device(config.device), 0, 1)
+    return _train(config, data, on_epoch, resolve_device(config.device), 0, 1, run)
 
 
 def _replica_device(name: str, local_rank: int) -> torch.device:
@@ -187,13 +192,38 @@ def _replica_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device.type == "cuda" else device
 
 
-def _replica_worker(rank: int, world: int, send, config, data):
+def _replica_worker(rank: int, world: int, send, config, data, run=None):
     """One spawned replica (see :func:`bnref.torch.distributed.launch`): rank 0 streams its
-    epoch metrics with ``send`` and returns the history."""
-    return _train(config, data, send, _replica_device(config.device, rank), rank, world)
+    epoch metrics with ``send`` (the parent logs them) and returns the history."""
+    if run is not None:
+        run.readonly = True  # the parent logs the streamed metrics; rank 0 here only checkpoints
+    return _train(config, data, send, _replica_device(config.device, rank), rank, world, run)
 
 
-def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device, rank: int, world: int) -> List[Dict]:
+def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: List[Dict]) -> None:
+    """The run's state after ``epoch``: model and optimizer ``state_dict`` and the metrics so far,
+    written atomically (to a temporary file, then renamed): a kill leaves the previous one."""
+    import io
+
+    from bnref import _io
+
+    buf = io.BytesIO()
+    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "history": _io.strict_json(history)}, buf)  # fmt: skip
+    _io.atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    """Load :func:`save_checkpoint`'s file (``weights_only=True``: tensors and plain data only)
+    into ``model`` and ``optimizer``; returns ``(epoch, history)``."""
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    return int(ck["epoch"]), list(ck["history"])
+
+
+def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device, rank: int, world: int,
+           run=None) -> List[Dict]:
     """The training loop, on one device or as replica ``rank`` of ``world`` (a process group
     exists then). Data parallel: the same initial weights on every replica (DDP broadcasts
     rank 0's anyway), the same example order; each global batch of ``config.batch_size`` is
@@ -210,12 +240,17 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr)
     X_train, y_train = load_tensors(data.train_images, data.train_labels, device)
     X_test, y_test = load_tensors(data.test_images, data.test_labels, device)
+    first, past = 1, []
+    if run is not None and run.resuming:
+        done, past = load_checkpoint(run.require_checkpoint(), model, optimizer, device)
+        run.resumed(past)
+        first = done + 1
     n = X_train.shape[0]
     local = config.batch_size // world  # each replica's slice of every global batch
     starts = [start + rank * (size // world) for start, size in batch_slices(n, config.batch_size)]
     history = []
     with _deterministic(device):
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(first, config.epochs + 1):
             perm = torch.from_numpy(epoch_permutation(config.seed, epoch, n)).long().to(device)  # (N,) example order
             _sync(device)
             t0 = time.perf_counter()
@@ -240,9 +275,13 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
             m = epoch_metrics(config, epoch, float(totals[0]), float(totals[1]), int(totals[2]), seconds, test_acc, where,
                               test_acc_precise=precise, precise_seconds=time.perf_counter() - t1)  # fmt: skip
             m["step_losses"] = step_losses.tolist()
+            m["compile_seconds"] = 0.0  # eager: nothing is compiled
+            check_finite_loss(epoch, m["step_losses"])
             history.append(m)
             if rank == 0:
                 on_epoch(m)
+                if run is not None:
+                    save_checkpoint(run.checkpoint, model, optimizer, epoch, past + history)
     return history if rank == 0 else []
 
 
