@@ -41,9 +41,19 @@ RESUMABLE = ("epochs", "progress", "data_dir", "download", "plot", "json")
 
 
 def default_run_dir(config) -> str:
-    """``runs/<backend>-<bn>-<UTC timestamp>`` (``$BNREF_RUNS_DIR`` instead of ``runs``)."""
+    """A new, empty ``runs/<backend>-<bn>-<UTC timestamp>`` (``$BNREF_RUNS_DIR`` instead of
+    ``runs``), made here; ``-2``, ``-3``, ... appended when runs start within the same second."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return os.path.join(os.environ.get(RUNS_DIR_ENV, "runs"), f"{config.backend}-{config.bn}-{stamp}")
+    base = os.path.join(os.environ.get(RUNS_DIR_ENV, "runs"), f"{config.backend}-{config.bn}-{stamp}")
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    for k in range(1, 1000):
+        path = base if k == 1 else f"{base}-{k}"
+        try:
+            os.mkdir(path)  # atomic: two runs never get the same directory
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not make a new run directory next to {base}")
 
 
 def _versions(backend: str) -> Dict[str, str]:

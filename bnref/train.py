@@ -505,14 +505,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         run = runs.RunDir.open(options["resume"])
         run.resuming, run.readonly = True, not speaks(config)
         say(f"resuming {run.path}", flush=True)
-    elif not options["no_out"]:
+    elif not options["no_out"] and speaks(config):  # the other processes of a run neither log nor checkpoint
         path = options["out"] or runs.default_run_dir(config)
         device = config.device if config.replicas == 1 else f"{config.replicas} x {config.device}"
-        if speaks(config):
-            run = runs.RunDir.create(path, config, argv if argv is not None else sys.argv[1:], data.source, device)
-        else:
-            run = runs.RunDir(path)
-            run.readonly = True
+        run = runs.RunDir.create(path, config, argv if argv is not None else sys.argv[1:], data.source, device)
         say(f"run directory: {run.path}", flush=True)
     try:
         return train_and_evaluate(config, data, on_epoch=lambda m: say(format_epoch(m), flush=True), run=run)

@@ -148,11 +148,14 @@ def test_bad_run_flags_fail_before_any_work(argv, message, tiny_fashion_dir, tmp
     assert (sorted(os.listdir(run)), (run / "metrics.jsonl").read_bytes()) == before
 
 
-def test_default_run_directory_is_named_after_backend_and_bn(monkeypatch, tmp_path):
-    monkeypatch.setenv(runs.RUNS_DIR_ENV, str(tmp_path))
-    path = runs.default_run_dir(train.TrainConfig(backend="jax", bn="builtin"))
-    assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith("jax-builtin-")
-    assert np.all([c.isdigit() or c == "-" for c in os.path.basename(path)[len("jax-builtin-"):]])
+def test_default_run_directory_is_named_after_backend_and_bn_and_always_new(monkeypatch, tmp_path):
+    monkeypatch.setenv(runs.RUNS_DIR_ENV, str(tmp_path / "runs"))
+    config = train.TrainConfig(backend="jax", bn="builtin")
+    paths = [runs.default_run_dir(config) for _ in range(3)]  # within the same second, most likely
+    assert len(set(paths)) == 3 and all(os.path.isdir(p) and not os.listdir(p) for p in paths)
+    for path in paths:
+        assert os.path.dirname(path) == str(tmp_path / "runs") and os.path.basename(path).startswith("jax-builtin-")
+        assert np.all([c.isdigit() or c == "-" for c in os.path.basename(path)[len("jax-builtin-"):]])
 
 
 @pytest.mark.slow
