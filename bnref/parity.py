@@ -182,7 +182,7 @@ def format_table(results: Sequence[CellResult]) -> str:
 def conventions_table() -> str:
     """The README's conventions table, generated from ``bnref.spec.PRESETS``."""
     lines = [
-        "| preset | decay (weight of old value) | PyTorch `momentum` | Flax/Keras/d2l `momentum` | eps | running variance | torch.nn can express | flax.linen can express |",
+        "| preset | decay (weight of old value) | PyTorch `momentum` (and d2l-en's) | Flax/Keras/d2l-zh `momentum` | eps | running variance | torch.nn can express | flax.linen can express |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, c in spec.PRESETS.items():

@@ -76,7 +76,10 @@ Contracting with ``dxhat_i``::
          = (gamma * inv / n) * (n dy_j - dbeta - xhat_j * dgamma)
 
 The gradient is orthogonal to the constant vector and to ``xhat`` in each channel:
-shifting or rescaling a channel's input does not change the normalized output.
+shifting a channel's input does not change the normalized output, and rescaling it by ``a``
+does not either when ``eps = 0``; with ``eps > 0`` the output is
+``(x - mu) / sqrt(sigma2 + eps / a^2)``, so the invariance is exact only at ``eps = 0`` (close
+when ``sigma2`` is large next to ``eps``).
 The running statistics are state, not a function of the loss: no gradient flows
 through them, in any mode.
 

@@ -403,3 +403,12 @@ def test_precise_stats_bad_input():
         spec.batch_average_stats([np.zeros((1, 3))], "d2l")
     with pytest.raises(TypeError):
         spec.population_stats([np.zeros((2, 3), complex)])
+
+
+def test_rescaling_the_input_is_rescaling_eps():
+    """y(a x; eps) = y(x; eps / a^2): invariance to the input's scale holds exactly only at eps = 0."""
+    rng = np.random.default_rng(5)
+    x, g, b = 0.05 * rng.standard_normal((8, 3)), np.ones(3), np.zeros(3)
+    run = lambda x, eps: spec.batch_norm_train(x, g, b, np.zeros(3), np.ones(3), spec.Convention(0.9, eps, "biased"))[0]  # noqa: E731
+    np.testing.assert_allclose(run(10.0 * x, 1e-3), run(x, 1e-5), rtol=1e-12)
+    assert np.max(np.abs(run(10.0 * x, 1e-3) - run(x, 1e-3))) > 1e-2  # at eps 1e-3 and std 0.05 the scale matters
