@@ -29,3 +29,15 @@ def test_unknown_experiment_and_unwritable_out_are_clear_errors(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         experiments.main(["momentum-port", "--quick", "--out", str(blocker / "sub")])
     assert e.value.code == 2
+
+
+def test_fast_variance_collapses_where_two_pass_does_not(tmp_path):
+    result = experiments.main(["fast-variance", "--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "fast-variance.png").exists() and (tmp_path / "fast-variance.json").exists()
+    err = result["max_error"]
+    ratios = result["ratios"]
+    at = ratios.index(1e4)  # input mean 1e4 x its std, float32
+    assert err["flax.linen (fast variance, default), float32"][at] > 1.0  # E[x^2] - E[x]^2 has cancelled
+    assert err["bnref.jax (two-pass), float32"][at] < 1e-2
+    assert err["flax.linen (use_fast_variance=False), float32"] == pytest.approx(err["bnref.jax (two-pass), float32"], abs=1e-6)
+    assert max(err["bnref.jax (two-pass), float32"][:2]) < 1e-5 and max(err["bnref.jax (two-pass), bfloat16"]) < 0.05
