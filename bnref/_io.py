@@ -7,12 +7,14 @@
 - :func:`atomic_write_bytes` / :func:`write_json` write a temporary file beside the target,
   flush it to disk and rename it over the target: readers (and a crash or Ctrl-C at any
   moment) see the old complete file or the new complete file, never a truncated one.
+- :func:`new_figure` / :func:`save_figure`: a matplotlib figure drawn off-screen (Agg) and
+  saved atomically in the format the path's extension names.
 - :func:`strict_json` makes data JSON-safe without NaN/Infinity literals (which Python's
   ``json`` writes by default and strict parsers reject): a non-finite float becomes
   ``null`` and its key is listed under ``"nonfinite"`` in the same object, so the fact is
   kept, not hidden.
 
-Standard library only (no framework import).
+Standard library only (no framework import; matplotlib only inside the figure helpers).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
-__all__ = ["atomic_write_bytes", "check_output_paths", "strict_json", "write_json", "FIGURE_SUFFIXES"]
+__all__ = ["atomic_write_bytes", "check_output_paths", "strict_json", "write_json", "new_figure", "save_figure",
+           "FIGURE_SUFFIXES"]
 
 #: what matplotlib's Agg backend writes (``FigureCanvasAgg.get_supported_filetypes()``)
 FIGURE_SUFFIXES = (".eps", ".jpeg", ".jpg", ".pdf", ".pgf", ".png", ".ps", ".raw", ".rgba", ".svg", ".svgz",
@@ -113,3 +116,28 @@ def dumps(obj: Any, indent: int = 2) -> str:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as strict JSON to ``path``, atomically."""
     atomic_write_bytes(path, (dumps(obj) + "\n").encode())
+
+
+def new_figure(columns: int = 1, size=(5.0, 3.8)):
+    """``plt.subplots(1, columns)`` with the Agg backend (files only, no display); each column
+    ``size`` inches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(size[0] * columns, size[1]))
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Lay out ``fig``, write it to ``path`` atomically in the format of the path's extension,
+    and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=str(path).rsplit(".", 1)[-1].lower())
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -88,9 +88,7 @@ def momentum_port(quick: bool, data_dir: Optional[str] = None, seed: int = 0) ->
 
 
 def _plot_momentum_port(result: Dict, path: str) -> None:
-    from bnref.runs import _figure, _save
-
-    fig, (loss, acc) = _figure(2)
+    fig, (loss, acc) = _io.new_figure(2)
     for (name, losses), style in zip(result["train_loss"].items(), ("-", "--")):
         loss.plot(range(1, len(losses) + 1), losses, style, label=name)
     loss.set_xlabel("step"), loss.set_ylabel("training loss"), loss.grid(True), loss.legend(fontsize="small")
@@ -102,7 +100,7 @@ def _plot_momentum_port(result: Dict, path: str) -> None:
     acc.legend(fontsize="small")
     acc.set_title("eval accuracy (probe: Flax / torch update)")
     fig.suptitle("torch BatchNorm(momentum=0.1) ported to flax.linen.BatchNorm")
-    _save(fig, path)
+    _io.save_figure(fig, path)
 
 
 def fast_variance(quick: bool, data_dir: Optional[str] = None, seed: int = 0) -> Dict:
@@ -141,16 +139,14 @@ def fast_variance(quick: bool, data_dir: Optional[str] = None, seed: int = 0) ->
 
 
 def _plot_fast_variance(result: Dict, path: str) -> None:
-    from bnref.runs import _figure, _save
-
-    fig, ax = _figure(1)
+    fig, ax = _io.new_figure(1)
     for name, err in result["max_error"].items():
         style = ("o-" if "two-pass" in name else "^:" if "False" in name else "s--")
         ax.loglog(result["ratios"], np.maximum(err, 1e-8), style, label=name, ms=4)
     ax.set_xlabel("input mean / input std"), ax.set_ylabel("max |y - exact| (floored at 1e-8)"), ax.grid(True)
     ax.legend(fontsize="x-small")
     ax.set_title("BatchNorm's variance: E[x²] - E[x]² vs two-pass")
-    _save(fig, path)
+    _io.save_figure(fig, path)
 
 
 #: name -> (run(quick, data_dir, seed) -> numbers, plot(numbers, path))

@@ -22,16 +22,16 @@ run gives the uninterrupted run's numbers. This module imports no framework.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import platform
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from bnref import _io
 
-__all__ = ["RUNS_DIR_ENV", "CHECKPOINT", "RunDir", "default_run_dir", "read_metrics", "plot_curves", "compare"]
+__all__ = ["RUNS_DIR_ENV", "CHECKPOINT", "RunDir", "default_run_dir", "check_new_run_dir", "read_metrics", "plot_curves",
+           "compare"]
 
 #: where default run directories go (``runs``, or this variable's value)
 RUNS_DIR_ENV = "BNREF_RUNS_DIR"
@@ -54,6 +54,12 @@ def default_run_dir(config) -> str:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not make a new run directory next to {base}")
+
+
+def check_new_run_dir(path: str) -> None:
+    """``ValueError`` when ``path`` already holds a run (it has a ``config.json``)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"{path} already holds a run; resume it with --resume {path}, or choose another directory")
 
 
 def _versions(backend: str) -> Dict[str, str]:
@@ -88,8 +94,7 @@ class RunDir:
 
     def require_checkpoint(self) -> str:
         if not os.path.isfile(self.checkpoint):
-            raise ValueError(f"{self.path} has no checkpoint to resume from (no epoch finished, or a data-parallel "
-                             "JAX run, which does not write one yet)")  # fmt: skip
+            raise ValueError(f"{self.path} has no checkpoint to resume from (no epoch has finished)")
         return self.checkpoint
 
     @property
@@ -113,9 +118,8 @@ class RunDir:
     @classmethod
     def create(cls, path: str, config, argv: Sequence[str], data_source: str, device: str) -> "RunDir":
         """Make the directory (it must not hold a run already) and write ``config.json``."""
+        check_new_run_dir(path)
         run = cls(path)
-        if os.path.exists(run.config_file):
-            raise ValueError(f"{path} already holds a run; resume it with --resume {path}, or choose another --out")
         os.makedirs(path, exist_ok=True)
         _io.write_json(run.config_file, {"config": dataclasses.asdict(config), "argv": list(argv), "data": data_source,
                                          "device": device, "versions": _versions(config.backend),
@@ -184,7 +188,7 @@ def read_metrics(path: str) -> List[Dict]:
 def plot_curves(history: Sequence[Dict], path: str, title: str = "") -> None:
     """``curves.png``: loss and accuracies per epoch (left; EMA and precise test accuracy when the
     run has both) and the per-step training loss (right), written atomically."""
-    fig, (ax, steps) = _figure(2)
+    fig, (ax, steps) = _io.new_figure(2)
     epochs = [m["epoch"] for m in history]
     ax.plot(epochs, [m["loss"] for m in history], "o-", label="loss")
     ax.plot(epochs, [m["train_acc"] for m in history], "s--", label="train acc")
@@ -198,7 +202,7 @@ def plot_curves(history: Sequence[Dict], path: str, title: str = "") -> None:
     steps.plot(range(1, len(losses) + 1), losses, "-", lw=0.8, marker="." if len(losses) < 200 else None)
     steps.set_xlabel("step"), steps.set_ylabel("training loss (batch mean)"), steps.grid(True)
     fig.suptitle(title)
-    _save(fig, path)
+    _io.save_figure(fig, path)
 
 
 def compare(run_dirs: Sequence[str], path: str) -> None:
@@ -213,7 +217,7 @@ def compare(run_dirs: Sequence[str], path: str) -> None:
             raise ValueError(f"{d} has no finished epoch to compare")
         cfg = run.saved_config()
         runs.append((f"{os.path.basename(os.path.normpath(d))} ({cfg['backend']}, bn={cfg['bn']})", history))
-    fig, (acc, loss) = _figure(2)
+    fig, (acc, loss) = _io.new_figure(2)
     for label, history in runs:
         epochs = [m["epoch"] for m in history]
         acc.plot(epochs, [m["test_acc"] for m in history], "o-", label=label)
@@ -222,24 +226,5 @@ def compare(run_dirs: Sequence[str], path: str) -> None:
     for ax in (acc, loss):
         ax.set_xlabel("epoch"), ax.grid(True)
     acc.legend(fontsize="small")
-    _save(fig, path)
-
-
-def _figure(columns: int):
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, columns, figsize=(5 * columns, 3.8))
-
-
-def _save(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=path.rsplit(".", 1)[-1].lower())
-    plt.close(fig)
-    _io.atomic_write_bytes(path, buf.getvalue())
+    _io.save_figure(fig, path)
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import io
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -332,13 +330,8 @@ def plot_history(history: Sequence[Dict], path: str, title: str = "") -> None:
 
     Markers on every point, so the first epoch's single point is visible too.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
     epochs = [m["epoch"] for m in history]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _io.new_figure(size=(5, 3.5))
     for key, style in (("loss", "o-"), ("train_acc", "s--"), ("test_acc", "^-.")):
         ax.plot(epochs, [m[key] for m in history], style, label=key.replace("_", " "))
     ax.set_xlabel("epoch")
@@ -346,11 +339,7 @@ def plot_history(history: Sequence[Dict], path: str, title: str = "") -> None:
     ax.set_title(title)
     ax.grid(True)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=path.rsplit(".", 1)[-1].lower())
-    plt.close(fig)
-    _io.atomic_write_bytes(path, buf.getvalue())
+    _io.save_figure(fig, path)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
@@ -360,8 +349,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 
 def parse_command(argv: Optional[Sequence[str]] = None):
-    """``(config, run_options)``: :func:`parse_args`'s config, and ``{"out", "resume", "compare"}``
-    (the run directory to create, the one to resume, the runs to compare). With ``--resume``
+    """``(config, run_options)``: :func:`parse_args`'s config, and ``{"out", "no_out", "resume",
+    "compare"}`` (the run directory to create, none, the :class:`bnref.runs.RunDir` to resume,
+    the runs to compare). With ``--resume``
     the config is the run's own, with ``--epochs`` (and the data / progress / output flags)
     taken from the command line; any other flag that differs from the run's is an error."""
     d = TrainConfig()
@@ -415,7 +405,7 @@ def parse_command(argv: Optional[Sequence[str]] = None):
         from bnref import runs
 
         try:
-            run = runs.RunDir.open(options["resume"])
+            run = options["resume"] = runs.RunDir.open(options["resume"])  # main resumes this one
             run.require_checkpoint()
             defaults = {a.dest: a.default for a in p._actions}
             args = vars(run.resumed_config({k: v for k, v in args.items() if v != defaults.get(k)}))
@@ -443,9 +433,13 @@ def parse_command(argv: Optional[Sequence[str]] = None):
             backend.replica_devices(config)
     except ValueError as e:
         p.error(str(e))
-    if options["out"] is not None and os.path.exists(os.path.join(options["out"], "config.json")):
-        p.error(f"--out {options['out']} already holds a run; resume it with --resume {options['out']}, or choose "
-                "another directory")  # fmt: skip
+    if options["out"] is not None:
+        from bnref import runs
+
+        try:
+            runs.check_new_run_dir(options["out"])
+        except ValueError as e:
+            p.error(f"--out {e}")
     return config, options
 
 
@@ -502,7 +496,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     say(f"data: {describe_source(data)}", flush=True)
     run = None
     if options["resume"] is not None:
-        run = runs.RunDir.open(options["resume"])
+        run = options["resume"]
         run.resuming, run.readonly = True, not speaks(config)
         say(f"resuming {run.path}", flush=True)
     elif not options["no_out"] and speaks(config):  # the other processes of a run neither log nor checkpoint

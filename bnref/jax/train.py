@@ -446,6 +446,8 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) ->
         m["compile_seconds"] = compile_seconds if epoch == first else 0.0
         check_finite_loss(epoch, step_losses)
         history.append(m)
+        # Every process gathers, checkpoint or not: for local BN across processes the gather is
+        # a collective, and only process 0 holds the run directory.
         trained = {"params": eval_state.params, "opt_state": jax.tree.map(_gathered, opt_state),
                    "batch_stats": jax.tree.map(_gathered, stats)}  # fmt: skip
         if jax.process_index() == 0:  # several processes: the first reports (they all hold the same numbers)
