@@ -1,4 +1,32 @@
-"""One network, two frameworks: convert LeNet-BN weights and BN state between PyTorch and Flax.
+"""Move weights and BN state between a PyTorch model and its Flax port.
+
+Any model made of the usual layers: ``torch_to_flax(torch_module, flax_module, sample_input)``
+and ``flax_to_torch(flax_module, variables, torch_module, sample_input)``. Supported layers:
+``Conv1d``/``Conv2d`` <-> ``nn.Conv``, ``Linear`` <-> ``nn.Dense``, ``BatchNorm1d/2d/3d`` (torch.nn's,
+bnref's, ``SyncBatchNorm``) <-> ``nn.BatchNorm`` / ``bnref.jax.BatchNorm``; anything without
+parameters may sit between them (activations, pooling, dropout, flatten). The rules:
+
+1. **Pairing.** Both models run once on ``sample_input`` (torch: NCHW / NCL / NF, as given;
+   Flax: the same values channels-last) and their layers are listed in call order. A torch
+   layer and a Flax layer pair when their paths agree with dots and slashes read as ``_``
+   (torch ``features.0`` = Flax ``features_0``, the name Flax gives the first module of a list
+   attribute ``features``; ``block.conv`` = ``block/conv``). The layers left over pair in call
+   order when both sides have as many, of the same kinds (Flax's automatic names, ``Conv_0``,
+   ``Dense_1``, against a torch ``Sequential``). Otherwise ``ValueError`` lists them.
+2. **Layouts.** Conv kernels ``(O, I, *k)`` <-> ``(*k, I, O)`` (OIHW <-> HWIO); dense weights
+   ``(out, in)`` <-> kernels ``(in, out)``; ``weight``/``bias`` <-> ``scale``/``bias``;
+   ``running_mean``/``running_var`` <-> ``batch_stats`` ``mean``/``var``; ``num_batches_tracked``
+   has no Flax counterpart (dropped; kept from the torch module on the way back).
+3. **Flatten order.** torch flattens a (C, H, W) map as ``c*HW + s``, Flax an (H, W, C) one as
+   ``s*C + c``. For every layer fed a flat vector (a Linear, a BatchNorm1d), the order is the
+   one flatten order (over every factorization C x S of the width, the identity included)
+   under which the two models' inputs to that layer agree on ``sample_input``.
+4. **Check.** With ``check=True`` (default) both models are run again on ``sample_input``,
+   float64 where they allow it, and every paired layer's input and the output must agree
+   (relative 1e-7; 1e-4 for a model fixed to float32); otherwise ``ValueError`` names the
+   first layer where they part (padding, stride, eps, ...).
+
+bnref's own LeNet-BN also converts without a sample, from its ``state_dict``:
 
 PyTorch (``bnref.torch.LeNetBN``, NCHW)             Flax (``bnref.jax.LeNetBN``, NHWC)
 -----------------------------------------           --------------------------------------------
@@ -10,18 +38,14 @@ PyTorch (``bnref.torch.LeNetBN``, NCHW)             Flax (``bnref.jax.LeNetBN``,
 ``bnN.running_mean`` / ``bnN.running_var``   <->    ``batch_stats/bnN/mean`` / ``batch_stats/bnN/var``
 ``bnN.num_batches_tracked``                  ->     (dropped: Flax keeps no counter)
 
-Flatten order: torch flattens the (C=16, H=4, W=4) feature map as ``c*16 + h*4 + w``, Flax
-flattens (H, W, C) as ``h*64 + w*16 + c``; ``fc1``'s input dimension is permuted so that
-both networks compute the same function.
+with ``fc1``'s inputs in the flatten order of rule 3 for its (16, 4, 4) map. Both directions
+validate the whole input first (every key present, no extra key, every shape right) and
+raise ``ValueError`` naming the first bad key, so nothing is ever half converted. Inputs are
+never modified. Keys are the same for bnref's BN layers and for torch.nn's / flax.linen's
+(``bn="builtin"``); :func:`batch_norm_torch_to_flax` / :func:`batch_norm_flax_to_torch` do a
+single BN layer.
 
-Both directions validate the whole input first (every key present, no extra key, every
-shape right) and raise ``ValueError`` naming the first bad key, so nothing is ever half
-converted. Inputs are never modified. Keys are the same for bnref's BN layers and for
-torch.nn's / flax.linen's (``bn="builtin"``), so real torch.nn checkpoints convert too;
-:func:`batch_norm_torch_to_flax` / :func:`batch_norm_flax_to_torch` do a single BN layer.
-
-NumPy only: results are NumPy arrays (Flax's ``apply`` takes them as they are);
-:func:`flax_to_torch` returns torch tensors when ``as_torch=True`` (importing torch then).
+``import bnref.convert`` imports NumPy only; the model paths import torch and JAX when called.
 """
 
 from __future__ import annotations
@@ -34,6 +58,12 @@ import numpy as np
 __all__ = [
     "torch_to_flax",
     "flax_to_torch",
+    "match_layers",
+    "torch_layers",
+    "flax_layers",
+    "check_same_function",
+    "flatten_permutation",
+    "channels_last",
     "batch_norm_torch_to_flax",
     "batch_norm_flax_to_torch",
     "lenet_shapes",
@@ -86,21 +116,43 @@ def _check_shape(key: str, a: np.ndarray, shape: tuple, where: str) -> None:
         raise ValueError(f"{where}: {key!r} has shape {a.shape}, expected {tuple(shape)}")
 
 
-def _fc1_torch_to_flax(w: np.ndarray) -> np.ndarray:
-    out = w.shape[0]
-    c = w.shape[1] // (_FEATURE_HW[0] * _FEATURE_HW[1])
-    w = w.reshape(out, c, *_FEATURE_HW)  # (out, C, H, W): torch's flatten order
-    return w.transpose(2, 3, 1, 0).reshape(-1, out)  # (H*W*C, out): Flax's NHWC flatten order
+def conv_kernel_to_flax(w: np.ndarray) -> np.ndarray:
+    """torch (O, I, *k) -> Flax (*k, I, O): OIHW -> HWIO, OIL -> LIO."""
+    return w.transpose(*range(2, w.ndim), 1, 0)
 
 
-def _fc1_flax_to_torch(k: np.ndarray) -> np.ndarray:
-    out = k.shape[1]
-    c = k.shape[0] // (_FEATURE_HW[0] * _FEATURE_HW[1])
-    k = k.reshape(*_FEATURE_HW, c, out)  # (H, W, C, out)
-    return k.transpose(3, 2, 0, 1).reshape(out, -1)  # (out, C*H*W)
+def conv_kernel_to_torch(k: np.ndarray) -> np.ndarray:
+    """Flax (*k, I, O) -> torch (O, I, *k)."""
+    return k.transpose(k.ndim - 1, k.ndim - 2, *range(k.ndim - 2))
 
 
-def torch_to_flax(state_dict: Mapping) -> Dict[str, Dict]:
+def dense_kernel_to_flax(w: np.ndarray, perm: Optional[np.ndarray] = None) -> np.ndarray:
+    """torch (out, in) -> Flax (in, out), the inputs in Flax's order (``perm``: see
+    :func:`flatten_permutation`)."""
+    return (w if perm is None else w[:, perm]).T
+
+
+def dense_kernel_to_torch(k: np.ndarray, perm: Optional[np.ndarray] = None) -> np.ndarray:
+    """Flax (in, out) -> torch (out, in), the inverse of :func:`dense_kernel_to_flax`."""
+    if perm is None:
+        return k.T
+    w = np.empty_like(k.T)
+    w[:, perm] = k.T
+    return w
+
+
+def flatten_permutation(channels: int, features: int) -> np.ndarray:
+    """``P`` with ``flax_vector[j] == torch_vector[P[j]]`` when a (C, S...) feature map is
+    flattened channels-first by torch (index ``c*S + s``) and channels-last by Flax
+    (``s*C + c``), ``features = C*S``."""
+    s = features // channels
+    return np.arange(features).reshape(channels, s).T.reshape(-1)
+
+
+_FC1_PERM = flatten_permutation(16, 16 * _FEATURE_HW[0] * _FEATURE_HW[1])  # LeNet: (16, 4, 4) -> 256
+
+
+def _lenet_torch_to_flax(state_dict: Mapping) -> Dict[str, Dict]:
     """A LeNet-BN torch ``state_dict`` (bnref's or torch.nn's BN) -> Flax variables.
 
     Returns ``{"params": {...}, "batch_stats": {...}}`` of NumPy arrays
@@ -120,10 +172,10 @@ def torch_to_flax(state_dict: Mapping) -> Dict[str, Dict]:
         _check_shape(k, sd[k], shapes[k], where)
     params, stats = {}, {}
     for name in CONVS:
-        params[name] = {"kernel": sd[f"{name}.weight"].transpose(2, 3, 1, 0), "bias": sd[f"{name}.bias"]}  # OIHW -> HWIO
+        params[name] = {"kernel": conv_kernel_to_flax(sd[f"{name}.weight"]), "bias": sd[f"{name}.bias"]}
     for name in DENSES:
         w = sd[f"{name}.weight"]
-        params[name] = {"kernel": _fc1_torch_to_flax(w) if name == "fc1" else w.T, "bias": sd[f"{name}.bias"]}
+        params[name] = {"kernel": dense_kernel_to_flax(w, _FC1_PERM if name == "fc1" else None), "bias": sd[f"{name}.bias"]}
     if bn:
         for name in BNS:
             layer = batch_norm_torch_to_flax(sd, prefix=f"{name}.")
@@ -131,7 +183,7 @@ def torch_to_flax(state_dict: Mapping) -> Dict[str, Dict]:
     return {"params": params, "batch_stats": stats} if bn else {"params": params}
 
 
-def flax_to_torch(variables: Mapping, *, num_batches_tracked: int = 0, as_torch: bool = False) -> "OrderedDict":
+def _lenet_flax_to_torch(variables: Mapping, *, num_batches_tracked: int = 0, as_torch: bool = False) -> "OrderedDict":
     """Flax LeNet-BN variables -> a torch ``state_dict`` (bnref's and torch.nn's keys).
 
     ``num_batches_tracked`` (Flax keeps no counter) is written into every BN layer; pass
@@ -168,11 +220,11 @@ def flax_to_torch(variables: Mapping, *, num_batches_tracked: int = 0, as_torch:
         if name in CONVS:
             o, i, kh, kw = shapes[f"{name}.weight"]
             _check_shape(f"params/{name}/kernel", k, (kh, kw, i, o), where)
-            w = k.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+            w = conv_kernel_to_torch(k)
         else:
             o, i = shapes[f"{name}.weight"]
             _check_shape(f"params/{name}/kernel", k, (i, o), where)
-            w = _fc1_flax_to_torch(k) if name == "fc1" else k.T
+            w = dense_kernel_to_torch(k, _FC1_PERM if name == "fc1" else None)
         b = _to_numpy(params[name]["bias"])
         _check_shape(f"params/{name}/bias", b, shapes[f"{name}.bias"], where)
         out[f"{name}.weight"], out[f"{name}.bias"] = np.ascontiguousarray(w), b
@@ -236,3 +288,517 @@ def _as_torch(sd: "OrderedDict") -> "OrderedDict":
     import torch
 
     return OrderedDict((k, torch.from_numpy(np.array(v, order="C"))) for k, v in sd.items())  # keeps 0-d counters 0-d
+
+
+# --------------------------------------------------------------------------------------------
+# Any model: torch_to_flax(torch_module, flax_module, sample_input) and back
+# --------------------------------------------------------------------------------------------
+#
+# The two models are run once each on ``sample_input`` (NCHW for torch, the same values
+# channels-last for Flax) to list their layers in call order; layers are paired by module
+# path, what remains by call order; each pair's weights change layout; the input order of every
+# layer fed a flattened vector (a Linear, or a BatchNorm1d, after an NCHW flatten) is inferred
+# from the two models' activations on ``sample_input``; and the result is checked layer by
+# layer on ``sample_input`` (float64 where the models allow it).
+
+KINDS = ("conv", "dense", "bn")
+
+#: relative tolerance of the float64 layer-by-layer check (float32 models: ``CHECK_RTOL32``)
+CHECK_RTOL64, CHECK_RTOL32 = 1e-7, 1e-4
+
+
+class Layer:
+    """One call of a supported layer: framework, name (torch ``features.0``, Flax
+    ``features/0``-style path joined by ``/``), kind (conv, dense, bn), the module, its input
+    (NumPy) and its output (NumPy)."""
+
+    __slots__ = ("framework", "name", "kind", "module", "input", "output", "kwargs")
+
+    def __init__(self, framework, name, kind, module, input, output, kwargs=None):
+        self.framework, self.name, self.kind, self.module = framework, name, kind, module
+        self.input, self.output, self.kwargs = input, output, kwargs or {}
+
+    @property
+    def key(self) -> str:
+        """The name for matching: torch's dots and Flax's slashes both become ``_``."""
+        return self.name.replace(".", "_").replace("/", "_")
+
+    def describe(self) -> str:
+        return f"{self.framework} {self.name!r} ({self.kind}{self.param_shape()})"
+
+    def param_shape(self) -> str:
+        if self.framework == "torch":
+            w = self.module.weight if self.kind != "bn" or self.module.affine else self.module.running_mean
+            return f", weight {tuple(w.shape)}" if w is not None else ""
+        return f", input {tuple(self.input.shape)}"
+
+
+def _torch_kind(m) -> Optional[str]:
+    from torch import nn
+
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return "conv"
+    if isinstance(m, nn.Linear):
+        return "dense"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # torch.nn's BatchNorm1d/2d/3d, bnref's, SyncBatchNorm
+        return "bn"
+    return None
+
+
+def _flax_kind(m) -> Optional[str]:
+    import flax.linen as fnn
+
+    from bnref.jax.layers import BatchNorm
+
+    if isinstance(m, fnn.Conv):
+        return "conv"
+    if isinstance(m, fnn.Dense):
+        return "dense"
+    if isinstance(m, (fnn.BatchNorm, BatchNorm)):
+        return "bn"
+    return None
+
+
+def channels_last(x: np.ndarray) -> np.ndarray:
+    """NCHW / NCL -> NHWC / NLC (a 2-D (N, F) array is returned as is)."""
+    x = np.asarray(x)
+    return np.moveaxis(x, 1, -1) if x.ndim >= 3 else x
+
+
+def torch_layers(module, sample_input, *, train: bool = False, dtype=None) -> tuple:
+    """Run a copy of ``module`` (``train()`` or ``eval()``, cast to ``dtype`` if given) on
+    ``sample_input`` and return ``(layers, output, copy)``: every call of a supported layer in
+    call order, with its input and output. Raises ``ValueError`` for a leaf module that holds
+    parameters or buffers but is not a supported layer (it would be silently left out)."""
+    import copy
+
+    import torch
+
+    net = copy.deepcopy(module)
+    if dtype is not None:
+        net = net.to(dtype)
+    net.train(train)
+    unsupported = [f"{name!r} ({type(m).__name__})" for name, m in net.named_modules()
+                   if _torch_kind(m) is None and not list(m.children())
+                   and (list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)))]  # fmt: skip
+    if unsupported:
+        raise ValueError(f"torch module has layers bnref.convert does not convert: {', '.join(unsupported)} "
+                         "(supported: Conv1d, Conv2d, Linear, BatchNorm1d/2d/3d and bnref's)")  # fmt: skip
+    layers, handles = [], []
+    for name, m in net.named_modules():
+        kind = _torch_kind(m)
+        if kind is None:
+            continue
+
+        def hook(mod, args, out, name=name, kind=kind):
+            layers.append(Layer("torch", name, kind, mod, args[0].detach().cpu().numpy().copy(),
+                                out.detach().cpu().numpy().copy()))  # fmt: skip
+
+        handles.append(m.register_forward_hook(hook))
+    try:
+        x = torch.as_tensor(np.asarray(sample_input), dtype=dtype or next(net.parameters()).dtype)
+        out = net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return layers, out.detach().cpu().numpy(), net
+
+
+def flax_layers(module, variables, sample_input, kwargs: Mapping, *, mutable=False) -> tuple:
+    """Apply ``module`` to ``sample_input`` (already channels-last) with ``variables`` and
+    ``kwargs`` and return ``(layers, output, updates)``: every call of a supported layer (Conv,
+    Dense, flax.linen's and bnref's BatchNorm) in call order, with input, output and the call's
+    keyword arguments (``use_running_average``); ``updates`` is ``{}`` unless ``mutable``."""
+    import flax.linen as fnn
+
+    layers = []
+
+    def interceptor(next_fun, args, kw, context):
+        out = next_fun(*args, **kw)
+        kind = _flax_kind(context.module)
+        if kind is not None and context.method_name == "__call__":
+            name = "/".join(context.module.path)
+            layers.append(Layer("flax", name, kind, context.module, np.asarray(args[0]), np.asarray(out), dict(kw)))
+        return out
+
+    with fnn.intercept_methods(interceptor):
+        if mutable:
+            out, updates = module.apply(variables, sample_input, mutable=mutable, **kwargs)
+        else:
+            out, updates = module.apply(variables, sample_input, **kwargs), {}
+    return layers, np.asarray(out), updates
+
+
+def match_layers(tlayers, flayers) -> list:
+    """Pair torch and Flax layers: (1) by name, dots and slashes read as ``_`` (torch
+    ``features.0`` = Flax ``features_0``; ``block.conv`` = ``block/conv``); (2) the layers left
+    on both sides by call order, when they are as many and of the same kinds in that order.
+    Returns ``[(torch_layer, flax_layer), ...]`` in Flax call order; raises ``ValueError``
+    listing what did not match."""
+    tfirst = _first_calls(tlayers, "torch")
+    ffirst = _first_calls(flayers, "flax")
+    tby = {t.key: t for t in tfirst}
+    pairs = {}
+    for f in ffirst:
+        t = tby.get(f.key)
+        if t is not None and t.kind == f.kind:
+            pairs[f.name] = t
+    matched_t = {t.name for t in pairs.values()}
+    t_left = [t for t in tfirst if t.name not in matched_t]
+    f_left = [f for f in ffirst if f.name not in pairs]
+    if [t.kind for t in t_left] == [f.kind for f in f_left]:
+        pairs.update({f.name: t for t, f in zip(t_left, f_left)})
+    elif t_left or f_left:
+        lines = ["torch_to_flax: these layers have no partner (paired by name, dots and slashes read as '_', "
+                 "then by call order when the rest agree in number and kind):"]  # fmt: skip
+        lines += [f"  {t.describe()}" for t in t_left] or ["  (every torch layer matched)"]
+        lines += [f"  {f.describe()}" for f in f_left] or ["  (every Flax layer matched)"]
+        raise ValueError("\n".join(lines))
+    return [(pairs[f.name], f) for f in ffirst]
+
+
+def _first_calls(layers, framework):
+    seen, first = set(), []
+    for layer in layers:
+        if layer.name in seen:
+            raise ValueError(f"{framework} layer {layer.name!r} is called more than once (shared weights are not "
+                             "supported)")  # fmt: skip
+        seen.add(layer.name)
+        first.append(layer)
+    return first
+
+
+def infer_permutation(torch_in: np.ndarray, flax_in: np.ndarray, where: str) -> np.ndarray:
+    """The order ``P`` (``flax_in[:, j] == torch_in[:, P[j]]``) of a layer's flattened input,
+    among the flatten orders of every (C, S) factorization of its width (the identity
+    included), from the two models' activations on the sample input: the one that fits."""
+    n, f = torch_in.shape
+    candidates = {}
+    for c in range(1, f + 1):
+        if f % c == 0:
+            p = flatten_permutation(c, f)
+            candidates.setdefault(p.tobytes(), (c, p))
+    scale = float(np.max(np.abs(torch_in))) + 1.0
+    errors = sorted((float(np.max(np.abs(flax_in - torch_in[:, p]))) / scale, c, p) for c, p in candidates.values())
+    best, second = errors[0], (errors[1] if len(errors) > 1 else None)
+    if second is not None and second[0] <= max(best[0] * 10, 1e-12):
+        raise ValueError(f"{where}: the sample input does not decide the order of the layer's {f} inputs (flatten "
+                         f"orders with {best[1]} and {second[1]} channels fit it equally well): pass more, and more "
+                         "varied, examples")  # fmt: skip
+    return best[2]
+
+
+def _torch_params(t: Layer) -> Dict[str, np.ndarray]:
+    m = t.module
+    out = {}
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        v = getattr(m, name, None)
+        if v is not None:
+            out[name] = v.detach().cpu().numpy().copy()
+    return out
+
+
+def _pair_where(t: Layer, f: Layer) -> str:
+    return f"torch {t.name!r} <-> Flax {f.name!r}"
+
+
+def _layer_torch_to_flax(t: Layer, f: Layer, tp: Dict[str, np.ndarray], perm, fshapes: Mapping) -> Dict:
+    """One pair's Flax variables ``{collection: {name: array}}`` from the torch layer's arrays."""
+    where = _pair_where(t, f)
+    out = {"params": {}, "batch_stats": {}}
+    if t.kind in ("conv", "dense"):
+        w = tp["weight"]
+        out["params"]["kernel"] = conv_kernel_to_flax(w) if t.kind == "conv" else dense_kernel_to_flax(w, perm)
+        if "bias" in tp:
+            out["params"]["bias"] = tp["bias"]
+    else:
+        order = (lambda a: a) if perm is None else (lambda a: a[perm])
+        if t.module.affine:
+            out["params"]["scale"], out["params"]["bias"] = order(tp["weight"]), order(tp["bias"])
+        if "running_mean" not in tp:
+            raise ValueError(f"{where}: the torch layer keeps no running statistics (track_running_stats=False) "
+                             "and normalizes with batch statistics in eval mode; a Flax BatchNorm cannot")  # fmt: skip
+        out["batch_stats"]["mean"], out["batch_stats"]["var"] = order(tp["running_mean"]), order(tp["running_var"])
+    _check_against(out, fshapes, where)
+    return out
+
+
+def _check_against(arrays: Mapping, fshapes: Mapping, where: str) -> None:
+    """``arrays`` ({collection: {name: array}}) has exactly the Flax layer's variables, shapes included."""
+    have = {f"{c}/{n}": a.shape for c, d in arrays.items() for n, a in d.items()}
+    want = {f"{c}/{n}": tuple(s) for c, d in fshapes.items() for n, s in d.items()}
+    for key in sorted(set(have) | set(want)):
+        if key not in want:
+            raise ValueError(f"{where}: the torch layer has {key.split('/')[1]!r} ({_torch_name(key)}) and the Flax "
+                             "layer does not (use_bias / use_scale?)")  # fmt: skip
+        if key not in have:
+            raise ValueError(f"{where}: the Flax layer has {key} and the torch layer has no {_torch_name(key)} "
+                             "(bias=False / affine=False?)")  # fmt: skip
+        if have[key] != want[key]:
+            raise ValueError(f"{where}: {key} would get shape {have[key]} from torch, the Flax layer has {want[key]}")
+
+
+def _torch_name(key: str) -> str:
+    return {"params/kernel": "weight", "params/scale": "weight", "params/bias": "bias",
+            "batch_stats/mean": "running_mean", "batch_stats/var": "running_var"}[key]  # fmt: skip
+
+
+def _layer_variables(tree: Mapping, path: str) -> Dict:
+    """``{collection: {name: leaf}}`` of one Flax layer (``path`` joined by ``/``)."""
+    out = {}
+    for collection, sub in tree.items():
+        node = sub
+        for part in path.split("/") if path else ():
+            node = node.get(part) if isinstance(node, Mapping) else None
+            if node is None:
+                break
+        if isinstance(node, Mapping):
+            leaves = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+            if leaves:
+                out[collection] = leaves
+    return out
+
+
+def _set_layer(tree: Dict, path: str, arrays: Mapping) -> None:
+    for collection, leaves in arrays.items():
+        if not leaves:
+            continue
+        node = tree.setdefault(collection, {})
+        for part in path.split("/") if path else ():
+            node = node.setdefault(part, {})
+        node.update(leaves)
+
+
+def _leaf_paths(tree: Mapping, prefix: str = "") -> list:
+    paths = []
+    for k, v in tree.items():
+        p = f"{prefix}/{k}" if prefix else k
+        paths.extend(_leaf_paths(v, p) if isinstance(v, Mapping) else [p])
+    return paths
+
+
+def _x64():
+    import jax
+
+    return jax.enable_x64(True) if hasattr(jax, "enable_x64") else __import__("jax.experimental").experimental.enable_x64()
+
+
+def _plan(torch_module, flax_module, sample_input, eval_kwargs, where: str):
+    """Pair the layers, infer each flattened input's order and convert ``torch_module``'s own
+    weights: ``(pairs, perms, variables, float64 torch layers)`` where ``variables`` is a
+    float64 NumPy tree shaped like ``flax_module``'s."""
+    import jax
+
+    x = np.asarray(sample_input)
+    if x.ndim < 2 or x.shape[0] < 2 or not np.issubdtype(x.dtype, np.floating) or not np.all(np.isfinite(x)):
+        raise ValueError(f"{where}: sample_input must be a finite floating NumPy array (N, C, ...) with N >= 2, "
+                         f"got {x.dtype} {x.shape}")  # fmt: skip
+    import torch
+
+    tlayers, _, _ = torch_layers(torch_module, x, train=False, dtype=torch.float64)
+    xf = channels_last(x.astype(np.float64))
+    with _x64():
+        init = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), xf, **eval_kwargs))
+        shapes = jax.tree.map(lambda s: tuple(s.shape), dict(init))
+        variables = jax.tree.map(lambda s: np.zeros(s.shape, np.float64), dict(init))
+        flayers, _, _ = flax_layers(flax_module, variables, xf, eval_kwargs)
+        pairs = match_layers(tlayers, flayers)
+        for t, f in pairs:  # the first layer whose input shapes differ is where the models part
+            if channels_last(t.input).shape != f.input.shape:
+                raise ValueError(f"{where}: the input of {_pair_where(t, f)} has shape {channels_last(t.input).shape} "
+                                 f"in torch (channels-last) and {f.input.shape} in Flax: the models differ before it "
+                                 "(padding, stride, pooling, layer order?)")  # fmt: skip
+        perms, converted = {}, set()
+        for t, f in pairs:
+            perm = None
+            if t.input.ndim == 2 and t.kind in ("dense", "bn"):  # a flattened vector: find its order
+                fl, _, _ = flax_layers(flax_module, variables, xf, eval_kwargs)
+                f_in = next(g for g in fl if g.name == f.name).input
+                if f_in.shape != t.input.shape:
+                    raise ValueError(f"{where}: {_pair_where(t, f)}: inputs of shape {t.input.shape} (torch) and "
+                                     f"{f_in.shape} (Flax)")  # fmt: skip
+                perm = infer_permutation(t.input, f_in, f"{where}: {_pair_where(t, f)}")
+                perm = None if np.array_equal(perm, np.arange(len(perm))) else perm
+            arrays = _layer_torch_to_flax(t, f, _torch_params(t), perm, _layer_variables(shapes, f.name))
+            _set_layer(variables, f.name, arrays)
+            perms[f.name] = perm
+            converted.update({f"{c}/{f.name}/{n}" if f.name else f"{c}/{n}" for c, d in arrays.items() for n in d})
+        left = [p for p in _leaf_paths(shapes) if p not in converted]
+        if left:
+            raise ValueError(f"{where}: Flax variables that no supported layer holds: {', '.join(left)}")
+    return pairs, perms, variables, init
+
+
+def check_same_function(torch_module, flax_module, variables, sample_input, eval_kwargs, where: str) -> float:
+    """Run both models in eval mode on ``sample_input`` (float64 where the models allow) and
+    compare every paired layer's input and the outputs; raise ``ValueError`` naming the first
+    layer whose input differs. Returns the largest relative difference seen."""
+    import jax
+    import torch
+
+    x = np.asarray(sample_input, np.float64)
+    tlayers, tout, _ = torch_layers(torch_module, x, train=False, dtype=torch.float64)
+    with _x64():
+        v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+        flayers, fout, _ = flax_layers(flax_module, v64, channels_last(x), eval_kwargs)
+    worst = 0.0
+    fby = {f.name: f for f in flayers}
+    rtol = CHECK_RTOL64 if all(f.input.dtype == np.float64 for f in flayers) else CHECK_RTOL32
+    checks = [(f"the input of {_pair_where(t, f)}", t.input, fby[f.name].input, perm)
+              for (t, f), perm in _pairs_with_perms(tlayers, flayers, where)]  # fmt: skip
+    checks.append(("the output", tout, fout, None))
+    for what, a, b, perm in checks:
+        a = channels_last(a) if a.ndim >= 3 else (a if perm is None else a[:, perm])
+        if a.shape != b.shape:
+            raise ValueError(f"{where}: {what}: shape {a.shape} (torch, channels-last) but {b.shape} (Flax)")
+        err = float(np.max(np.abs(a - b), initial=0.0)) / (float(np.max(np.abs(a), initial=0.0)) + 1.0)
+        worst = max(worst, err)
+        if not err <= rtol:
+            raise ValueError(f"{where}: {what} differs between the models by {err:.2g} (relative) on sample_input: "
+                             "they compute different things before it (padding, stride, pooling, activation, eps, "
+                             "layer order?); bnref.diagnose.bn_report compares the BN layers")  # fmt: skip
+    return worst
+
+
+def _pairs_with_perms(tlayers, flayers, where):
+    pairs = match_layers(tlayers, flayers)
+    out = []
+    for t, f in pairs:
+        perm = None
+        if t.input.ndim == 2 and t.kind in ("dense", "bn"):
+            perm = infer_permutation(t.input, f.input, f"{where}: {_pair_where(t, f)}")
+        out.append(((t, f), perm))
+    return out
+
+
+def _torch_module_to_flax(torch_module, flax_module, sample_input, eval_kwargs=None, check=True) -> Dict:
+    import jax
+
+    where = "torch_to_flax"
+    eval_kwargs = {"train": False} if eval_kwargs is None else dict(eval_kwargs)
+    pairs, perms, variables, init = _plan(torch_module, flax_module, sample_input, eval_kwargs, where)
+    dtypes = jax.tree.map(lambda s: s.dtype, dict(init))
+    result = jax.tree.map(lambda a, dt: np.asarray(a, dt), variables, dtypes)
+    if check:
+        check_same_function(torch_module, flax_module, result, sample_input, eval_kwargs, where)
+    return result
+
+
+def _flax_module_to_torch(flax_module, variables, torch_module, sample_input, eval_kwargs=None, check=True,
+                          as_torch=True) -> "OrderedDict":  # fmt: skip
+    """The reverse: ``torch_module``'s ``state_dict`` with every paired layer's entries taken
+    from the Flax ``variables`` (anything the Flax model lacks, e.g. ``num_batches_tracked``,
+    is the torch module's own). The pairing and flatten orders are found by converting
+    ``torch_module``'s own weights forward on ``sample_input``."""
+    import jax
+    import torch
+
+    where = "flax_to_torch"
+    eval_kwargs = {"train": False} if eval_kwargs is None else dict(eval_kwargs)
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError(f"{where}: variables must be a mapping with a 'params' collection")
+    pairs, perms, _, init = _plan(torch_module, flax_module, sample_input, eval_kwargs, where)
+    shapes = jax.tree.map(lambda s: tuple(s.shape), dict(init))
+    given = jax.tree.map(lambda a: _to_numpy(a), dict(variables))
+    have, want = set(_leaf_paths(given)), set(_leaf_paths(shapes))
+    if have != want:
+        bad = sorted(want - have) or sorted(have - want)
+        raise ValueError(f"{where}: variables {'lack' if want - have else 'have an unexpected'} {bad[0]!r}"
+                         + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))  # fmt: skip
+    for p in sorted(want):
+        node_g, node_s = given, shapes
+        for part in p.split("/"):
+            node_g, node_s = node_g[part], node_s[part]
+        if tuple(node_g.shape) != tuple(node_s):
+            raise ValueError(f"{where}: {p} has shape {tuple(node_g.shape)}, the Flax module makes {tuple(node_s)}")
+    sd = OrderedDict((k, v.detach().cpu().clone()) for k, v in torch_module.state_dict().items())
+    for t, f in pairs:
+        perm = perms[f.name]
+        lv = _layer_variables(given, f.name)
+        params, stats = lv.get("params", {}), lv.get("batch_stats", {})
+        prefix = f"{t.name}." if t.name else ""
+        if t.kind in ("conv", "dense"):
+            k = params["kernel"]
+            w = conv_kernel_to_torch(k) if t.kind == "conv" else dense_kernel_to_torch(k, perm)
+            new = {"weight": w, "bias": params.get("bias")}
+        else:
+            def unorder(a):
+                if a is None or perm is None:
+                    return a
+                out = np.empty_like(a)
+                out[perm] = a
+                return out
+
+            new = {"weight": unorder(params.get("scale")), "bias": unorder(params.get("bias")),
+                   "running_mean": unorder(stats.get("mean")), "running_var": unorder(stats.get("var"))}  # fmt: skip
+        for name, a in new.items():
+            if a is not None:
+                old = sd[prefix + name]
+                sd[prefix + name] = torch.from_numpy(np.ascontiguousarray(a)).to(old.dtype)
+    if check:
+        import copy
+
+        probe = copy.deepcopy(torch_module)
+        probe.load_state_dict(sd)
+        check_same_function(probe, flax_module, given, sample_input, eval_kwargs, where)
+    return sd if as_torch else OrderedDict((k, v.numpy()) for k, v in sd.items())
+
+
+def torch_to_flax(torch_module, flax_module=None, sample_input=None, *, eval_kwargs: Optional[Mapping] = None,
+                  check: bool = True) -> Dict[str, Dict]:  # fmt: skip
+    """PyTorch weights -> Flax variables, for any model made of the usual layers.
+
+    ``torch_to_flax(torch_module, flax_module, sample_input)``: ``torch_module`` a
+    ``torch.nn.Module`` of Conv1d/Conv2d, Linear and BatchNorm layers (torch.nn's or bnref's)
+    with anything parameter-free between them (activations, pooling, dropout, flatten),
+    ``flax_module`` its Flax port (``nn.Conv``, ``nn.Dense``, ``nn.BatchNorm`` or bnref's),
+    ``sample_input`` a NumPy batch in torch's layout (NCHW / NCL / NF, N >= 2). Returns NumPy
+    variables ``{"params", "batch_stats"}`` with which ``flax_module.apply(variables,
+    x_channels_last, **eval_kwargs)`` (default ``train=False``) computes what ``torch_module``
+    computes in ``eval()`` mode. Rules (see the module docstring): layers paired by path,
+    then by call order; conv kernels OIHW -> HWIO; dense kernels transposed, their inputs
+    reordered where a flatten turned NCHW into NHWC order (found on ``sample_input``). With
+    ``check`` (default) both models are run on ``sample_input`` afterwards and a ``ValueError``
+    names the first layer whose input differs (float64: relative 1e-7). ``torch_module`` is
+    never modified.
+
+    ``torch_to_flax(state_dict)``: bnref's LeNet-BN ``state_dict`` (the layers are known, no
+    sample needed); the same layer rules, and a ``ValueError`` naming the first bad key.
+    """
+    if isinstance(torch_module, Mapping):
+        if flax_module is not None or sample_input is not None:
+            raise TypeError("torch_to_flax(state_dict) is LeNet-BN's; for any other model pass the torch module, "
+                            "the Flax module and sample_input")  # fmt: skip
+        return _lenet_torch_to_flax(torch_module)
+    if flax_module is None or sample_input is None:
+        raise TypeError("torch_to_flax(torch_module, flax_module, sample_input): all three are needed")
+    return _torch_module_to_flax(torch_module, flax_module, sample_input, eval_kwargs, check)
+
+
+def flax_to_torch(flax_module_or_variables, variables=None, torch_module=None, sample_input=None, *,
+                  eval_kwargs: Optional[Mapping] = None, check: bool = True, num_batches_tracked: int = 0,
+                  as_torch: Optional[bool] = None) -> "OrderedDict":  # fmt: skip
+    """Flax variables -> a PyTorch ``state_dict``, the reverse of :func:`torch_to_flax`.
+
+    ``flax_to_torch(flax_module, variables, torch_module, sample_input)``: returns
+    ``torch_module``'s ``state_dict`` (torch tensors) with every paired layer's entries from
+    ``variables``, ready for ``torch_module.load_state_dict``; entries Flax has no counterpart
+    for (``num_batches_tracked``) stay the torch module's. The pairing and flatten orders
+    are found as in :func:`torch_to_flax`, from ``torch_module``'s own weights; with ``check``
+    the result is verified on ``sample_input`` layer by layer.
+
+    ``flax_to_torch(variables)``: bnref's LeNet-BN variables -> its ``state_dict``
+    (NumPy arrays, or torch tensors with ``as_torch=True``); ``num_batches_tracked`` is
+    written into every BN layer (pass the torch model's own count to make torch -> flax ->
+    torch the identity).
+    """
+    if isinstance(flax_module_or_variables, Mapping):
+        if variables is not None or torch_module is not None or sample_input is not None:
+            raise TypeError("flax_to_torch(variables) is LeNet-BN's; for any other model pass the Flax module, "
+                            "its variables, the torch module and sample_input")  # fmt: skip
+        return _lenet_flax_to_torch(flax_module_or_variables, num_batches_tracked=num_batches_tracked,
+                                    as_torch=bool(as_torch))  # fmt: skip
+    if variables is None or torch_module is None or sample_input is None:
+        raise TypeError("flax_to_torch(flax_module, variables, torch_module, sample_input): all four are needed")
+    return _flax_module_to_torch(flax_module_or_variables, variables, torch_module, sample_input, eval_kwargs, check,
+                                 as_torch=True if as_torch is None else as_torch)  # fmt: skip

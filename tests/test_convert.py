@@ -173,3 +173,175 @@ def test_trajectory_agrees_for_20_steps():
     assert report["max_loss_diff"] < 1e-3
     assert all(r["weight_diff"] < 1e-3 for r in report["rows"])
     assert report["rows"][-1]["loss_torch"] < report["rows"][0]["loss_torch"]  # it is training
+
+
+# ---- any model: torch_to_flax(torch_module, flax_module, sample_input) and back ----
+
+import flax.linen as nn  # noqa: E402
+from torch import nn as tnn  # noqa: E402
+
+
+class TorchCNN(tnn.Module):
+    """A model bnref has never seen: Sequential paths, a conv without bias, max pooling, ReLU,
+    nn.Flatten and a BatchNorm1d after the flatten's Linear."""
+
+    def __init__(self, pool=2):
+        super().__init__()
+        self.features = tnn.Sequential(
+            tnn.Conv2d(3, 8, 3, padding=1), tnn.BatchNorm2d(8), tnn.ReLU(), tnn.MaxPool2d(pool),
+            tnn.Conv2d(8, 16, 3, padding=1, bias=False), tnn.BatchNorm2d(16), tnn.ReLU(), tnn.MaxPool2d(2),
+        )  # fmt: skip
+        self.head = tnn.Sequential(tnn.Flatten(), tnn.Linear(16 * 4 * 4, 32), tnn.BatchNorm1d(32), tnn.ReLU(),
+                                   tnn.Linear(32, 10))  # fmt: skip
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class FlaxCNN(nn.Module):
+    """Its Flax port, with torch's layer names as Flax names (``features.0`` -> ``features_0``)."""
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    padding: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        def bn(name):
+            return nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon, name=name)
+
+        x = nn.Conv(8, (3, 3), padding=self.padding, name="features_0")(x)
+        x = nn.max_pool(nn.relu(bn("features_1")(x)), (2, 2), (2, 2))
+        x = nn.Conv(16, (3, 3), padding=1, use_bias=False, name="features_4")(x)
+        x = nn.max_pool(nn.relu(bn("features_5")(x)), (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)  # NHWC flatten: another order than torch's
+        x = nn.relu(bn("head_2")(nn.Dense(32, name="head_1")(x)))
+        return nn.Dense(10, name="head_4")(x)
+
+
+class FlaxCNNAutoNames(nn.Module):
+    """The same port written the Flax way: automatic names (Conv_0, BatchNorm_0, ...);
+    ``head_bn=False`` forgets the BatchNorm1d."""
+
+    head_bn: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(8, (3, 3), padding=1)(x)
+        x = nn.max_pool(nn.relu(nn.BatchNorm(use_running_average=not train)(x)), (2, 2), (2, 2))
+        x = nn.Conv(16, (3, 3), padding=1, use_bias=False)(x)
+        x = nn.max_pool(nn.relu(nn.BatchNorm(use_running_average=not train)(x)), (2, 2), (2, 2))
+        x = nn.Dense(32)(x.reshape(x.shape[0], -1))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x) if self.head_bn else x)
+        return nn.Dense(10)(x)
+
+
+class TorchConv1d(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = tnn.Conv1d(4, 6, 5)
+        self.bn = tnn.BatchNorm1d(6)
+        self.fc = tnn.Linear(6 * 12, 3)
+
+    def forward(self, x):  # (N, 4, 16)
+        return self.fc(torch.flatten(torch.tanh(self.bn(self.conv(x))), 1))
+
+
+class FlaxConv1d(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):  # (N, 16, 4)
+        x = nn.Conv(6, (5,), padding="VALID", name="conv")(x)
+        x = jnp.tanh(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x))
+        return nn.Dense(3, name="fc")(x.reshape(x.shape[0], -1))
+
+
+def _trained(model, shape, seed=0):
+    """``model`` with its weights and running statistics moved away from their initial values."""
+    torch.manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for i in range(3):
+            model(2 * torch.randn(16, *shape) + 1)
+    return model.eval()
+
+
+def _sample(shape, n=8, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+MODELS = {
+    "cnn": (TorchCNN, FlaxCNN, (3, 16, 16)),
+    "cnn, automatic Flax names": (TorchCNN, FlaxCNNAutoNames, (3, 16, 16)),
+    "conv1d": (TorchConv1d, FlaxConv1d, (4, 16)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_any_model_converts_with_equal_eval_logits_and_round_trips(name):
+    make_torch, make_flax, shape = MODELS[name]
+    tm, fm = _trained(make_torch(), shape), make_flax()
+    x = _sample(shape)
+    snapshot = {k: v.clone() for k, v in tm.state_dict().items()}
+    variables = convert.torch_to_flax(tm, fm, x)
+    assert tm.training is False and all(torch.equal(v, snapshot[k]) for k, v in tm.state_dict().items())
+    x_new = _sample(shape, n=5, seed=7)  # other inputs than the sample the orders were found on
+    with torch.no_grad():
+        want = tm(torch.from_numpy(x_new)).numpy()
+    got = np.asarray(fm.apply(variables, convert.channels_last(x_new), train=False))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert all(np.asarray(a).dtype == np.float32 for a in jax.tree.leaves(variables))
+
+    back = convert.flax_to_torch(fm, variables, tm, x)
+    assert list(back) == list(snapshot)
+    for k, v in snapshot.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    fresh = _trained(make_torch(), shape, seed=5)  # other weights: the Flax variables win
+    fresh.load_state_dict(back)
+    with torch.no_grad():
+        np.testing.assert_allclose(fresh(torch.from_numpy(x_new)).numpy(), want, atol=1e-6, rtol=0)
+
+
+def test_lenet_converts_through_the_general_path_as_through_its_state_dict():
+    tm = _torch_model("bnref").eval()
+    x, _ = _batch(n=8)
+    general = convert.torch_to_flax(tm, FlaxLeNetBN(bn="bnref", convention=spec.D2L), x)
+    known = convert.torch_to_flax(tm.state_dict())
+    assert jax.tree.structure(general) == jax.tree.structure(known)
+    for a, b in zip(jax.tree.leaves(general), jax.tree.leaves(known)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unmatched_layers_are_listed():
+    with pytest.raises(ValueError, match=r"no partner(.|\n)*torch 'head.2' \(bn(.|\n)*flax 'Dense_1'"):
+        convert.torch_to_flax(TorchCNN().eval(), FlaxCNNAutoNames(head_bn=False), _sample((3, 16, 16)))
+
+
+def test_a_port_that_computes_something_else_is_named_at_its_first_layer():
+    tm, x = _trained(TorchCNN(), (3, 16, 16)), _sample((3, 16, 16))
+    with pytest.raises(ValueError, match=r"input of torch 'features.1' <-> Flax 'features_1' has shape"):
+        convert.torch_to_flax(tm, FlaxCNN(padding=0), x)  # padding 0 in Flax: shapes differ, caught at BN's input
+    with pytest.raises(ValueError, match=r"input of torch 'features.4' <-> Flax 'features_4' differs"):
+        convert.torch_to_flax(tm, FlaxCNN(epsilon=1e-3), x)  # eps 1e-3: values differ after the first BN
+    variables = convert.torch_to_flax(tm, FlaxCNN(epsilon=1e-3), x, check=False)  # weights still convert
+    assert variables["params"]["features_0"]["kernel"].shape == (3, 3, 3, 8)
+
+
+@pytest.mark.parametrize("case", ["unsupported layer", "bias mismatch", "no running stats", "bad sample"])
+def test_models_the_converter_cannot_convert_are_clear_errors(case):
+    tm, fm, x = TorchCNN().eval(), FlaxCNN(), _sample((3, 16, 16))
+    if case == "unsupported layer":
+        tm.features[2] = tnn.PReLU()  # holds a parameter bnref.convert does not know
+        match = r"does not convert: 'features.2' \(PReLU\)"
+    elif case == "bias mismatch":
+        tm.features[0] = tnn.Conv2d(3, 8, 3, padding=1, bias=False)
+        match = r"Flax layer has params/bias and the torch layer has no bias"
+    elif case == "no running stats":
+        tm.features[1] = tnn.BatchNorm2d(8, track_running_stats=False)
+        match = "keeps no running statistics"
+    else:
+        x = x[:1]
+        match = "N >= 2"
+    with pytest.raises(ValueError, match=match):
+        convert.torch_to_flax(tm, fm, x)
