@@ -180,16 +180,19 @@ def format_table(results: Sequence[CellResult]) -> str:
 
 
 def conventions_table() -> str:
-    """The README's conventions table, generated from ``bnref.spec.PRESETS``."""
+    """The README's conventions table, generated from ``bnref.spec.PRESETS``.
+
+    ``decay`` and the Flax/Keras/d2l-zh ``momentum`` are the same number (both weight the old
+    value), so they share one column; PyTorch's ``momentum`` is ``1 - decay``."""
     lines = [
-        "| preset | decay (weight of old value) | PyTorch `momentum` (and d2l-en's) | Flax/Keras/d2l-zh `momentum` | eps | running variance | torch.nn can express | flax.linen can express |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | decay (weight of the old value) = Flax/Keras/d2l-zh `momentum` | PyTorch `momentum` = 1 - decay (and d2l-en's) | eps | running variance | torch.nn can express | flax.linen can express |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, c in spec.PRESETS.items():
         torch_ok = "yes" if c.running_var == "unbiased" else "no (always unbiased)"
         flax_ok = "yes" if c.running_var == "biased" else "no (always biased)"
         lines.append(
-            f"| `{name}` | {c.decay:g} | {c.torch_momentum:g} | {c.flax_momentum:g} | {c.eps:g} | "
+            f"| `{name}` | {c.decay:g} | {c.torch_momentum:g} | {c.eps:g} | "
             f"{c.running_var} | {torch_ok} | {flax_ok} |"
         )
     return "\n".join(lines)
