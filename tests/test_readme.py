@@ -1,6 +1,23 @@
-"""README and CI cannot drift from the code: the conventions table is generated from the
-presets, and .ci/run runs exactly the README's test command."""
+"""README and docs cannot drift from the code.
 
+- The conventions table is generated from the presets, and .ci/run runs exactly the README's
+  test command.
+- Every ```python block in README.md and docs/*.md runs as written (one test per block, named
+  ``FILE#N``, N counting that file's python blocks from 1), in a fresh namespace: a block is
+  self-contained, so a reader can copy any one of them alone.
+- What a block prints is checked. The convention: a ```python block followed by a ```text
+  block, with nothing but blank lines between the two fences' lines, must print exactly that
+  text to stdout. Both are compared line by line after trailing whitespace is removed from each
+  line and trailing blank lines are dropped; nothing else is forgiven, there is no numeric
+  tolerance. A block that prints floating-point numbers rounds them (``f"{v:.3f}"``,
+  ``.round(4)``) to digits that do not depend on the platform, and asserts what it claims.
+  A python block with no ```text block after it may print anything.
+- Every docs/*.md page is linked from the README, and the relative links to Markdown and
+  Python files in the README and the docs resolve.
+"""
+
+import contextlib
+import io
 import pathlib
 import re
 
@@ -10,6 +27,8 @@ from bnref.parity import conventions_table
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", *DOC_PAGES]
 
 
 def test_conventions_table_is_generated_from_the_presets():
@@ -33,9 +52,76 @@ def test_ci_runs_the_readme_test_command():
     assert "bnref.train" in commands[0]
 
 
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+# A fenced block: a line starting with ``` and an info string (its first word is the language),
+# the body, and a closing line of ``` alone. Fences start at the beginning of a line.
+_FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
-@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
-def test_every_python_block_runs_as_written(index):
-    exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index + 1}", "exec"), {})
+def python_blocks(text):
+    """``[(code, expected_stdout or None)]`` for each ```python block of a Markdown text, in order;
+    ``expected_stdout`` is the body of a ```text block that follows with only blank lines between."""
+    fences = [(m.group(1).split()[0] if m.group(1).split() else "", m.group(2), m.start(), m.end())
+              for m in _FENCE.finditer(text)]  # fmt: skip
+    blocks = []
+    for i, (lang, body, _, end) in enumerate(fences):
+        if lang != "python":
+            continue
+        expected = None
+        if i + 1 < len(fences):
+            next_lang, next_body, next_start, _ = fences[i + 1]
+            if next_lang == "text" and not text[end:next_start].strip():
+                expected = next_body
+        blocks.append((body, expected))
+    return blocks
+
+
+def _normalized(out):
+    lines = [line.rstrip() for line in out.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _block_cases():
+    cases = []
+    for page in PAGES:
+        name = page.relative_to(ROOT).as_posix()
+        for n, (code, expected) in enumerate(python_blocks(page.read_text()), start=1):
+            cases.append(pytest.param(name, code, expected, id=f"{name}#{n}"))
+    return cases
+
+
+def test_the_block_parser_pairs_output_with_its_block():
+    text = "```python\nprint(1)\n```\n\n```text\n1\n```\nprose\n```python\npass\n```\nprose\n```text\nx\n```\n"
+    assert python_blocks(text) == [("print(1)\n", "1\n"), ("pass\n", None)]
+
+
+def test_readme_has_python_blocks():
+    assert len(python_blocks(README)) >= 5
+
+
+@pytest.mark.parametrize("page, code, expected", _block_cases())
+def test_every_python_block_runs_as_written(page, code, expected):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, page, "exec"), {"__name__": "__main__"})
+    if expected is not None:
+        assert _normalized(out.getvalue()) == _normalized(expected), f"{page}: the block's output differs from its text block"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    for page in DOC_PAGES:
+        target = page.relative_to(ROOT).as_posix()
+        assert f"]({target}" in README, f"README.md does not link {target}"
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_to_pages_and_code_resolve(page):
+    for target in _LINK.findall(page.read_text()):
+        path = target.split("#", 1)[0]
+        if "://" in target or not path.endswith((".md", ".py")):
+            continue
+        assert (page.parent / path).exists(), f"{page.name} links {target}, which does not exist"
