@@ -583,16 +583,23 @@ def _x64():
     return jax.enable_x64(True) if hasattr(jax, "enable_x64") else __import__("jax.experimental").experimental.enable_x64()
 
 
+def check_sample(sample_input, where: str) -> np.ndarray:
+    """``sample_input`` as a NumPy array; ``ValueError`` unless it is a finite floating batch
+    ``(N, C, ...)`` with N >= 2 (one example has no batch statistics)."""
+    x = np.asarray(sample_input)
+    if x.ndim < 2 or x.shape[0] < 2 or not np.issubdtype(x.dtype, np.floating) or not np.all(np.isfinite(x)):
+        raise ValueError(f"{where}: sample_input must be a finite floating NumPy array (N, C, ...) with N >= 2, "
+                         f"got {x.dtype} {x.shape}")  # fmt: skip
+    return x
+
+
 def _plan(torch_module, flax_module, sample_input, eval_kwargs, where: str):
     """Pair the layers, infer each flattened input's order and convert ``torch_module``'s own
     weights: ``(pairs, perms, variables, float64 torch layers)`` where ``variables`` is a
     float64 NumPy tree shaped like ``flax_module``'s."""
     import jax
 
-    x = np.asarray(sample_input)
-    if x.ndim < 2 or x.shape[0] < 2 or not np.issubdtype(x.dtype, np.floating) or not np.all(np.isfinite(x)):
-        raise ValueError(f"{where}: sample_input must be a finite floating NumPy array (N, C, ...) with N >= 2, "
-                         f"got {x.dtype} {x.shape}")  # fmt: skip
+    x = check_sample(sample_input, where)
     import torch
 
     tlayers, _, _ = torch_layers(torch_module, x, train=False, dtype=torch.float64)
