@@ -41,3 +41,93 @@ def test_fast_variance_collapses_where_two_pass_does_not(tmp_path):
     assert err["bnref.jax (two-pass), float32"][at] < 1e-2
     assert err["flax.linen (use_fast_variance=False), float32"] == pytest.approx(err["bnref.jax (two-pass), float32"], abs=1e-6)
     assert max(err["bnref.jax (two-pass), float32"][:2]) < 1e-5 and max(err["bnref.jax (two-pass), bfloat16"]) < 0.05
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["placement", "--backend", "jax"], "placement runs on torch only"),
+    (["batch-size", "--backend", "torch"], "batch-size runs on jax only"),
+    (["momentum-port", "--backend", "torch"], "momentum-port runs on torch and jax only"),
+])  # fmt: skip
+def test_a_backend_the_experiment_cannot_honour_is_a_clear_error(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiments.main([*argv, "--quick", "--out", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def _run(name, tmp_path, *argv):
+    """``experiments.main`` on ``name --quick``; returns the numbers as written to NAME.json."""
+    experiments.main([name, "--quick", "--out", str(tmp_path), *argv])
+    assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    assert saved["experiment"] == name and saved["quick"] is True
+    return saved
+
+
+def test_bn_vs_none_bn_has_left_the_plateau_that_plain_lenet_sits_on(tmp_path, torch_one_thread):
+    result = _run("bn-vs-none", tmp_path)
+    assert result["backends"] == ["torch", "jax"]  # the default: both
+    runs = result["runs"]
+    assert set(runs) == {"torch, BN", "torch, no BN", "jax, BN", "jax, no BN"}
+    for run in runs.values():
+        assert [len(run[k]) for k in ("loss", "train_acc", "test_acc")] == [result["epochs"]] * 3
+    for backend in ("torch", "jax"):
+        # Sigmoid LeNet without BN stays at chance, loss ln(10) = 2.30, for its first hundreds
+        # of steps (d2l's curves; real and synthetic data alike); with BN it has left it.
+        assert runs[f"{backend}, no BN"]["loss"][-1] > 2.2
+        assert runs[f"{backend}, BN"]["loss"][-1] < 1.5
+
+
+def test_bn_vs_none_backend_flag_runs_that_backend_only(tmp_path, torch_one_thread):
+    result = _run("bn-vs-none", tmp_path, "--backend", "torch")
+    assert result["backends"] == ["torch"] and set(result["runs"]) == {"torch, BN", "torch, no BN"}
+
+
+def test_batch_size_spends_one_budget_of_examples_at_every_batch_size(tmp_path):
+    result = _run("batch-size", tmp_path)
+    assert experiments.scaled_lr(4) == 1 / 64 and experiments.scaled_lr(256) == experiments.scaled_lr(512) == 1.0
+    sizes = result["batch_sizes"]
+    assert len(sizes) > 1 and result["lr"] == [experiments.scaled_lr(b) for b in sizes]
+    for b in sizes:
+        last = result["probes"][str(b)][-1]
+        assert last["examples"] == result["budget_examples"] and last["step"] == result["budget_examples"] // b
+        assert 0 <= last["acc_running"] <= 1 and 0 <= last["acc_precise"] <= 1
+        for gap in ("running_var_rel_error", "running_mean_error"):
+            assert set(last[gap]) == {"bn1", "bn2", "bn3", "bn4"} and all(0 <= v < 1e3 for v in last[gap].values())
+
+
+def test_eval_stats_three_evaluations_and_the_ema_forgetting_its_start(tmp_path):
+    result = _run("eval-stats", tmp_path)
+    probes = result["probes"]
+    assert [p["step"] for p in probes] == [8, 16, 24, 32]  # quick: 2 epochs of 16 steps, a probe every half epoch
+    for p in probes:
+        assert set(p["acc_batch"]) == {str(b) for b in result["eval_batch_sizes"]}
+        assert all(0 <= a <= 1 for a in (p["acc_running"], p["acc_precise"], *p["acc_batch"].values()))
+    # The running averages start at (0, 1) and keep 0.9^k of that after k steps: 43% at the
+    # first probe, 3% at the last; every layer's running variance is nearer the population's.
+    first, last = probes[0]["running_var_rel_error"], probes[-1]["running_var_rel_error"]
+    assert all(last[layer] < first[layer] for layer in first)
+
+
+def test_placement_bias_before_bn_gets_no_gradient_and_changes_nothing(tmp_path, torch_one_thread):
+    result = _run("placement", tmp_path)
+    assert set(result["runs"]) == {"bn-relu", "relu-bn", "bn-relu, no bias before BN"}
+    grad = {name: {layer: g["max"] for layer, g in layers.items()} for name, layers in result["bias_grad_norm"].items()}
+    before_bn = ("conv1", "conv2", "fc1", "fc2")
+    assert max(grad["bn-relu"][layer] for layer in before_bn) < 1e-12  # float64: rounding only
+    assert min(grad["relu-bn"][layer] for layer in before_bn) > 1e-3  # a ReLU between: a real gradient
+    assert grad["bn-relu"]["fc3"] > 1e-3 and set(grad["bn-relu, no bias before BN"]) == {"fc3"}
+    assert result["bias_vs_no_bias"]["max_step_loss_diff"] < 1e-12  # the same training, to rounding
+    assert max(result["float32_bias_grad_norm"][layer] for layer in before_bn) < 1e-3  # float32's rounding
+
+
+def test_sync_bn_trains_like_one_device_and_local_bn_does_not(tmp_path):
+    from bnref.parity import REPLICA_TOLERANCE
+
+    result = _run("sync-vs-local", tmp_path)
+    assert result["backends"] == ["jax"] and result["replicas"] == 8
+    for p in result["per_replica"]:
+        runs = result["runs"]["jax"][str(p)]
+        assert runs["sync BN"]["max_step_loss_diff"] < REPLICA_TOLERANCE["float32"]
+        assert runs["local BN"]["max_step_loss_diff"] > 1e-2  # 4 examples per replica: other statistics
+        assert len(runs["single device"]["test_acc"]) == result["epochs"]
