@@ -384,6 +384,8 @@ def _load_run(path: str, backend: str):
     from bnref import runs
     from bnref.train import TrainConfig
 
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such run directory or checkpoint")
     run_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."
     run = runs.RunDir.open(run_dir)
     config = TrainConfig(**run.saved_config())

@@ -183,3 +183,5 @@ def test_cli_on_two_bnref_runs(tmp_path, capsys):
     assert "[running_var]" in capsys.readouterr().out
     assert diagnose.main([str(tmp_path / "j"), str(tmp_path / "t")]) == 2  # a JAX run where the torch one goes
     assert "is a jax run" in capsys.readouterr().err
+    assert diagnose.main([str(tmp_path / "nope"), str(tmp_path / "j")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
