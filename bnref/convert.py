@@ -61,7 +61,6 @@ __all__ = [
     "match_layers",
     "torch_layers",
     "flax_layers",
-    "check_same_function",
     "flatten_permutation",
     "channels_last",
     "batch_norm_torch_to_flax",
@@ -134,11 +133,7 @@ def dense_kernel_to_flax(w: np.ndarray, perm: Optional[np.ndarray] = None) -> np
 
 def dense_kernel_to_torch(k: np.ndarray, perm: Optional[np.ndarray] = None) -> np.ndarray:
     """Flax (in, out) -> torch (out, in), the inverse of :func:`dense_kernel_to_flax`."""
-    if perm is None:
-        return k.T
-    w = np.empty_like(k.T)
-    w[:, perm] = k.T
-    return w
+    return k.T if perm is None else k.T[:, np.argsort(perm)]
 
 
 def flatten_permutation(channels: int, features: int) -> np.ndarray:
@@ -301,8 +296,6 @@ def _as_torch(sd: "OrderedDict") -> "OrderedDict":
 # from the two models' activations on ``sample_input``; and the result is checked layer by
 # layer on ``sample_input`` (float64 where the models allow it).
 
-KINDS = ("conv", "dense", "bn")
-
 #: relative tolerance of the float64 layer-by-layer check (float32 models: ``CHECK_RTOL32``)
 CHECK_RTOL64, CHECK_RTOL32 = 1e-7, 1e-4
 
@@ -312,11 +305,11 @@ class Layer:
     ``features/0``-style path joined by ``/``), kind (conv, dense, bn), the module, its input
     (NumPy) and its output (NumPy)."""
 
-    __slots__ = ("framework", "name", "kind", "module", "input", "output", "kwargs")
+    __slots__ = ("framework", "name", "kind", "module", "input", "output")
 
-    def __init__(self, framework, name, kind, module, input, output, kwargs=None):
+    def __init__(self, framework, name, kind, module, input, output):
         self.framework, self.name, self.kind, self.module = framework, name, kind, module
-        self.input, self.output, self.kwargs = input, output, kwargs or {}
+        self.input, self.output = input, output
 
     @property
     def key(self) -> str:
@@ -407,8 +400,8 @@ def torch_layers(module, sample_input, *, train: bool = False, dtype=None) -> tu
 def flax_layers(module, variables, sample_input, kwargs: Mapping, *, mutable=False) -> tuple:
     """Apply ``module`` to ``sample_input`` (already channels-last) with ``variables`` and
     ``kwargs`` and return ``(layers, output, updates)``: every call of a supported layer (Conv,
-    Dense, flax.linen's and bnref's BatchNorm) in call order, with input, output and the call's
-    keyword arguments (``use_running_average``); ``updates`` is ``{}`` unless ``mutable``."""
+    Dense, flax.linen's and bnref's BatchNorm) in call order, with its input and output;
+    ``updates`` is ``{}`` unless ``mutable``."""
     import flax.linen as fnn
 
     layers = []
@@ -418,7 +411,7 @@ def flax_layers(module, variables, sample_input, kwargs: Mapping, *, mutable=Fal
         kind = _flax_kind(context.module)
         if kind is not None and context.method_name == "__call__":
             name = "/".join(context.module.path)
-            layers.append(Layer("flax", name, kind, context.module, np.asarray(args[0]), np.asarray(out), dict(kw)))
+            layers.append(Layer("flax", name, kind, context.module, np.asarray(args[0]), np.asarray(out)))
         return out
 
     with fnn.intercept_methods(interceptor):
@@ -595,8 +588,9 @@ def check_sample(sample_input, where: str) -> np.ndarray:
 
 def _plan(torch_module, flax_module, sample_input, eval_kwargs, where: str):
     """Pair the layers, infer each flattened input's order and convert ``torch_module``'s own
-    weights: ``(pairs, perms, variables, float64 torch layers)`` where ``variables`` is a
-    float64 NumPy tree shaped like ``flax_module``'s."""
+    weights: ``(pairs, perms, variables, init)``: ``perms`` maps a Flax layer's name to its
+    input order (None: as is), ``variables`` is a float64 NumPy tree shaped like
+    ``flax_module``'s, ``init`` its abstract variables (shapes and dtypes)."""
     import jax
 
     x = check_sample(sample_input, where)
@@ -619,11 +613,9 @@ def _plan(torch_module, flax_module, sample_input, eval_kwargs, where: str):
         for t, f in pairs:
             perm = None
             if t.input.ndim == 2 and t.kind in ("dense", "bn"):  # a flattened vector: find its order
+                # the layer's Flax input with the layers below it converted (shapes checked above)
                 fl, _, _ = flax_layers(flax_module, variables, xf, eval_kwargs)
                 f_in = next(g for g in fl if g.name == f.name).input
-                if f_in.shape != t.input.shape:
-                    raise ValueError(f"{where}: {_pair_where(t, f)}: inputs of shape {t.input.shape} (torch) and "
-                                     f"{f_in.shape} (Flax)")  # fmt: skip
                 perm = infer_permutation(t.input, f_in, f"{where}: {_pair_where(t, f)}")
                 perm = None if np.array_equal(perm, np.arange(len(perm))) else perm
             arrays = _layer_torch_to_flax(t, f, _torch_params(t), perm, _layer_variables(shapes, f.name))
@@ -636,10 +628,12 @@ def _plan(torch_module, flax_module, sample_input, eval_kwargs, where: str):
     return pairs, perms, variables, init
 
 
-def check_same_function(torch_module, flax_module, variables, sample_input, eval_kwargs, where: str) -> float:
+def _check_same_function(torch_module, flax_module, variables, sample_input, eval_kwargs, perms: Mapping,
+                         where: str) -> None:  # fmt: skip
     """Run both models in eval mode on ``sample_input`` (float64 where the models allow) and
-    compare every paired layer's input and the outputs; raise ``ValueError`` naming the first
-    layer whose input differs. Returns the largest relative difference seen."""
+    compare every paired layer's input (flattened ones in the order ``perms`` gives, as
+    :func:`_plan` found it) and the outputs; raise ``ValueError`` naming the first layer whose
+    input differs."""
     import jax
     import torch
 
@@ -648,34 +642,19 @@ def check_same_function(torch_module, flax_module, variables, sample_input, eval
     with _x64():
         v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
         flayers, fout, _ = flax_layers(flax_module, v64, channels_last(x), eval_kwargs)
-    worst = 0.0
-    fby = {f.name: f for f in flayers}
     rtol = CHECK_RTOL64 if all(f.input.dtype == np.float64 for f in flayers) else CHECK_RTOL32
-    checks = [(f"the input of {_pair_where(t, f)}", t.input, fby[f.name].input, perm)
-              for (t, f), perm in _pairs_with_perms(tlayers, flayers, where)]  # fmt: skip
+    checks = [(f"the input of {_pair_where(t, f)}", t.input, f.input, perms[f.name])
+              for t, f in match_layers(tlayers, flayers)]  # fmt: skip
     checks.append(("the output", tout, fout, None))
     for what, a, b, perm in checks:
         a = channels_last(a) if a.ndim >= 3 else (a if perm is None else a[:, perm])
         if a.shape != b.shape:
             raise ValueError(f"{where}: {what}: shape {a.shape} (torch, channels-last) but {b.shape} (Flax)")
         err = float(np.max(np.abs(a - b), initial=0.0)) / (float(np.max(np.abs(a), initial=0.0)) + 1.0)
-        worst = max(worst, err)
         if not err <= rtol:
             raise ValueError(f"{where}: {what} differs between the models by {err:.2g} (relative) on sample_input: "
                              "they compute different things before it (padding, stride, pooling, activation, eps, "
                              "layer order?); bnref.diagnose.bn_report compares the BN layers")  # fmt: skip
-    return worst
-
-
-def _pairs_with_perms(tlayers, flayers, where):
-    pairs = match_layers(tlayers, flayers)
-    out = []
-    for t, f in pairs:
-        perm = None
-        if t.input.ndim == 2 and t.kind in ("dense", "bn"):
-            perm = infer_permutation(t.input, f.input, f"{where}: {_pair_where(t, f)}")
-        out.append(((t, f), perm))
-    return out
 
 
 def _torch_module_to_flax(torch_module, flax_module, sample_input, eval_kwargs=None, check=True) -> Dict:
@@ -687,7 +666,7 @@ def _torch_module_to_flax(torch_module, flax_module, sample_input, eval_kwargs=N
     dtypes = jax.tree.map(lambda s: s.dtype, dict(init))
     result = jax.tree.map(lambda a, dt: np.asarray(a, dt), variables, dtypes)
     if check:
-        check_same_function(torch_module, flax_module, result, sample_input, eval_kwargs, where)
+        _check_same_function(torch_module, flax_module, result, sample_input, eval_kwargs, perms, where)
     return result
 
 
@@ -706,7 +685,7 @@ def _flax_module_to_torch(flax_module, variables, torch_module, sample_input, ev
         raise ValueError(f"{where}: variables must be a mapping with a 'params' collection")
     pairs, perms, _, init = _plan(torch_module, flax_module, sample_input, eval_kwargs, where)
     shapes = jax.tree.map(lambda s: tuple(s.shape), dict(init))
-    given = jax.tree.map(lambda a: _to_numpy(a), dict(variables))
+    given = jax.tree.map(_to_numpy, dict(variables))
     have, want = set(_leaf_paths(given)), set(_leaf_paths(shapes))
     if have != want:
         bad = sorted(want - have) or sorted(have - want)
@@ -729,15 +708,10 @@ def _flax_module_to_torch(flax_module, variables, torch_module, sample_input, ev
             w = conv_kernel_to_torch(k) if t.kind == "conv" else dense_kernel_to_torch(k, perm)
             new = {"weight": w, "bias": params.get("bias")}
         else:
-            def unorder(a):
-                if a is None or perm is None:
-                    return a
-                out = np.empty_like(a)
-                out[perm] = a
-                return out
-
-            new = {"weight": unorder(params.get("scale")), "bias": unorder(params.get("bias")),
-                   "running_mean": unorder(stats.get("mean")), "running_var": unorder(stats.get("var"))}  # fmt: skip
+            inverse = None if perm is None else np.argsort(perm)  # torch's order from Flax's
+            new = {"weight": params.get("scale"), "bias": params.get("bias"),
+                   "running_mean": stats.get("mean"), "running_var": stats.get("var")}  # fmt: skip
+            new = {k: a if a is None or inverse is None else a[inverse] for k, a in new.items()}
         for name, a in new.items():
             if a is not None:
                 old = sd[prefix + name]
@@ -747,7 +721,7 @@ def _flax_module_to_torch(flax_module, variables, torch_module, sample_input, ev
 
         probe = copy.deepcopy(torch_module)
         probe.load_state_dict(sd)
-        check_same_function(probe, flax_module, given, sample_input, eval_kwargs, where)
+        _check_same_function(probe, flax_module, given, sample_input, eval_kwargs, perms, where)
     return sd if as_torch else OrderedDict((k, v.numpy()) for k, v in sd.items())
 
 
