@@ -41,6 +41,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from bnref import spec
+
 __all__ = ["Finding", "LayerComparison", "Report", "bn_report", "main"]
 
 KINDS = ("decay", "eps", "running_var", "axis", "mode", "stats")
@@ -133,21 +135,11 @@ def _flax_axes(m, ndim: int) -> tuple:
     return tuple(sorted(a % ndim for a in axis))
 
 
-def _moments(x: np.ndarray, channel_axis: int):
-    """Per-channel mean and biased variance (float64, two-pass) and the count per channel."""
-    x = np.asarray(x, np.float64)
-    axes = tuple(a for a in range(x.ndim) if a != channel_axis)
-    mean = x.mean(axes)
-    var = ((x - np.expand_dims(mean, axes)) ** 2).mean(axes)
-    return mean, var, int(np.prod([x.shape[a] for a in axes]))
-
-
-def _normalize(x, channel_axis, mean, var, eps, scale, bias):
-    shape = [1] * x.ndim
-    shape[channel_axis] = -1
-    r = lambda a: np.reshape(np.asarray(a, np.float64), shape)  # noqa: E731
-    xhat = (np.asarray(x, np.float64) - r(mean)) / np.sqrt(r(var) + eps)
-    return xhat * r(scale) + r(bias), xhat * r(scale)
+def _normalized(x, channel_axis: int, mean, var, eps: float, scale, bias):
+    """The spec's normalization of ``x`` with the given statistics (float64): ``(y, y - bias)``."""
+    conv = spec.Convention(decay=0.0, eps=eps)  # decay plays no part in evaluation mode
+    centered = spec.batch_norm_eval(x, scale, None, mean, var, conv, axis=channel_axis)
+    return (centered if bias is None else spec.batch_norm_eval(x, scale, bias, mean, var, conv, axis=channel_axis)), centered
 
 
 def _rel_error(y, want, centered) -> float:
@@ -170,26 +162,26 @@ def _side(layer, before: Mapping, after: Mapping, eval_layer, framework: str) ->
     m = layer.module
     if framework == "torch":
         axis, eps, est = 1, m.eps, _torch_estimator(m)
-        scale = m.weight.detach().cpu().numpy() if m.affine else 1.0
-        bias = m.bias.detach().cpu().numpy() if m.affine and m.bias is not None else 0.0
+        scale = m.weight.detach().cpu().numpy() if m.affine else None
+        bias = m.bias.detach().cpu().numpy() if m.affine and m.bias is not None else None
     else:
         axes = _flax_axes(m, layer.input.ndim)
         axis = axes[0] if len(axes) == 1 else None
         eps, est = _flax_eps_and_estimator(m)
-        scale, bias = before.get("scale", 1.0), before.get("bias", 0.0)
+        scale, bias = before.get("scale"), before.get("bias")
     out = {"axis": axis, "eps": float(eps), "estimator": est, "module": m, "input": layer.input}
     if axis is None:
         return out
-    mean, var, n = _moments(layer.input, axis)
-    out.update(mean=mean, var=var, n=n, channels=len(mean), old_mean=before.get("mean"), old_var=before.get("var"),
-               new_mean=after.get("mean"), new_var=after.get("var"))  # fmt: skip
-    y_batch, centered = _normalize(layer.input, axis, mean, var, eps, scale, bias)
+    mean, var = spec.batch_stats(layer.input, axis)  # the exact (float64, two-pass) batch statistics
+    out.update(mean=mean, var=var, n=layer.input.size // len(mean), channels=len(mean), old_mean=before.get("mean"),
+               old_var=before.get("var"), new_mean=after.get("mean"))  # fmt: skip
+    y_batch, centered = _normalized(layer.input, axis, mean, var, eps, scale, bias)
     out["train_error"] = _rel_error(layer.output, y_batch, centered)
     if out["old_mean"] is not None:
-        y_run, run_centered = _normalize(layer.input, axis, out["old_mean"], out["old_var"], eps, scale, bias)
+        y_run, run_centered = _normalized(layer.input, axis, out["old_mean"], out["old_var"], eps, scale, bias)
         out["train_error_running"] = _rel_error(layer.output, y_run, run_centered)
-        ev_batch, _ = _normalize(eval_layer.input, axis, *_moments(eval_layer.input, axis)[:2], eps, scale, bias)
-        ev_run, ev_centered = _normalize(eval_layer.input, axis, out["old_mean"], out["old_var"], eps, scale, bias)
+        ev_batch, _ = _normalized(eval_layer.input, axis, *spec.batch_stats(eval_layer.input, axis), eps, scale, bias)
+        ev_run, ev_centered = _normalized(eval_layer.input, axis, out["old_mean"], out["old_var"], eps, scale, bias)
         out["eval_error_batch"] = _rel_error(eval_layer.output, ev_batch, ev_centered)
         out["eval_error_running"] = _rel_error(eval_layer.output, ev_run, ev_centered)
         out["decay"] = (None if out["new_mean"] is None
@@ -297,20 +289,19 @@ def _compare_stats(t: Dict, f: Dict, inputs_agree: bool, broken_mode: set, add) 
     dv = float(np.max(np.abs(np.log(np.maximum(t["old_var"], 1e-30) / np.maximum(f["old_var"], 1e-30)))))
     if dm <= 1e-3 and dv <= 1e-3:
         return
+    differ = f"means by up to {dm:.2g} batch std, variances by up to a factor {np.exp(dv):.3g}"
     for side, s, other in (("flax", f, t), ("torch", t, f)):
         if _at_init(s) and not _at_init(other):
             fix = ("apply with mutable=['batch_stats'] and keep the returned updates['batch_stats'] "
                    "(state.replace(batch_stats=...)) after every step" if side == "flax" else
                    "train in model.train() mode and do not reset the buffers")  # fmt: skip
             add("stats", f"{_label(side)}'s stored running statistics are still their initial values (mean 0, var 1) "
-                         f"while {_label('torch' if side == 'flax' else 'flax')}'s have moved (means by up to {dm:.2g} "
-                         f"batch std, variances by up to a factor {np.exp(dv):.3g}): the running-statistics update is "
-                         f"never kept; {fix}")  # fmt: skip
+                         f"while {_label('torch' if side == 'flax' else 'flax')}'s have moved ({differ}): the "
+                         f"running-statistics update is never kept; {fix}")  # fmt: skip
             return
     if inputs_agree:
-        add("stats", f"the stored running statistics differ (means by up to {dm:.2g} batch std, variances by up to a "
-                     f"factor {np.exp(dv):.3g}) although the layers' inputs agree: convert the running statistics "
-                     "with the weights (bnref.convert.torch_to_flax does)")  # fmt: skip
+        add("stats", f"the stored running statistics differ ({differ}) although the layers' inputs agree: convert the "
+                     "running statistics with the weights (bnref.convert.torch_to_flax does)")  # fmt: skip
 
 
 def _at_init(s: Dict) -> bool:
