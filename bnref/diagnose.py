@@ -386,21 +386,15 @@ def _load_run(path: str, backend: str):
     if backend == "torch":
         import torch
 
-        from bnref.torch.train import make_model
+        from bnref.torch.train import load_checkpoint, make_model
 
         model = make_model(config)
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+        load_checkpoint(checkpoint, model, None, torch.device("cpu"))
         return model.eval(), None
-    from flax import serialization
+    from bnref.jax.train import checkpoint_variables, make_model
 
-    from bnref.jax.train import make_model
-
-    model = make_model(config)
-    with open(checkpoint, "rb") as f:
-        state = serialization.msgpack_restore(f.read())["state"]
-    if "params" not in state:
-        raise ValueError(f"{run_dir}: a data-parallel JAX checkpoint (one state per device) is not supported here")
-    return model, {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    local_stats = config.replicas > 1 and not config.sync_bn  # one set of statistics per device
+    return make_model(config), checkpoint_variables(checkpoint, per_device_stats=local_stats)
 
 
 def _sample_from_data(n: int, data_dir: Optional[str], seed: int) -> np.ndarray:

@@ -185,3 +185,17 @@ def test_cli_on_two_bnref_runs(tmp_path, capsys):
     assert "is a jax run" in capsys.readouterr().err
     assert diagnose.main([str(tmp_path / "nope"), str(tmp_path / "j")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_a_data_parallel_local_bn_checkpoint_gives_the_device_averaged_statistics(tmp_path):
+    """A data-parallel JAX run with local BN saves one set of statistics per device (stacked);
+    the report takes what that run's evaluation uses, their mean across devices."""
+    from bnref.jax import train as jtrain
+
+    params = {"bn1": {"scale": np.ones(3, np.float32), "bias": np.zeros(3, np.float32)}}
+    per_device = {"bn1": {"mean": np.array([[0.0, 1, 2], [2, 3, 4]], np.float32), "var": np.full((2, 3), 4, np.float32)}}
+    jtrain.save_checkpoint(str(tmp_path / "ck"), {"params": params, "opt_state": {}, "batch_stats": per_device}, 1, [])
+    variables = jtrain.checkpoint_variables(str(tmp_path / "ck"), per_device_stats=True)
+    np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["mean"], [1, 2, 3])
+    np.testing.assert_array_equal(variables["params"]["bn1"]["scale"], params["bn1"]["scale"])
+    assert jtrain.checkpoint_variables(str(tmp_path / "ck"))["batch_stats"]["bn1"]["mean"].shape == (2, 3)

@@ -260,9 +260,28 @@ def load_checkpoint(path: str, state):
 
     from flax import serialization
 
-    with open(path, "rb") as f:
-        raw = serialization.msgpack_restore(f.read())
+    raw = _read_checkpoint(path)
     return serialization.from_state_dict(state, raw["state"]), int(raw["epoch"]), json.loads(raw["history"])
+
+
+def checkpoint_variables(path: str, per_device_stats: bool = False) -> Dict:
+    """The model's ``{"params", "batch_stats"}`` from :func:`save_checkpoint`'s file (one
+    device's TrainState, or a data-parallel run's state), as evaluation uses them. A
+    data-parallel run with local BN keeps one set of statistics per device, stacked on a
+    leading axis: with ``per_device_stats`` they are averaged across devices, as that run's
+    evaluation does."""
+    state = _read_checkpoint(path)["state"]
+    stats = state.get("batch_stats", {})
+    if per_device_stats:
+        stats = jax.tree.map(lambda a: np.mean(a, axis=0), stats)
+    return {"params": state["params"], "batch_stats": stats}
+
+
+def _read_checkpoint(path: str) -> Dict:
+    from flax import serialization
+
+    with open(path, "rb") as f:
+        return serialization.msgpack_restore(f.read())
 
 
 def _precise_test_acc(config, model, state: TrainState, X_train, perm: np.ndarray, X_test, y_test) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -213,12 +213,13 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     _io.atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], device: torch.device):
     """Load :func:`save_checkpoint`'s file (``weights_only=True``: tensors and plain data only)
-    into ``model`` and ``optimizer``; returns ``(epoch, history)``."""
+    into ``model`` and ``optimizer`` (``None``: the model only); returns ``(epoch, history)``."""
     ck = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ck["optimizer"])
     return int(ck["epoch"]), list(ck["history"])
 
 
