@@ -55,16 +55,15 @@ def momentum_port(quick: bool, data_dir: Optional[str] = None, seed: int = 0) ->
     import torch
 
     from bnref import convert
-    from bnref.data import real_or_synthetic
     from bnref.jax import train as jtrain
     from bnref.jax.models import LeNetBN as FlaxLeNetBN
     from bnref.torch import train as ttrain
     from bnref.torch.models import LeNetBN as TorchLeNetBN
 
     steps, batch, lr, n_train, n_test = (40, 64, 0.1, 2560, 1000) if quick else (468, 256, 0.1, 60000, 10000)
-    data = real_or_synthetic(data_dir, n_train=n_train, n_test=n_test, seed=seed)
-    X, y = data.train_images[:n_train], data.train_labels[:n_train]
-    Xt, yt = jnp.asarray(jtrain.prepare_images(data.test_images[:n_test])), jnp.asarray(data.test_labels[:n_test])
+    data = _dataset(data_dir, n_train, n_test, seed)
+    X, y = data.train_images, data.train_labels
+    Xt, yt = jnp.asarray(jtrain.prepare_images(data.test_images)), jnp.asarray(data.test_labels)
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(len(X)) for _ in range(steps * batch // len(X) + 1)])
     batches = [order[i * batch : (i + 1) * batch] for i in range(steps)]
