@@ -204,3 +204,142 @@ def test_jax_precise_batch_stats_bad_input():
     dense = nn.Dense(2)
     with pytest.raises(ValueError, match="no batch_stats"):
         precise_batch_stats(dense, dense.init(jax.random.key(0), jnp.zeros((1, 2))), [jnp.zeros((2, 2))])
+
+
+# --- refusals, and state unchanged on any error --------------------------------------------------
+
+
+def _torch_shared():
+    """One BatchNorm2d module called twice per forward."""
+    import torch
+    from torch import nn
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.bn = nn.Conv2d(1, C1, 3, padding=1), nn.Conv2d(C1, C1, 3, padding=1), nn.BatchNorm2d(C1)
+
+        def forward(self, x):
+            return self.bn(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+
+    torch.manual_seed(0)
+    return Shared().double()
+
+
+class _Lazy:
+    """A re-iterable, DataLoader-like source (not a list, so nothing is checked up front) that
+    yields good batches, then ``last``."""
+
+    def __init__(self, good, last):
+        self.good, self.last = good, last
+
+    def __iter__(self):
+        yield from self.good
+        yield self.last
+
+
+def _torch_case(case):
+    """(model, batches, the error's match) of one bad-input case."""
+    import torch
+
+    good = [torch.from_numpy(x) for x in _batches()]
+    if case == "shared layer":
+        return _torch_shared(), good, r"BN layer 'bn' is called 2 times per forward \(a shared layer\)"
+    if case == "one example in one batch":
+        return _torch_model(), [good[0][:1]], r"layer '5' got 1 value\(s\) per channel"
+    if case == "dict batches":
+        return _torch_model(), [{"image": x} for x in good], r"batch 0 is a dict; a batch must be a torch.Tensor or a NumPy"
+    if case == "dict yielded after good batches":
+        return _torch_model(), _Lazy(good, {"image": good[0]}), r"batch 4 is a dict"
+    if case == "a batch the model rejects after good ones":
+        return _torch_model(), _Lazy(good, torch.zeros(8, 2, H, H, dtype=torch.float64)), "channels"
+    raise AssertionError(case)
+
+
+TORCH_BAD = ["shared layer", "one example in one batch", "dict batches", "dict yielded after good batches",
+             "a batch the model rejects after good ones"]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["population", "batch_average"])
+@pytest.mark.parametrize("case", TORCH_BAD)
+def test_torch_precise_bn_refuses_and_changes_nothing(case, variant):
+    import torch
+
+    from bnref.torch import precise_bn
+
+    model, batches, match = _torch_case(case)
+    model.train()
+    for m in list(model.modules())[1::2]:  # a mixture of modes, which must come back as it was
+        m.eval()
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        precise_bn(model, batches, variant=variant)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("variant", ["population", "batch_average"])
+def test_torch_precise_bn_takes_numpy_batches_as_the_model_dtype(variant):
+    """NumPy batches (float32 here, the model float64) give exactly what the same values as
+    float64 tensors give."""
+    import torch
+
+    from bnref.torch import precise_bn
+
+    arrays = [x.astype(np.float32) for x in _batches()]
+    a, b = _torch_model(), _torch_model()
+    got = precise_bn(a, [(x, np.zeros(len(x))) for x in arrays], variant=variant)
+    want = precise_bn(b, [torch.from_numpy(x.astype(np.float64)) for x in arrays], variant=variant)
+    for name in want:
+        for g, w in zip(got[name], want[name]):
+            assert torch.equal(g, w), name
+
+
+def _flax_shared():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            bn = nn.BatchNorm(use_running_average=not train, name="bn")
+            x = bn(nn.Dense(F, name="d1")(x.reshape(x.shape[0], -1)))
+            return bn(nn.Dense(F, name="d2")(nn.relu(x)))
+
+    net = Shared()
+    return net, net.init(jax.random.key(0), jnp.zeros((2, H, H, 1)), train=False)
+
+
+def _jax_case(case):
+    good = [np.moveaxis(x, 1, -1) for x in _batches()]
+    if case == "shared layer":
+        net, variables = _flax_shared()
+        return net, variables, [g.astype(np.float32) for g in good], r"BN layer 'bn' is called more than once"
+    net, variables = _flax_model_and_variables()
+    if case == "one example in one batch":
+        return net, variables, [good[0][:1]], r"layer bn_b got 1 value\(s\) per feature"
+    if case == "dict batches":
+        return net, variables, [{"image": x} for x in good], r"batch 0 is a dict; a batch must be an array"
+    if case == "dict yielded after good batches":
+        return net, variables, _Lazy(good, {"image": good[0]}), r"batch 4 is a dict"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("variant", ["population", "batch_average"])
+@pytest.mark.parametrize("case", ["shared layer", "one example in one batch", "dict batches",
+                                  "dict yielded after good batches"])  # fmt: skip
+def test_jax_precise_batch_stats_refuses_and_changes_nothing(case, variant):
+    import jax
+
+    from bnref.jax.precise import precise_batch_stats
+
+    with jax.enable_x64(True):
+        net, variables, batches, match = _jax_case(case)
+        variables = jax.tree.map(np.array, variables)  # NumPy leaves: a mutation would show
+        before = jax.tree.map(np.copy, variables)
+        with pytest.raises(ValueError, match=match):
+            precise_batch_stats(net, variables, batches, variant=variant)
+        jax.tree.map(np.testing.assert_array_equal, variables, before)

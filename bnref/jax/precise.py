@@ -15,12 +15,16 @@ weights fixed over ``batches``, in one of the two variants :mod:`bnref.spec` def
 The layers' inputs are observed with ``flax.linen.intercept_methods``, so nothing in the model
 changes. Per-batch moments are computed two-pass on the device, and merged across batches on the
 host in float64 with counts (:func:`bnref.spec.merge_stats`). The returned statistics keep each leaf's dtype; ``variables`` is
-not modified.
+not modified, on success or error.
+
+A BN layer called more than once per forward (one module shared by two places: the same path
+met twice) is refused, as :mod:`bnref.convert` refuses it: its one set of ``batch_stats`` would
+have to describe two different inputs, and each variant would silently measure something else.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -60,19 +64,38 @@ def _unbiased(module) -> bool:
 
 
 def _recording(store: Dict):
-    """An interceptor that records each BN layer's ``(module, moments of its input)`` by path."""
+    """An interceptor that records each BN layer's ``(module, moments of its input)`` by path;
+    ``ValueError`` (at trace time) when a layer is called a second time in one apply."""
 
     def interceptor(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name == "__call__" and isinstance(m, _BN_TYPES) and not m.is_initializing():
-            store.setdefault(tuple(m.path), (m, _moments(m, args[0])))
+            path = tuple(m.path)
+            if path in store:
+                raise ValueError(f"BN layer {'/'.join(path)!r} is called more than once per apply (a shared layer): "
+                                 "its one set of batch_stats cannot describe each call's input; precise BN refuses "
+                                 "shared BN layers, as bnref.convert does (give each call its own layer)")  # fmt: skip
+            store[path] = (m, _moments(m, args[0]))
         return next_fun(*args, **kwargs)
 
     return interceptor
 
 
-def _inputs(batch):
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
+_ACCEPTED = ("a batch must be an array of inputs (NumPy or JAX), or a tuple/list whose first item is one "
+             "(inputs, targets)")  # fmt: skip
+
+
+def _inputs(batch, k: int):
+    """Batch ``k``'s inputs as a JAX array; ``ValueError`` saying what is accepted for anything
+    else (a dict of features, a list of numbers): the model is applied as ``apply(variables, inputs)``."""
+    x = batch[0] if isinstance(batch, (list, tuple)) and len(batch) > 0 else batch  # (inputs, targets) pairs
+    where = f"batch {k}{'[0]' if x is not batch else ''}"
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        what = "a dict" if isinstance(x, Mapping) else f"a {type(x).__name__}"
+        raise ValueError(f"precise_batch_stats: {where} is {what}; {_ACCEPTED}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise ValueError(f"precise_batch_stats: {where} is an array of {x.dtype}, not numbers; {_ACCEPTED}")
+    return jnp.asarray(x)
 
 
 def _bar(batches, desc: str, progress: bool):
@@ -118,7 +141,11 @@ def precise_batch_stats(
     ``{"train": False}``, as bnref's and Flax's example models; a bare ``flax.linen.BatchNorm``
     wants ``{"use_running_average": False}`` / ``True``). Returns the new ``batch_stats`` (a
     new tree of the same structure); ``ValueError`` for an unknown variant, no batches, a
-    one-shot iterator for ``"population"``, or a model with no BN layer.
+    one-shot iterator for ``"population"``, a batch that is neither an array nor a tuple/list
+    starting with one (a dict of features is refused: the model is applied to one array), a
+    model with no BN layer, a BN layer called more than once per apply (a shared layer), a batch
+    with fewer than 2 values per feature (``"batch_average"``) or all batches together with fewer
+    than 2 (``"population"``). ``variables`` is never modified.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -128,6 +155,9 @@ def precise_batch_stats(
     batches = list(batches) if variant == "batch_average" else batches
     if not any(True for _ in batches):
         raise ValueError("precise BN needs at least one batch")
+    if isinstance(batches, (list, tuple)):  # cheap to check all before any work
+        for k, batch in enumerate(batches):
+            _inputs(batch, k)
     train_kwargs = {"train": True} if train_kwargs is None else dict(train_kwargs)
     eval_kwargs = {"train": False} if eval_kwargs is None else dict(eval_kwargs)
     stats = variables.get("batch_stats")
@@ -157,11 +187,11 @@ def _layers(run, variables, x):
 
 
 def _batch_average(run, variables, batches, progress):
-    modules = _layers(run, variables, jnp.asarray(_inputs(batches[0])))
+    modules = _layers(run, variables, _inputs(batches[0], 0))
     step = jax.jit(lambda v, x: run(v, x)[0])
     sums: Dict = {}
-    for batch in _bar(batches, "precise BN (batch average)", progress):
-        for path, moments in step(variables, jnp.asarray(_inputs(batch))).items():
+    for k, batch in enumerate(_bar(batches, "precise BN (batch average)", progress)):
+        for path, moments in step(variables, _inputs(batch, k)).items():
             n, mean, m2 = _host(moments)
             if n < 2:
                 raise ValueError(f"layer {'/'.join(path)} got {n} value(s) per feature; a batch variance needs 2")
@@ -175,14 +205,18 @@ def _batch_average(run, variables, batches, progress):
 
 
 def _population(run, variables, batches, progress):
-    modules = _layers(run, variables, jnp.asarray(_inputs(next(iter(batches)))))
+    modules = _layers(run, variables, _inputs(next(iter(batches)), 0))
     stats = variables["batch_stats"]
     for k, path in enumerate(modules, start=1):
         # Only this layer's moments are returned: XLA drops everything above it.
         measure = jax.jit(lambda v, x, path=path: run(v, x)[0][path])
         current = {**variables, "batch_stats": stats}
-        moments = [_host(measure(current, jnp.asarray(_inputs(batch))))
-                   for batch in _bar(batches, f"precise BN (layer {k}/{len(modules)}: {'/'.join(path)})", progress)]
+        bar = _bar(batches, f"precise BN (layer {k}/{len(modules)}: {'/'.join(path)})", progress)
+        moments = [_host(measure(current, _inputs(batch, j))) for j, batch in enumerate(bar)]
+        total = sum(n for n, _, _ in moments)
+        if total < 2:  # one value per feature has no variance: a var of exactly 0 would be made up
+            raise ValueError(f"layer {'/'.join(path)} got {total} value(s) per feature over all batches; a population "
+                             "variance needs at least 2")  # fmt: skip
         _, mean, var = spec.merge_stats(*zip(*moments))  # exact, with counts; biased: the population's variance
         stats = _set(stats, path, mean, var)
     return stats
