@@ -392,3 +392,39 @@ def test_import_bnref_does_not_import_jax():
 def test_subpackage_named_jax_does_not_shadow_jax():
     assert bj.__name__ == "bnref.jax" and jax.__name__ == "jax"
     assert "site-packages" in jax.__file__ and jnp.ones(1).dtype == jnp.float32
+
+
+# --- the axis rule, shared with the spec and the torch backend --------------------------------
+
+
+@pytest.mark.parametrize("axis", [np.int64(-1), np.int32(1), (np.int64(0), np.intp(2))],
+                         ids=["np.int64(-1)", "np.int32(1)", "(np.int64(0),np.intp(2))"])
+def test_axis_accepts_numpy_integers_like_the_spec_and_flax(axis):
+    """b02e4a9: spec.batch_norm_train took axis=np.int64(1), bnref.jax refused it (flax.linen
+    takes it). The functional and the layer give the int axis's results, and the layer flax.linen's."""
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((6, 4, 3)) * 2 + 1, jnp.float32)
+    as_int = tuple(int(a) for a in axis) if isinstance(axis, tuple) else int(axis)
+    fshape = tuple(x.shape[a] for a in (as_int if isinstance(as_int, tuple) else (as_int,)))
+    stats = (None, None, jnp.zeros(fshape), jnp.ones(fshape))
+    got = bj.batch_norm(x, *stats, train=True, axis=axis)
+    want = bj.batch_norm(x, *stats, train=True, axis=as_int)
+    for name, a, b in zip(("y", "running_mean", "running_var"), got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    results = []
+    for module in (bj.BatchNorm(use_running_average=False, axis=axis), nn.BatchNorm(use_running_average=False, axis=axis),
+                   bj.BatchNorm(use_running_average=False, axis=as_int)):  # fmt: skip
+        variables = module.init(jax.random.key(0), x)
+        y, updates = module.apply(variables, x, mutable=["batch_stats"])
+        results.append((np.asarray(y), np.asarray(updates["batch_stats"]["var"])))
+    np.testing.assert_array_equal(results[0][0], results[2][0])
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [True, np.bool_(True), 1.0, "1"], ids=["True", "np.bool_(True)", "1.0", "'1'"])
+def test_axis_refuses_what_the_spec_refuses(axis):
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="axis must be an int"):
+        bj.batch_norm(x, None, None, jnp.zeros(3), jnp.ones(3), train=True, axis=axis)
+    with pytest.raises(ValueError, match="axis must be an int"):
+        bj.BatchNorm(use_running_average=False, axis=axis).init(jax.random.key(0), x)

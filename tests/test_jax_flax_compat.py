@@ -213,3 +213,46 @@ def test_mode_must_be_a_bool(train):
     module = bj.BatchNorm(use_running_average="False" if train == "False" else 0)
     with pytest.raises(TypeError, match="use_running_average must be a bool"):
         module.init(KEY, jnp.ones((4, 3)))
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("fast", [False, True], ids=["two-pass", "fast-variance"])
+@pytest.mark.parametrize("mask_dtype", [jnp.bool_, jnp.int32, jnp.float32, jnp.uint8], ids=["bool", "int32", "float32", "uint8"])
+def test_mask_of_any_dtype_is_accepted_like_flax(mask_dtype, fast, traced):
+    """At b02e4a9 an int32 or float32 0/1 mask raised ValueError (jnp.mean's where= takes only
+    bool); flax.linen converts any mask with jnp.asarray(mask, bool). Same outputs and running
+    statistics as flax.linen, and as the bool mask."""
+    x = jax.random.normal(jax.random.key(4), (12, 5)) * 3 + 2
+    selected = np.random.default_rng(5).random((12, 5)) > 0.4
+    selected[:2] = True  # every feature selects at least 2 values
+    mask = jnp.asarray(selected, mask_dtype)
+    kw = dict(use_running_average=False, momentum=0.9, use_fast_variance=fast)
+
+    def run(module, m):
+        variables = module.init(KEY, x, mask=m)
+        apply = lambda v, x, m: module.apply(v, x, mask=m, mutable=["batch_stats"])  # noqa: E731
+        y, updates = (jax.jit(apply) if traced else apply)(variables, x, m)
+        return np.asarray(y), jax.tree.map(np.asarray, updates["batch_stats"])
+
+    y, stats = run(bj.BatchNorm(**kw), mask)
+    y_flax, stats_flax = run(nn.BatchNorm(**kw), mask)
+    np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(stats[name], stats_flax[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    y_bool, stats_bool = run(bj.BatchNorm(**kw), jnp.asarray(selected))
+    np.testing.assert_array_equal(y, y_bool)
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(stats[name], stats_bool[name], err_msg=name)
+
+
+@pytest.mark.parametrize("mask_dtype", [np.int32, np.float32], ids=["int32", "float32"])
+def test_functional_mask_of_any_dtype_equals_the_bool_mask(mask_dtype):
+    """bnref.jax.batch_norm takes the same masks as the layer (b02e4a9 refused non-bool ones)."""
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((10, 3)), jnp.float32)
+    selected = np.random.default_rng(7).random((10, 3)) > 0.3
+    selected[:2] = True
+    args = (None, None, jnp.zeros(3), jnp.ones(3))
+    want = bj.batch_norm(x, *args, train=True, mask=selected, convention="torch")
+    got = bj.batch_norm(x, *args, train=True, mask=selected.astype(mask_dtype), convention="torch")
+    for name, a, b in zip(("y", "running_mean", "running_var"), got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)

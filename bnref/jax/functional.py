@@ -54,11 +54,13 @@ def feature_axes(ndim: int, axis: Axis) -> Tuple[int, ...]:
         raise ValueError("axis must name at least one feature axis")
     out = set()
     for a in axes:
-        if isinstance(a, bool) or not isinstance(a, int):
+        # The spec's rule: a Python or NumPy integer (flax.linen accepts np.int64 too), never a
+        # bool, a float or an array.
+        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
             raise ValueError(f"axis must be an int or a tuple of ints, got {axis!r}")
         if not -ndim <= a < ndim:
             raise ValueError(f"axis {a} is out of range for x of rank {ndim}")
-        out.add(a % ndim)
+        out.add(int(a) % ndim)
     return tuple(sorted(out))
 
 
@@ -144,6 +146,10 @@ def _batch_norm(
     ``x``, the statistics and the parameters (the caller casts it).
     """
     reduce_axes = tuple(i for i in range(x.ndim) if i not in axes)  # e.g. (0, 1, 2) for NHWC, axis -1
+    if mask is not None:
+        # Any dtype, nonzero selects: flax.linen's jnp.asarray(mask, dtype=bool) (an int32 or a
+        # float32 0/1 mask is common); jnp.mean(where=) itself takes only bool.
+        mask = jnp.asarray(mask, bool)
     n_static = 1
     for i in reduce_axes:
         n_static *= x.shape[i]
@@ -238,8 +244,9 @@ def batch_norm(
         True: Flax's one-pass ``max(0, E[x^2] - E[x]^2)``, bit-for-bit its formula.
       axis_name, axis_index_groups: average the statistics across devices with
         ``lax.pmean`` (inside ``pmap``/``shard_map``), exactly as Flax does.
-      mask: optional boolean array broadcastable to ``x``: only the selected values enter
-        the statistics (Flax's ``mask``).
+      mask: optional array broadcastable to ``x``: only the selected values enter the
+        statistics (Flax's ``mask``). Any dtype; nonzero selects (bool, or an int/float 0/1
+        mask, converted with ``jnp.asarray(mask, bool)`` as flax.linen does).
 
     Returns:
       ``y`` with ``x``'s shape, in ``x``'s dtype when that is floating or complex (integer

@@ -50,6 +50,7 @@ __all__ = [
     "fit",
     "replica_devices",
     "join_processes",
+    "check_coordinator",
     "replicate_state",
     "data_parallel_step",
 ]
@@ -299,6 +300,44 @@ def _precise_test_acc(config, model, state: TrainState, X_train, perm: np.ndarra
 
 AXIS = "batch"  # the mesh axis replicas are laid out along
 
+def check_coordinator(config) -> None:
+    """Process 0 of a multi-process run: ``ValueError`` if the ``--coordinator`` port cannot be
+    listened on (another program has it), checked before JAX is asked to.
+
+    Process 0 runs JAX's coordination service, which listens on every interface at that port
+    (``[::]:PORT``); when that fails, JAX 0.10 crashes the process (SIGSEGV, within a second)
+    instead of raising. The other processes connect to the port: for them it being taken is
+    the point, and there is nothing to check. (A port taken between this check and JAX's bind
+    still crashes; that window is milliseconds.)"""
+    if config.num_processes == 1 or config.process_id != 0:
+        return
+    import errno
+    import socket
+
+    port = int(config.coordinator.rpartition(":")[2])
+    # As JAX binds: every interface, IPv6 with IPv4 mapped; IPv4 alone where the host has no IPv6.
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no such address family here
+            continue
+        with s:
+            # SO_REUSEADDR as gRPC sets it: a port whose earlier connections linger in TIME_WAIT
+            # is free for JAX, so it must be free here; one somebody listens on is refused anyway.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                s.bind((address, port))
+                return
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    why = "is already in use" if e.errno == errno.EADDRINUSE else "needs privileges to listen on"
+                    raise ValueError(f"--coordinator {config.coordinator}: port {port} {why}; process 0 listens "
+                                     "there (pick a free port for the whole run)") from None  # fmt: skip
+                # another error (IPv6 present but unusable): try IPv4, as JAX's server would
+
+
 def join_processes(config) -> None:
     """Join a multi-process JAX run (``config.coordinator``, ``num_processes``, ``process_id``):
     ``jax.distributed.initialize``, with CPU collectives across processes over gloo (the CPU's
@@ -307,6 +346,7 @@ def join_processes(config) -> None:
     is aborted by JAX (DEADLINE_EXCEEDED, exit status 134): it never hangs."""
     if config.num_processes == 1 or jax.distributed.is_initialized():
         return
+    check_coordinator(config)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
                                process_id=config.process_id, initialization_timeout=config.join_timeout_s)  # fmt: skip
