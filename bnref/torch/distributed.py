@@ -4,10 +4,13 @@
   CPUs, NCCL with one GPU per process) over loopback with a timeout, runs ``worker(rank, world,
   send, *args)`` in each and returns their results in rank order. ``send(obj)`` streams an
   object to the parent as it happens (the training CLI's per-epoch lines). When a process
-  fails, the others are stopped at once and the error names the rank: a dead peer never
-  leaves the rest waiting in a collective.
+  fails, dies or stops answering, the others are stopped at once and :class:`ReplicaError`
+  names the rank that caused it (a survivor's "connection reset by peer" is a symptom, not the
+  cause): a dead peer never leaves the rest waiting in a collective, and no wait of the
+  launcher's is unbounded, its exit included.
 - :func:`torchrun_env` reads the environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``,
-  ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); :func:`init_from_env` joins that group.
+  ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), refusing a partial one;
+  :func:`init_from_env` joins that group.
 
 Every process group gets a timeout (``timeout_s``): a collective that waits longer (a peer that
 hangs, mismatched collectives) raises instead of hanging forever.
@@ -21,12 +24,12 @@ import queue as queue_mod
 import socket
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "launch", "torchrun_env", "init_from_env", "backend_for", "free_port"]
+__all__ = ["DEFAULT_TIMEOUT_S", "ReplicaError", "launch", "torchrun_env", "init_from_env", "backend_for", "free_port"]
 
 #: seconds a collective may wait for its peers before the run fails
 DEFAULT_TIMEOUT_S = 120.0
@@ -44,20 +47,42 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def torchrun_env() -> Optional[Dict[str, Any]]:
-    """``{"rank", "world", "local_rank"}`` when launched by torchrun (or any launcher that sets
-    ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``), else None."""
-    keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    if not all(k in os.environ for k in keys):
+def torchrun_env(environ: Optional[Mapping[str, str]] = None) -> Optional[Dict[str, Any]]:
+    """``{"rank", "world", "local_rank", "master_addr", "master_port"}`` when this process was
+    launched by torchrun (or any launcher that sets the same variables), else None.
+
+    Launched means ``RANK`` or ``WORLD_SIZE`` is set; a launch must then set all of ``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``: a partial one is a ``ValueError`` naming
+    what is missing or malformed, never read as "not launched" (that process would start
+    replicas of its own). ``LOCAL_RANK`` (the GPU of this process) defaults to ``RANK``, right on
+    one machine, which is where a launcher that omits it can be. Reads ``os.environ`` unless
+    ``environ`` is given; imports nothing, so a framework-free CLI can share it.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" not in env and "WORLD_SIZE" not in env:
         return None
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError:
-        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
-    if not (world >= 1 and 0 <= rank < world):
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    if missing:
+        raise ValueError(f"a torchrun launch sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not set")  # fmt: skip
+    values = {}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        raw = env.get(key, env["RANK"] if key == "LOCAL_RANK" else None)
+        try:
+            values[key] = int(raw)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r} is not an integer (torchrun sets it)") from None
+    rank, world, local_rank, port = (values[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"))
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE={world} must be >= 1")
+    if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return {"rank": rank, "world": world, "local_rank": local_rank}
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK={local_rank} must be >= 0")
+    if not 0 < port < 65536:
+        raise ValueError(f"MASTER_PORT={port} is not a TCP port (1 to 65535)")
+    return {"rank": rank, "world": world, "local_rank": local_rank, "master_addr": env["MASTER_ADDR"],
+            "master_port": port}  # fmt: skip
 
 
 def init_from_env(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -82,8 +107,27 @@ def _entry(rank, world, port, backend, timeout_s, worker, args, results, threads
             dist.destroy_process_group()
         results.put((rank, "result", value))
     except BaseException as e:  # reported with its rank, then this process exits non-zero
-        results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        first = (str(e).strip().splitlines() or [""])[0]
+        summary = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        results.put((rank, "error", (summary, traceback.format_exc())))
         raise SystemExit(1) from None
+
+
+class ReplicaError(RuntimeError):
+    """A process of :func:`launch` failed, died or stopped answering. The message's first line
+    says everything: the rank that went first and what happened to it (its error; "killed by
+    SIGKILL (exit code -9)"; "is stopped (state T)"), then what the others did after it. Only
+    when that rank raised a Python exception does its traceback follow, on the next lines."""
+
+
+#: errors a rank raises because a *peer* went away or went silent: symptoms, never the cause
+_PEER_SYMPTOMS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+                  "Timeout", "connection refused", "Connection refused")  # fmt: skip
+#: seconds the launcher waits, once a rank has failed, for the others to fail or exit in turn (a
+#: peer's death reaches them in milliseconds; a stopped one never answers), and then for each
+#: signal (SIGTERM, then SIGKILL) to take effect: every wait is bounded
+_SETTLE_S = 3.0
+_STOP_S = 3.0
 
 
 def launch(
@@ -104,9 +148,17 @@ def launch(
     returns and sends: NumPy arrays rather than tensors (a tensor put on a multiprocessing queue
     is shared memory of a process that exits). ``send(obj)`` in a
     worker calls ``on_message(obj)`` here, in order. ``threads``: torch threads per process
-    (default: the machine's cores shared out). Raises ``RuntimeError`` naming the rank when a
-    worker fails or its process dies, and ``TimeoutError`` when the whole run takes longer than
-    ``deadline_s`` (tests set one); the other processes are then stopped.
+    (default: the machine's cores shared out).
+
+    Failures: :class:`ReplicaError` when a worker raises, a process dies (killed, crashed, exited
+    without a result) or, once a peer has failed, does not answer (stopped, stuck): it names the
+    rank that caused it, not the survivors that then lost their connection or timed out.
+    ``TimeoutError`` when the whole run takes longer than ``deadline_s`` (tests set one; a
+    stopped rank is otherwise found when its peers' collectives time out, ``timeout_s``). Either
+    way, and on success, every process is gone when this returns: asked to stop (SIGTERM), then
+    killed (SIGKILL), each wait bounded; one that cannot be killed (uninterruptible sleep) is let
+    go, so that the interpreter's exit, which joins child processes without a timeout, cannot
+    hang on it, and the error says so.
     """
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
@@ -122,69 +174,151 @@ def launch(
                     name=f"bnref-rank{r}", daemon=False)  # fmt: skip
         for r in range(replicas)
     ]
-    for p in procs:
-        p.start()
-    values: Dict[int, Any] = {}
-    start = time.monotonic()
+    run = _Run(procs, results, on_message)
     try:
-        while len(values) < replicas:
+        for p in procs:
+            p.start()
+        start = time.monotonic()
+        while len(run.values) < replicas:
             if deadline_s is not None and time.monotonic() - start > deadline_s:
-                waiting = [r for r in range(replicas) if r not in values]
-                raise TimeoutError(f"ranks {waiting} of {replicas} did not finish within {deadline_s:g} s")
-            try:
-                rank, kind, payload = results.get(timeout=0.2)
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in values]
-                if dead:
-                    time.sleep(0.5)  # its error report may still be in the queue
-                    _drain_error(results, dead[0], procs)
-                continue
-            if kind == "message":
-                if on_message is not None:
-                    on_message(payload)
-            elif kind == "result":
-                values[rank] = payload
-            else:
-                raise RuntimeError(_failure_report(replicas, {rank: payload}, results))
+                waiting = [r for r in range(replicas) if r not in run.values]
+                raise TimeoutError(f"ranks {waiting} of {replicas} did not finish within {deadline_s:g} s"
+                                   f"{run.stop_and_describe(waiting)}")  # fmt: skip
+            if run.receive(timeout_s=0.2) or run.exited_early():
+                run.receive_for(0.5)  # a dead process's last words (its error, or its result) may still be in the pipe
+                if run.errors or run.exited_early():
+                    raise ReplicaError(run.failure_report())
+        # Every result is in: the processes are exiting. Bounded, as everything here.
+        end = time.monotonic() + min(timeout_s, 30.0)
         for p in procs:
-            p.join(timeout=timeout_s)
-        return [values[r] for r in range(replicas)]
+            p.join(timeout=max(0.0, end - time.monotonic()))
+        return [run.values[r] for r in range(replicas)]
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=10)
+        run.stop()
+        results.close()
 
 
-def _drain_error(results, rank: int, procs) -> None:
-    errors = {}
-    _collect_errors(results, errors, wait_s=1.0)
-    if not errors:
-        raise RuntimeError(f"rank {rank} of {len(procs)} died (exit code {procs[rank].exitcode}) without "
-                           "reporting an error")  # fmt: skip
-    raise RuntimeError(_failure_report(len(procs), errors, results))
+class _Run:
+    """What :func:`launch` knows about its processes: their results, errors and fates."""
 
+    def __init__(self, procs, results, on_message):
+        self.procs, self.results, self.on_message = procs, results, on_message
+        self.values: Dict[int, Any] = {}
+        self.errors: Dict[int, tuple] = {}  # rank -> (one-line summary, traceback)
+        self.unkillable: List[int] = []
 
-def _collect_errors(results, errors: Dict[int, str], wait_s: float) -> None:
-    end = time.monotonic() + wait_s
-    while time.monotonic() < end:
+    def receive(self, timeout_s: float) -> bool:
+        """Take one report off the queue (waiting up to ``timeout_s``); True if it was an error."""
         try:
-            r, kind, payload = results.get(timeout=0.1)
+            rank, kind, payload = self.results.get(timeout=timeout_s)
         except queue_mod.Empty:
-            continue
-        if kind == "error":
-            errors.setdefault(r, payload)
+            return False
+        if kind == "message":
+            if self.on_message is not None:
+                self.on_message(payload)
+        elif kind == "result":
+            self.values[rank] = payload
+        else:
+            self.errors.setdefault(rank, payload)
+        return kind == "error"
+
+    def receive_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.receive(timeout_s=0.05)
+
+    def exited_early(self) -> List[int]:
+        """Ranks whose process has exited without a result or an error reaching us."""
+        return [r for r, p in enumerate(self.procs)
+                if p.exitcode is not None and r not in self.values and r not in self.errors]  # fmt: skip
+
+    def _pending(self) -> List[int]:
+        return [r for r, p in enumerate(self.procs) if r not in self.values and r not in self.errors and p.is_alive()]
+
+    def failure_report(self) -> str:
+        """One line: the rank that failed first and how, then what the others did."""
+        end = time.monotonic() + _SETTLE_S  # the survivors fail in turn, or are silent: find out which
+        while self._pending() and time.monotonic() < end:
+            self.receive(timeout_s=0.05)
+        self.receive_for(0.2)  # reports written just before their process exited
+        world = len(self.procs)
+        fates = {}  # rank -> (order, text): the cause sorts first
+        for r, p in enumerate(self.procs):
+            if r in self.errors:
+                summary = self.errors[r][0]
+                symptom = any(s in summary for s in _PEER_SYMPTOMS)
+                fates[r] = (3 if symptom else 1, f"failed: {summary}")
+            elif r in self.values:
+                continue
+            elif p.exitcode is not None:
+                fates[r] = (0, f"died: {_exit_description(p.exitcode)}")
+            else:
+                fates[r] = (2, f"did not answer ({_process_state(p.pid)})")
+        silent = [r for r, (order, _) in fates.items() if order == 2]
+        self.stop()
+        for r in silent:
+            fates[r] = (2, fates[r][1] + (", killed" if r not in self.unkillable else ", could not be killed: left running"))
+        ordered = sorted(fates.items(), key=lambda kv: (kv[1][0], kv[0]))
+        (rank, (order, first)), rest = ordered[0], ordered[1:]
+        line = f"rank {rank} of {world} {first}"
+        if rest:
+            line += "; then " + "; ".join(f"rank {r} {text}" for r, (_, text) in rest)
+        if order == 1:  # a Python exception in the worker: its traceback is worth reading
+            return f"{line}\nrank {rank}'s traceback:\n{self.errors[rank][1].rstrip()}"
+        return line
+
+    def stop_and_describe(self, ranks: List[int]) -> str:
+        states = {r: _process_state(self.procs[r].pid) for r in ranks if self.procs[r].is_alive()}
+        self.stop()
+        told = [f"rank {r}: {state}" + (", could not be killed: left running" if r in self.unkillable else ", killed")
+                for r, state in states.items()]  # fmt: skip
+        return (" (" + "; ".join(told) + ")") if told else ""
+
+    def stop(self) -> None:
+        """End every process still running: SIGTERM, then SIGKILL, each wait bounded. A stopped
+        process does not act on SIGTERM until continued, and one in uninterruptible sleep on
+        nothing until it wakes: those are let go of (see :func:`launch`)."""
+        import multiprocessing.process as mp_process
+
+        for signal_them in ("terminate", "kill"):
+            alive = [p for p in self.procs if p.pid is not None and p.is_alive()]
+            if not alive:
+                return
+            for p in alive:
+                getattr(p, signal_them)()
+            end = time.monotonic() + _STOP_S
+            for p in alive:
+                p.join(timeout=max(0.0, end - time.monotonic()))
+        for r, p in enumerate(self.procs):
+            if p.pid is not None and p.is_alive():
+                # multiprocessing joins its children at interpreter exit with no timeout; this one
+                # would hang it forever (private, but the only handle there is on that join)
+                mp_process._children.discard(p)
+                if r not in self.unkillable:
+                    self.unkillable.append(r)
 
 
-def _failure_report(world: int, errors: Dict[int, str], results) -> str:
-    """Every failed rank's error, the root cause first: when one rank fails, its peers fail
-    after it with "connection closed/reset by peer" from the collective they were in."""
-    _collect_errors(results, errors, wait_s=1.0)
-    peer = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-    ordered = sorted(errors.items(), key=lambda kv: (any(p in kv[1] for p in peer), kv[0]))
-    rank, first = ordered[0]
-    lines = [f"rank {rank} of {world} failed: {first.splitlines()[0]}"]
-    lines += [f"  (rank {r} then failed: {e.splitlines()[0]})" for r, e in ordered[1:]]
-    lines.append(f"rank {rank}'s traceback:\n{first}")
-    return "\n".join(lines)
+def _exit_description(exitcode: int) -> str:
+    """``killed by SIGKILL (exit code -9)``, ``exit code 3``."""
+    if exitcode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name} (exit code {exitcode})"
+    if exitcode == 0:
+        return "exited (exit code 0) without returning a result"
+    return f"exit code {exitcode}, without reporting an error"
+
+
+def _process_state(pid: int) -> str:
+    """What ``/proc`` says a silent process is doing (Linux), e.g. ``pid 123 is stopped, state T``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]  # the field after the command name
+    except (OSError, IndexError):
+        return f"pid {pid}"
+    what = {"T": "is stopped", "t": "is stopped by a debugger", "D": "is in uninterruptible sleep"}
+    return f"pid {pid} {what.get(state, 'is running')}, state {state}"
