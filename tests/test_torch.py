@@ -402,3 +402,183 @@ def test_layer_runs_on_cuda_like_on_cpu():
     assert y_gpu.device.type == "cuda" and gpu.running_var.device.type == "cuda"
     torch.testing.assert_close(y_gpu.cpu(), y_cpu)
     torch.testing.assert_close(gpu.running_var.cpu(), cpu.running_var)
+
+
+# --- the axis rule, shared with the spec and the JAX backend ---------------------------------
+
+
+@pytest.mark.parametrize("axis", [np.int64(1), np.int32(-1), np.intp(1)], ids=["np.int64(1)", "np.int32(-1)", "np.intp(1)"])
+def test_functional_axis_accepts_numpy_integers_like_the_spec(axis):
+    """b02e4a9: spec.batch_norm_train took axis=np.int64(1), bnref.torch.batch_norm refused it."""
+    ax = int(axis)
+    i = testing.make_inputs((4, 3, 5) if ax == 1 else (4, 5, 3), ax, seed=3)
+    t = {k: torch.from_numpy(v) for k, v in i.items()}
+    args = (t["x"], t["gamma"], t["beta"], t["running_mean"], t["running_var"])
+    got = batch_norm(*args, train=True, axis=axis)
+    want = batch_norm(*args, train=True, axis=ax)
+    for name, a, b in zip(("y", "running_mean", "running_var"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    y_spec = spec.batch_norm_train(i["x"], i["gamma"], i["beta"], i["running_mean"], i["running_var"], "torch", axis=axis)[0]
+    np.testing.assert_allclose(got[0].numpy(), y_spec, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("axis", [True, np.bool_(True), 1.0, "1", torch.tensor(1)],
+                         ids=["True", "np.bool_(True)", "1.0", "'1'", "tensor(1)"])
+def test_functional_axis_refuses_what_the_spec_refuses(axis):
+    with pytest.raises(ValueError, match="axis must be an int"):
+        batch_norm(torch.randn(4, 3, 5), None, None, None, None, train=True, axis=axis)
+
+
+# --- float32 means near overflow --------------------------------------------------------------
+
+HUGE_SHAPES = [(4096, 3), (4096, 3, 2), (8, 3, 4096), (64, 3, 8, 8)]
+HUGE_IDS = ["x".join(map(str, s)) for s in HUGE_SHAPES]
+
+
+def _huge_batch(shape):
+    """float32 values 1e35 + N(0, 1e29): a sum of 4096 of them (4e38) overflows float32."""
+    g = torch.Generator().manual_seed(0)
+    return torch.full(shape, 1e35) + torch.randn(shape, generator=g) * 1e29, torch.randn(shape, generator=g)
+
+
+def _huge_run(path, x, dy):
+    """``(y, dx, running_mean, running_var)`` of one training step of bnref on ``x``."""
+    gamma, beta = torch.tensor([1.5, 0.5, 2.0]), torch.tensor([0.25, -1.0, 3.0])
+    if path in ("layer", "scripted"):
+        layer = (BatchNorm1d if x.dim() < 4 else BatchNorm2d)(3)
+        with torch.no_grad():
+            layer.weight.copy_(gamma), layer.bias.copy_(beta)
+        call = torch.jit.script(layer) if path == "scripted" else layer
+        x = x.clone().requires_grad_()
+        y = call(x)
+        y.backward(dy)
+        return y.detach(), x.grad, layer.running_mean, layer.running_var
+
+    def loss(x):
+        y, rm, rv = batch_norm(x, gamma, beta, torch.zeros(3), torch.ones(3), train=True)
+        return (y * dy).sum(), (y, rm, rv)
+
+    if path == "composite":  # under a torch.func transform: the composite path
+        dx, (y, rm, rv) = torch.func.grad(loss, has_aux=True)(x)
+        return y, dx, rm, rv
+    x = x.clone().requires_grad_()
+    (_, (y, rm, rv)) = loss(x)
+    y.backward(dy)
+    return y.detach(), x.grad, rm, rv
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")  # the scripted path
+@pytest.mark.parametrize("path", ["layer", "functional", "composite", "scripted"])
+@pytest.mark.parametrize("shape", HUGE_SHAPES, ids=HUGE_IDS)
+def test_float32_mean_near_overflow_stays_finite(shape, path):
+    """b02e4a9: at (4096, 3), (4096, 3, 2) and (8, 3, 4096) one level of the channel mean summed
+    4096 values of 1e35 in float32 and overflowed: NaN output and gradient, inf running mean.
+    Now the mean is finite on every path. The variance (~1e58) is beyond float32 here, as in
+    torch.nn: 1/sqrt(var) is 0, so the output is beta, the gradient 0, the running variance inf."""
+    x, dy = _huge_batch(shape)
+    y, dx, rm, rv = _huge_run(path, x, dy)
+    bshape = [1] * x.dim()
+    bshape[1] = 3
+    torch.testing.assert_close(y, torch.tensor([0.25, -1.0, 3.0]).view(bshape).expand_as(x), msg=f"y ({path})")
+    torch.testing.assert_close(dx, torch.zeros_like(x), msg=f"dx ({path})")
+    dims = [0] + list(range(2, x.dim()))
+    torch.testing.assert_close(rm.double(), 0.1 * x.double().mean(dims), rtol=1e-6, atol=0, msg=f"running_mean ({path})")
+    assert torch.isinf(rv).all(), f"running_var ({path}): {rv}"
+
+
+# torch.nn on one CPU thread is itself NaN at (4096, 3) (float32 sums in that kernel; finite
+# with 2 threads), so the side-by-side comparison leaves that shape out.
+@pytest.mark.parametrize("shape", HUGE_SHAPES[1:], ids=HUGE_IDS[1:])
+def test_float32_mean_near_overflow_matches_torch_nn(shape):
+    x, dy = _huge_batch(shape)
+    ref = (torch.nn.BatchNorm1d if x.dim() < 4 else torch.nn.BatchNorm2d)(3)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([1.5, 0.5, 2.0])), ref.bias.copy_(torch.tensor([0.25, -1.0, 3.0]))
+    xr = x.clone().requires_grad_()
+    y_ref = ref(xr)
+    y_ref.backward(dy)
+    assert torch.isfinite(y_ref).all() and torch.isfinite(ref.running_mean).all()  # the premise
+    y, dx, rm, rv = _huge_run("layer", x, dy)
+    torch.testing.assert_close(y, y_ref.detach(), msg="y")
+    torch.testing.assert_close(dx, xr.grad, msg="dx")
+    torch.testing.assert_close(rm, ref.running_mean, rtol=1e-6, atol=0, msg="running_mean")
+    torch.testing.assert_close(rv, ref.running_var, msg="running_var")  # inf in both
+
+
+@pytest.mark.parametrize("shape", HUGE_SHAPES, ids=HUGE_IDS)
+def test_non_finite_input_still_gives_nan_not_a_rescued_mean(shape):
+    """The overflow recomputation must not hide bad input: inf or NaN in x gives a NaN output."""
+    x, _ = _huge_batch(shape)
+    x = x / 1e35
+    x.view(-1)[5] = float("nan")
+    y, rm, _ = batch_norm(x, None, None, torch.zeros(3), torch.ones(3), train=True)
+    assert torch.isnan(rm).any() and torch.isnan(y).any()
+
+
+# --- the dtype rule: torch.nn's on the CPU -------------------------------------------------------
+
+DTYPE_NAMES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def _dtype_pair(x_dtype, param_dtype, buffer_dtype, training):
+    """bnref's and torch.nn's BatchNorm2d, identical, with weight/bias in ``param_dtype`` (None:
+    affine=False) and the running statistics in ``buffer_dtype``."""
+    layers = []
+    for cls in (BatchNorm2d, torch.nn.BatchNorm2d):
+        m = cls(3, affine=param_dtype is not None).train(training)
+        with torch.no_grad():
+            if param_dtype is not None:
+                m.weight.data = torch.tensor([1.5, 0.5, 2.0], dtype=TORCH_DTYPES[param_dtype])
+                m.bias.data = torch.tensor([0.25, -1.0, 3.0], dtype=TORCH_DTYPES[param_dtype])
+            m.running_mean = torch.tensor([0.5, -0.5, 1.0], dtype=TORCH_DTYPES[buffer_dtype])
+            m.running_var = torch.tensor([2.0, 0.5, 1.5], dtype=TORCH_DTYPES[buffer_dtype])
+        layers.append(m)
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)).to(TORCH_DTYPES[x_dtype])
+    return layers, x
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("buffer_dtype", DTYPE_NAMES, ids=[f"buffers-{d}" for d in DTYPE_NAMES])
+@pytest.mark.parametrize("param_dtype", DTYPE_NAMES + [None], ids=[f"params-{d}" for d in DTYPE_NAMES] + ["no-affine"])
+@pytest.mark.parametrize("x_dtype", DTYPE_NAMES, ids=[f"x-{d}" for d in DTYPE_NAMES])
+def test_dtype_matrix_accepts_and_refuses_like_torch_nn(x_dtype, param_dtype, buffer_dtype, training):
+    """b02e4a9 accepted a float16/bfloat16 input with float64 or bfloat16/float16 parameters,
+    which torch.nn on the CPU refuses ("mixed dtype"). Now: refused exactly where torch.nn
+    refuses, with RuntimeError, before any state changes; where both run, the same output and
+    buffers, in the same dtypes."""
+    (ours, theirs), x = _dtype_pair(x_dtype, param_dtype, buffer_dtype, training)
+    try:
+        y_ref = theirs(x)
+    except RuntimeError:
+        y_ref = None
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    if y_ref is None:
+        with pytest.raises(RuntimeError, match="mixed dtype"):
+            ours(x)
+        for k, v in ours.state_dict().items():  # nothing changed, num_batches_tracked included
+            assert torch.equal(v, before[k]) and v.dtype == before[k].dtype, k
+        return
+    y = ours(x)
+    assert y.dtype == y_ref.dtype == x.dtype
+    tol = {"float16": 1e-2, "bfloat16": 5e-2, "float32": 1e-5, "float64": 1e-10}[x_dtype]
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    for k, v in theirs.state_dict().items():
+        assert ours.state_dict()[k].dtype == v.dtype, k
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=tol, atol=tol, msg=k)
+
+
+CITING_MODULES = ["bnref/torch/functional.py", "bnref/torch/layers.py", "bnref/jax/functional.py",
+                  "bnref/jax/layers.py", "bnref/spec.py"]
+
+
+@pytest.mark.parametrize("module", CITING_MODULES)
+def test_cited_test_files_exist(module):
+    """b02e4a9: bnref/torch/functional.py sent readers to tests/test_torch_autograd.py, which
+    does not exist."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cited = set(re.findall(r"tests/test_\w+\.py", (root / module).read_text()))
+    missing = sorted(c for c in cited if not (root / c).is_file())
+    assert not missing, f"{module} cites {missing}"

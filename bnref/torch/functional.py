@@ -42,20 +42,25 @@ Two implementations of the training forward, the same numbers:
   ``torch.jit.trace`` and ``torch.jit.script``, and for tensor subclasses. Autograd
   differentiates it to any order.
 
-``tests/test_torch_autograd.py`` checks both with ``gradcheck`` / ``gradgradcheck`` in
-float64 and against torch.nn. The running update is detached: it is state, not part of
-the autograd graph.
+``tests/test_torch_tools.py`` checks both with ``gradcheck`` / ``gradgradcheck`` in float64
+(batched gradients run the composite path) and the gradient penalty against torch.nn;
+``tests/test_torch_module_db.py`` runs ``gradcheck`` / ``gradgradcheck`` on PyTorch's own
+BatchNorm cases. The running update is detached: it is state, not part of the autograd graph.
 
 float16/bfloat16 inputs are normalized with statistics accumulated in float32; the output
 has the input's dtype and the new running statistics the running buffers' dtype. Channel
-means are taken level by level (over the spatial axes, then the batch), so float32 inputs
-as large as 1e35 keep a finite mean where one flat sum would overflow.
+means are taken level by level (over the spatial axes, then the batch), and a level whose
+sum overflows (float32 values near 1e35 over a few thousand rows: every shape, (N, C) and
+(N, C, L) included) is detected and recomputed as ``sum(x / n)``, so the mean is finite for
+every finite input, as torch.nn's float64 accumulation is on the CPU (:func:`_finite_channel_mean`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -92,9 +97,10 @@ def _channel_mean(t: Tensor, ax: int) -> Tensor:
     """Per-channel mean of ``t``, shape (C,), taken level by level.
 
     ``(N, C, L)`` means over L, then over N (``(M1, M2, C)`` likewise for channels last):
-    every partial result is a mean, bounded by ``max |t|``, so float32 values near 1e35 do
-    not overflow as a flat sum of 1e5 of them would; on the CPU it is also as fast as one
-    sum over the strided axes (measured).
+    every partial result is a mean, bounded by ``max |t|``, so no sum spans more than one
+    level (L or N values, not N * L); on the CPU it is also as fast as one sum over the
+    strided axes (measured). One level can still overflow (float32 1e35 over 4096 values, or
+    an (N, C) input, which has one level): :func:`_finite_channel_mean` catches that.
     """
     ndim = t.dim()
     if ndim > 2 and ax == 1:
@@ -102,6 +108,41 @@ def _channel_mean(t: Tensor, ax: int) -> Tensor:
     if ndim > 2 and ax == ndim - 1:
         return t.reshape(t.shape[0], -1, t.shape[ax]).mean(1).mean(0)  # (N, L, C) -> (N, C) -> (C,)
     return t.mean(_reduce_dims(ndim, ax))
+
+
+def _scaled_channel_mean(t: Tensor, ax: int) -> Tensor:
+    """Per-channel mean of ``t`` as ``sum(t / n)``: every term is at most ``max |t| / n`` and every
+    partial sum at most ``max |t|``, so it is finite for any finite ``t`` (up to the largest
+    float), at the cost of one extra pass and a ``t``-sized temporary."""
+    n = t.numel() // t.shape[ax]
+    return _channel_sum(t / n, ax)
+
+
+def _finite_channel_mean(t: Tensor, ax: int) -> Tensor:
+    """:func:`_channel_mean`, finite for every finite ``t``; for the fast path (plain eager).
+
+    Each level of :func:`_channel_mean` sums in ``t``'s dtype, so a level of ``k`` values
+    overflows once ``|t|`` nears ``max_float / k`` (float32 1e35 over 4096 rows, in (4096, C),
+    (4096, C, L) or (N, C, 4096); torch.nn accumulates in float64 on the CPU and stays
+    finite). Overflow is rare and shows as a non-finite mean, so the fast mean is kept and
+    only a non-finite one is recomputed by :func:`_scaled_channel_mean`. On the CPU one host
+    read of the (C,) mean decides (measured: no measurable cost at LeNet's shapes); elsewhere
+    a host read would stall the device queue, so the scaled mean is computed and selected
+    with ``torch.where`` (no sync). Input that holds inf or NaN has a non-finite mean either way.
+    """
+    mean = _channel_mean(t, ax)  # (C,)
+    if t.device.type == "cpu":
+        if math.isfinite(float(mean.sum())):  # (a sum of means near max_float may overflow: recomputed, same result)
+            return mean
+        return _scaled_channel_mean(t, ax)
+    return torch.where(torch.isfinite(mean), mean, _scaled_channel_mean(t, ax))
+
+
+def _finite_channel_mean_composite(t: Tensor, ax: int) -> Tensor:
+    """:func:`_finite_channel_mean` with no data-dependent control flow (``torch.func``, tracing,
+    TorchScript): the scaled mean is always computed and selected per channel."""
+    mean = _channel_mean(t, ax)  # (C,)
+    return torch.where(torch.isfinite(mean), mean, _scaled_channel_mean(t, ax))
 
 
 def _channel_sum(t: Tensor, ax: int) -> Tensor:
@@ -174,7 +215,7 @@ class _BatchNormTrain(torch.autograd.Function):
     def forward(ctx, x, gamma, beta, eps: float, ax: int):
         n = x.numel() // x.shape[ax]
         bshape = _bshape(x, ax)
-        mean = _channel_mean(x, ax)  # (C,) batch mean
+        mean = _finite_channel_mean(x, ax)  # (C,) batch mean
         xc = x - mean.view(bshape)  # x - mu, x's shape
         var = _channel_sum_of_squares(xc, ax).div_(n)  # (C,) biased variance, two-pass: no E[x^2]-E[x]^2 cancellation
         work = torch.empty_like(xc)
@@ -237,7 +278,7 @@ class _BatchNormTrain(torch.autograd.Function):
 def _stats(x: Tensor, eps: float, ax: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(mean, xc, var, inv_std)`` of a training batch, two-pass, differentiable."""
     bshape = _bshape(x, ax)
-    mean = _channel_mean(x, ax)  # (C,)
+    mean = _finite_channel_mean_composite(x, ax)  # (C,)
     xc = x - mean.view(bshape)  # x's shape
     var = _channel_mean(xc * xc, ax)  # (C,) biased
     return mean, xc, var, torch.rsqrt(var + eps)
@@ -352,9 +393,11 @@ def _layout(x: Tensor, axis: int) -> int:
     ndim = x.dim()
     if ndim < 2:
         raise ValueError(f"x must have rank >= 2 (batch and channel axes), got rank {ndim}")
-    if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
+    # The spec's rule: a Python or NumPy integer (np.int64 from shape arithmetic is an index
+    # like any other), never a bool, a float or a tensor.
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
         raise ValueError(f"axis must be an int in [{-ndim}, {ndim}) for x of rank {ndim}, got {axis!r}")
-    return axis % ndim
+    return int(axis) % ndim
 
 
 def _check_vector(v: Optional[Tensor], name: str, channels: int) -> None:
@@ -424,7 +467,7 @@ def batch_norm(
       convention: a :class:`bnref.spec.Convention` or preset name: ``decay`` (weight of the
         old running value; torch's ``momentum`` is ``1 - decay``), ``eps``, and which batch
         variance enters the running average. Default: torch.nn's.
-      axis: the channel axis.
+      axis: the channel axis: a Python or NumPy integer (not a bool), as in :mod:`bnref.spec`.
 
     Returns:
       ``y`` (``x``'s shape and dtype) and the new running statistics as NEW tensors in the
