@@ -34,8 +34,9 @@ in training mode (the composite path), ``torch.autograd`` derivatives of every o
 Deliberate departures from torch.nn, each so that a failed call changes nothing:
 ``num_batches_tracked`` is incremented only after the input has been validated (torch.nn
 increments it before the kernel rejects a one-value-per-channel or wrong-channel batch).
-A float32/float64 input whose dtype differs from the parameters' raises RuntimeError on
-every device (torch.nn's CPU rule); float16/bfloat16 inputs may meet float32 parameters.
+Parameters and buffers of another dtype than the input's raise RuntimeError on every device
+(torch.nn's CPU rule), except that a float16/bfloat16 input may meet parameters and buffers
+that are all float32.
 
 In training the new running statistics (computed by the functional core's update) are
 copied into the buffers in place, after every check has passed;
@@ -87,6 +88,25 @@ def _opaque_forward(module: "_BatchNorm", x: Tensor) -> Tensor:
 
 
 torch.fx.wrap("_opaque_forward")
+
+
+def _check_dtypes(x: Tensor, used) -> None:
+    """torch.nn's CPU dtype rule, on every device: the parameters and buffers a call reads all
+    have ``x``'s dtype, or, for a float16/bfloat16 ``x`` only, all float32 (statistics in
+    float32, as in mixed-precision training). Anything else is RuntimeError, as torch.nn on the
+    CPU raises "mixed dtype" (or "expected scalar type"); bnref's float32 computation of half
+    inputs would otherwise accept float64 or bfloat16 state that torch.nn refuses."""
+    if not used:
+        return
+    first_name, first = used[0]
+    allowed = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
+    if first.dtype not in allowed:
+        raise RuntimeError(f"mixed dtype: input is {x.dtype} but {first_name} is {first.dtype} "
+                           f"(parameters and buffers must be {' or '.join(str(d) for d in allowed)})")
+    for name, t in used[1:]:
+        if t.dtype != first.dtype:
+            raise RuntimeError(f"mixed dtype: {first_name} is {first.dtype} but {name} is {t.dtype} "
+                               "(the parameters and buffers must share one dtype)")
 
 
 class _BatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -152,14 +172,15 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.eps >= 0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
         track = self.training and self.track_running_stats
+        used = []  # (name, tensor) of the parameters and buffers this call reads
         for name in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(self, name)
             if t is None or (name.startswith("running") and use_batch_stats and not track):
                 continue  # unused in this call (torch.nn passes None for it too)
             if t.numel() != channels:  # torch.nn's kernel raises RuntimeError here
                 raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-            if x.dtype not in (torch.float16, torch.bfloat16) and t.dtype != x.dtype:
-                raise RuntimeError(f"mixed dtype: input is {x.dtype} but {name} is {t.dtype}")
+            used.append((name, t))
+        _check_dtypes(x, used)
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
