@@ -10,7 +10,6 @@ for those lines), so a run of this file never sits silent for minutes.
 """
 
 import contextlib
-import functools
 import os
 import signal
 import subprocess
