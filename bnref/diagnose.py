@@ -25,6 +25,18 @@ evaluation mode, pairs the BN layers as :mod:`bnref.convert` does, and for every
   while the other side's are trained (a Flax loop that never keeps the ``batch_stats``
   update); stored statistics that differ while the layers' inputs agree (statistics not
   converted).
+- ``nonfinite``: a NaN or inf in a layer's stored weights or statistics, in its input or output
+  in either call, or in a model's output; nothing else is compared on a pair where one is found
+  (every measurement would be NaN), and each side reports only its first (the stored values,
+  then the training call, then the evaluation call): the first pair that reports an input is
+  nearest the layer that produced it.
+- ``sample``: a layer whose input is constant over the batch in every channel on this
+  ``sample_input`` (std <= 1e-6 |mean|: zero up to rounding): the normalization leaves nothing
+  to measure, so its ``mode`` and ``stats`` are not checked, and saying so is a finding (a
+  check not made is not a pass). A layer with only some such channels is measured on the others.
+
+``sample_input`` whose examples are all identical is refused (``ValueError``): the batch
+statistics of one example repeated are not a batch's.
 
 Neither model is modified. ``report.findings`` lists what to change (empty for a correct
 port), ``report.notes`` inherent differences, ``report.layers`` the measurements; ``str(report)``
@@ -45,7 +57,7 @@ from bnref import spec
 
 __all__ = ["Finding", "LayerComparison", "Report", "bn_report", "main"]
 
-KINDS = ("decay", "eps", "running_var", "axis", "mode", "stats")
+KINDS = ("decay", "eps", "running_var", "axis", "mode", "stats", "nonfinite", "sample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +85,7 @@ class LayerComparison:
     decay: tuple  # (torch, flax): measured weight of the old running value
     eps: tuple  # (torch, flax)
     running_var: tuple  # (torch, flax): "biased" / "unbiased"
-    train_error: tuple  # (torch, flax): max |y - exact batch normalization| / max |exact - bias|
+    train_error: tuple  # (torch, flax): max |y - exact batch normalization| / max |exact - bias| (None: no spread)
     inputs_agree: bool  # the two layers' inputs on sample_input agree (same weights below)
 
 
@@ -88,7 +100,7 @@ class Report:
         return not self.findings
 
     def __str__(self) -> str:
-        lines = [f"BatchNorm report: {len(self.layers)} pairs of BN layers, "
+        lines = [f"BatchNorm report: {len(self.layers)} pairs of BN layers measured, "
                  f"{len(self.findings)} finding{'s' * (len(self.findings) != 1)}"]  # fmt: skip
         lines.append(f"  {'torch':<16} {'Flax':<16} {'C':>5} {'decay t/f':>13} {'eps t/f':>15} {'running var t/f':>19}")
         for c in self.layers:
@@ -142,8 +154,41 @@ def _normalized(x, channel_axis: int, mean, var, eps: float, scale, bias):
     return (centered if bias is None else spec.batch_norm_eval(x, scale, bias, mean, var, conv, axis=channel_axis)), centered
 
 
-def _rel_error(y, want, centered) -> float:
-    return float(np.max(np.abs(np.asarray(y, np.float64) - want))) / (float(np.max(np.abs(centered))) + 1e-30)
+def _rel_error(y, want, centered, axis: int, live) -> Optional[float]:
+    """``max |y - want| / max |centered|`` over the channels ``live`` (those whose input has a
+    spread: elsewhere ``centered`` is 0 and the ratio would be rounding divided by 0); None when
+    no channel is live."""
+    if not np.any(live):
+        return None
+    y, want, centered = (np.compress(live, np.asarray(a, np.float64), axis=axis) for a in (y, want, centered))
+    return float(np.max(np.abs(y - want))) / (float(np.max(np.abs(centered))) + 1e-30)
+
+
+def _count_nonfinite(a) -> int:
+    return 0 if a is None else int(np.size(a) - np.count_nonzero(np.isfinite(np.asarray(a, np.float64))))
+
+
+def _first_nonfinite(side: str, stored: Mapping, updated: Mapping, layer, eval_layer) -> Optional[str]:
+    """The first place (stored values, then the training call, then the evaluation call) where
+    this side of a BN layer holds a NaN or inf, as a message; None when everything is finite."""
+    who = _label(side)
+    for what, a in stored.items():
+        if k := _count_nonfinite(a):
+            return (f"{who}'s stored {what} holds {k} non-finite value(s) (NaN or inf) of {np.size(a)}: the weights "
+                    "or statistics given are broken (a diverged run, a bad checkpoint or conversion)")  # fmt: skip
+    for call, lay, after in (("training", layer, updated), ("evaluation", eval_layer, {})):
+        if k := _count_nonfinite(lay.input):
+            return (f"{who}'s input in the {call} call holds {k} non-finite value(s) (NaN or inf) of "
+                    f"{lay.input.size}: a layer below it produced them (the first pair reporting its input is "
+                    "nearest that layer)")  # fmt: skip
+        if k := _count_nonfinite(lay.output):
+            return (f"{who}'s output in the {call} call holds {k} non-finite value(s) (NaN or inf) of "
+                    f"{lay.output.size} although its input and stored values are finite (a negative variance?)")
+        for what, a in after.items():
+            if k := _count_nonfinite(a):
+                return (f"{who}'s {what} after the training call holds {k} non-finite value(s) (NaN or inf) "
+                        "although its input is finite")  # fmt: skip
+    return None
 
 
 def _implied_decay(old, new, batch_mean, spread) -> Optional[float]:
@@ -164,26 +209,39 @@ def _side(layer, before: Mapping, after: Mapping, eval_layer, framework: str) ->
         axis, eps, est = 1, m.eps, _torch_estimator(m)
         scale = m.weight.detach().cpu().numpy() if m.affine else None
         bias = m.bias.detach().cpu().numpy() if m.affine and m.bias is not None else None
+        names = {"weight": scale, "bias": bias, "running_mean": before.get("mean"), "running_var": before.get("var")}
+        updated = {"running_mean": after.get("mean"), "running_var": after.get("var")}
     else:
         axes = _flax_axes(m, layer.input.ndim)
         axis = axes[0] if len(axes) == 1 else None
         eps, est = _flax_eps_and_estimator(m)
         scale, bias = before.get("scale"), before.get("bias")
+        names = {"scale": scale, "bias": bias, "batch_stats mean": before.get("mean"), "batch_stats var": before.get("var")}
+        updated = {"batch_stats mean": after.get("mean"), "batch_stats var": after.get("var")}
     out = {"axis": axis, "eps": float(eps), "estimator": est, "module": m, "input": layer.input}
     if axis is None:
         return out
+    out.update(channels=layer.input.shape[axis], n=layer.input.size // layer.input.shape[axis])
+    out["nonfinite"] = _first_nonfinite(framework, names, updated, layer, eval_layer)
+    if out["nonfinite"]:  # every measurement below would be NaN
+        return out
     mean, var = spec.batch_stats(layer.input, axis)  # the exact (float64, two-pass) batch statistics
-    out.update(mean=mean, var=var, n=layer.input.size // len(mean), channels=len(mean), old_mean=before.get("mean"),
-               old_var=before.get("var"), new_mean=after.get("mean"))  # fmt: skip
+    # A channel constant over the batch (zero spread up to rounding) normalizes to exactly its
+    # bias: nothing there tells batch statistics from running ones, so it is left out.
+    live = np.sqrt(var) > 1e-6 * np.abs(mean)
+    out.update(mean=mean, var=var, live=live, old_mean=before.get("mean"), old_var=before.get("var"),
+               new_mean=after.get("mean"))  # fmt: skip
     y_batch, centered = _normalized(layer.input, axis, mean, var, eps, scale, bias)
-    out["train_error"] = _rel_error(layer.output, y_batch, centered)
+    out["train_error"] = _rel_error(layer.output, y_batch, centered, axis, live)
     if out["old_mean"] is not None:
         y_run, run_centered = _normalized(layer.input, axis, out["old_mean"], out["old_var"], eps, scale, bias)
-        out["train_error_running"] = _rel_error(layer.output, y_run, run_centered)
-        ev_batch, _ = _normalized(eval_layer.input, axis, *spec.batch_stats(eval_layer.input, axis), eps, scale, bias)
+        out["train_error_running"] = _rel_error(layer.output, y_run, run_centered, axis, live)
+        ev_mean, ev_var = spec.batch_stats(eval_layer.input, axis)
+        ev_live = np.sqrt(ev_var) > 1e-6 * np.abs(ev_mean)
+        ev_batch, _ = _normalized(eval_layer.input, axis, ev_mean, ev_var, eps, scale, bias)
         ev_run, ev_centered = _normalized(eval_layer.input, axis, out["old_mean"], out["old_var"], eps, scale, bias)
-        out["eval_error_batch"] = _rel_error(eval_layer.output, ev_batch, ev_centered)
-        out["eval_error_running"] = _rel_error(eval_layer.output, ev_run, ev_centered)
+        out["eval_error_batch"] = _rel_error(eval_layer.output, ev_batch, ev_centered, axis, ev_live)
+        out["eval_error_running"] = _rel_error(eval_layer.output, ev_run, ev_centered, axis, ev_live)
         out["decay"] = (None if out["new_mean"] is None
                         else _implied_decay(out["old_mean"], out["new_mean"], mean, np.sqrt(var)))  # fmt: skip
     else:
@@ -221,7 +279,17 @@ def _compare(tn: str, fn: str, t: Dict, f: Dict, findings: List[Finding], notes:
         add("axis", f"torch normalizes {t['channels']} channels, Flax {f['channels']} features: the layers do not "
                     "normalize the same axis")  # fmt: skip
         return None
+    bad = [(side, s["nonfinite"]) for side, s in (("torch", t), ("flax", f)) if s["nonfinite"]]
+    if bad:  # NaN compares false with everything: no other check can be trusted on this pair
+        for _, message in bad:
+            add("nonfinite", message)
+        return None
     inputs_agree = _inputs_agree(t["input"], f["input"])
+    flat = [side for side, s in (("torch", t), ("flax", f)) if s["train_error"] is None]
+    if flat:
+        add("sample", f"on this sample the input of {' and '.join(map(_label, flat))} is constant over the batch in "
+                      "every channel: its mode and batch statistics cannot be checked here; use a sample_input "
+                      "whose examples reach this layer with different values (real data)")  # fmt: skip
     broken_mode = set()
     # (call, the error of the wrong statistics, of the right ones, what was used, the fix per side)
     checks = (("training", "train_error_running", "train_error", "its running statistics, not the batch's",
@@ -230,7 +298,7 @@ def _compare(tn: str, fn: str, t: Dict, f: Dict, findings: List[Finding], notes:
                {"torch": "call model.eval() before evaluating", "flax": "evaluate with use_running_average=True"}))
     for side, s in (("torch", t), ("flax", f)):
         for call, wrong, right, used, fix in checks:
-            if wrong in s and s[wrong] < s[right] / 10:
+            if wrong in s and s[wrong] is not None and s[right] is not None and s[wrong] < s[right] / 10:
                 broken_mode.add(side)
                 add("mode", f"{_label(side)} normalized with {used} in the {call} call: {fix[side]} to the layer")
     if abs(t["eps"] - f["eps"]) > 1e-9 * max(t["eps"], f["eps"]):
@@ -273,8 +341,10 @@ def _compare_stats(t: Dict, f: Dict, inputs_agree: bool, broken_mode: set, add) 
     for side, s, other in (("torch", t, f), ("flax", f, t)):
         if side in broken_mode:  # it did not normalize with batch statistics at all: that is the finding
             continue
+        if s["train_error"] is None or other["train_error"] is None:  # no spread: the "sample" finding
+            continue
         if s["train_error"] > tol and s["train_error"] > 100 * other["train_error"]:
-            ratio = float(np.max(np.abs(s["mean"]) / np.sqrt(s["var"] + 1e-30)))
+            ratio = float(np.max(np.abs(s["mean"][s["live"]]) / np.sqrt(s["var"][s["live"]])))
             fast = getattr(s["module"], "use_fast_variance", False)
             fix = ("its variance is E[x²] - E[x]² (use_fast_variance=True, Flax's default), which cancels when the "
                    "mean is large next to the spread: set use_fast_variance=False" if fast else
@@ -284,7 +354,8 @@ def _compare_stats(t: Dict, f: Dict, inputs_agree: bool, broken_mode: set, add) 
                          f"mean is up to {ratio:.3g}x its std: {fix}")  # fmt: skip
     if t["old_mean"] is None or f["old_mean"] is None:
         return
-    spread = np.sqrt(np.maximum(t["var"], f["var"])) + 1e-12
+    # sqrt(var + eps): the scale the layer divides by, also where the batch has no spread
+    spread = np.sqrt(np.maximum(t["var"], f["var"]) + max(t["eps"], f["eps"]))
     dm = float(np.max(np.abs(t["old_mean"] - f["old_mean"]) / spread))
     dv = float(np.max(np.abs(np.log(np.maximum(t["old_var"], 1e-30) / np.maximum(f["old_var"], 1e-30)))))
     if dm <= 1e-3 and dv <= 1e-3:
@@ -330,21 +401,28 @@ def bn_report(torch_module, flax_module, flax_variables: Mapping, sample_input, 
     ``flax_variables``) on one batch, ``sample_input`` (NumPy, torch's layout: NCHW / NCL /
     NF, N >= 2). ``train_kwargs`` / ``eval_kwargs`` are the Flax module's mode arguments
     (default ``train=True`` / ``train=False``). Returns a :class:`Report`; neither model nor the
-    variables change. Raises ``ValueError`` when the models' layers cannot be paired."""
+    variables change. Raises ``ValueError`` when the models' layers cannot be paired, when they
+    have no BN layer, or when the examples of ``sample_input`` are all identical."""
     from bnref.convert import channels_last, check_sample, flax_layers, match_layers, torch_layers
 
     train_kwargs = {"train": True} if train_kwargs is None else dict(train_kwargs)
     eval_kwargs = {"train": False} if eval_kwargs is None else dict(eval_kwargs)
     x = check_sample(sample_input, "bn_report")
+    if np.all(x == x[:1]):
+        raise ValueError(f"bn_report: the {len(x)} examples of sample_input are all identical: their batch statistics "
+                         "are one example's, not a batch's, and a layer fed the same vector N times has no spread to "
+                         "measure; use distinct examples (real data, or random inputs)")  # fmt: skip
     if not isinstance(flax_variables, Mapping) or "params" not in flax_variables:
         raise ValueError("bn_report: flax_variables must be a mapping with a 'params' collection")
-    t_train, _, _ = torch_layers(torch_module, x, train=True)
-    t_eval, _, _ = torch_layers(torch_module, x, train=False)
+    t_train, t_out_train, _ = torch_layers(torch_module, x, train=True)
+    t_eval, t_out_eval, _ = torch_layers(torch_module, x, train=False)
     xf = channels_last(x)
-    f_train, _, updates = flax_layers(flax_module, flax_variables, xf, train_kwargs, mutable=["batch_stats"])
+    f_train, f_out_train, updates = flax_layers(flax_module, flax_variables, xf, train_kwargs, mutable=["batch_stats"])
     # mutable in evaluation too: a layer that (wrongly) updates there is measured, not an exception
-    f_eval, _, _ = flax_layers(flax_module, flax_variables, xf, eval_kwargs, mutable=["batch_stats"])
+    f_eval, f_out_eval, _ = flax_layers(flax_module, flax_variables, xf, eval_kwargs, mutable=["batch_stats"])
     pairs = [(t, f) for t, f in match_layers(t_train, f_train) if t.kind == "bn"]
+    if not pairs:
+        raise ValueError("bn_report: the models have no BatchNorm layer: nothing to compare")
     t_originals = dict(torch_module.named_modules())
     t_ev, f_ev = {t.name: t for t in t_eval}, {f.name: f for f in f_eval}
     findings, notes, layers = [], [], []
@@ -355,31 +433,94 @@ def bn_report(torch_module, flax_module, flax_variables: Mapping, sample_input, 
         comparison = _compare(t.name, f.name, ts, fs, findings, notes)
         if comparison is not None:
             layers.append(comparison)
+    for side, outputs in (("torch", (t_out_train, t_out_eval)), ("flax", (f_out_train, f_out_eval))):
+        if any(f.kind == "nonfinite" and f.message.startswith(_label(side)) for f in findings):
+            continue  # already traced to a BN layer
+        for call, out in zip(("training", "evaluation"), outputs):
+            if k := _count_nonfinite(out):
+                findings.append(Finding("nonfinite", "(output)", "(output)", f"the {'torch' if side == 'torch' else 'Flax'} model's output in the "
+                                        f"{call} call holds {k} non-finite value(s) (NaN or inf) although every BN "
+                                        "layer's input and output are finite: a layer above the last BN layer (or its "
+                                        "weights) produces them"))  # fmt: skip
+                break
     return Report(layers, findings, notes)
 
 
 # --- python -m bnref.diagnose ---
+#
+# Every file and option is read, and both models run once, inside _inputs(): whatever is wrong
+# with them becomes a ValueError of one line naming the file (or option) and the problem, exit
+# status 2, before the report starts. Exit status 1 means findings, and only that.
 
 
-def _factory(spec_: str, what: str):
+def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message``: a framework's error often runs to paragraphs."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _factory(spec_: str, what: str, base: type, base_name: str):
+    """``package.module:factory`` imported and called; the model it returns must be a ``base``."""
     mod, _, attr = spec_.partition(":")
-    if not attr:
-        raise ValueError(f"{what} must be 'package.module:factory', got {spec_!r}")
-    return getattr(importlib.import_module(mod), attr)()
+    if not mod or not attr:
+        raise ValueError(f"{what} {spec_}: must be 'package.module:factory'")
+    try:
+        module = importlib.import_module(mod)
+    except Exception as e:  # ImportError, or whatever the module raises while importing
+        raise ValueError(f"{what} {spec_}: cannot import {mod} ({_first_line(e)})") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ValueError(f"{what} {spec_}: module {mod} has no {attr!r}")
+    if not callable(fn):
+        raise ValueError(f"{what} {spec_}: {mod}.{attr} is a {type(fn).__name__}, not a function returning a model")
+    try:
+        model = fn()
+    except Exception as e:
+        raise ValueError(f"{what} {spec_}: {attr}() raised {_first_line(e)}") from None
+    if not isinstance(model, base):
+        raise ValueError(f"{what} {spec_}: {attr}() returned a {type(model).__name__}, not a {base_name}")
+    return model
+
+
+def _run_config(run):
+    """The run's :class:`bnref.train.TrainConfig`; ``ValueError`` naming its config.json."""
+    from bnref.train import TrainConfig
+
+    where = run.config_file
+    try:
+        saved = run.saved_config()
+    except KeyError as e:
+        raise ValueError(f"{where}: has no {e} entry: not a bnref run's config.json") from None
+    except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON (JSONDecodeError is a ValueError), not a dict
+        raise ValueError(f"{where}: cannot be read as a bnref run's config ({_first_line(e)})") from None
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{where}: its 'config' is a {type(saved).__name__}, not an object of settings")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(str(k) for k in saved if k not in known)
+    if unknown:
+        raise ValueError(f"{where}: unknown config key(s) {', '.join(unknown)} (not a run of this bnref version)")
+    try:
+        return TrainConfig(**saved)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {_one_line(e)}") from None
 
 
 def _load_run(path: str, backend: str):
-    """A bnref run directory (or its checkpoint file) -> (module, weights) of ``backend``."""
+    """A bnref run directory (or its checkpoint file) -> (module, weights, checkpoint path) of
+    ``backend``; ``ValueError`` naming the file for anything that is not such a run."""
     import os
 
     from bnref import runs
-    from bnref.train import TrainConfig
 
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such run directory or checkpoint")
     run_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."
     run = runs.RunDir.open(run_dir)
-    config = TrainConfig(**run.saved_config())
+    config = _run_config(run)
     if config.backend != backend:
         raise ValueError(f"{run_dir} is a {config.backend} run; a {backend} run goes here")
     checkpoint = run.require_checkpoint()
@@ -389,76 +530,212 @@ def _load_run(path: str, backend: str):
         from bnref.torch.train import load_checkpoint, make_model
 
         model = make_model(config)
-        load_checkpoint(checkpoint, model, None, torch.device("cpu"))
-        return model.eval(), None
+        try:
+            load_checkpoint(checkpoint, model, None, torch.device("cpu"))
+        except Exception as e:  # corrupt, hostile (weights_only refuses it), another format, another model
+            raise ValueError(f"{checkpoint}: not a checkpoint of this run's torch model ({_first_line(e)})") from None
+        return model.eval(), None, checkpoint
     from bnref.jax.train import checkpoint_variables, make_model
 
     local_stats = config.replicas > 1 and not config.sync_bn  # one set of statistics per device
-    return make_model(config), checkpoint_variables(checkpoint, per_device_stats=local_stats)
+    try:
+        variables = checkpoint_variables(checkpoint, per_device_stats=local_stats)
+    except Exception as e:  # corrupt or truncated msgpack, another format, another structure
+        raise ValueError(f"{checkpoint}: not a checkpoint of this run's Flax model ({_first_line(e)})") from None
+    return make_model(config), _check_variables(variables, checkpoint), checkpoint
 
 
-def _sample_from_data(n: int, data_dir: Optional[str], seed: int) -> np.ndarray:
-    from bnref.data import real_or_synthetic
+def _check_variables(variables, where: str):
+    if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
+        raise ValueError(f"{where}: holds no 'params' collection (a msgpack of {{'params': ..., 'batch_stats': ...}} "
+                         "goes here)")  # fmt: skip
+    return variables
 
-    data = real_or_synthetic(data_dir, n_train=n, n_test=n, seed=seed)
+
+def _sample_from_data(n: int, data_dir: Optional[str], synthetic: bool, seed: int) -> np.ndarray:
+    """``n`` test images (seeded choice) of Fashion-MNIST, or of the synthetic stand-in when
+    asked for (``--synthetic``): never one in place of the other."""
+    import os
+
+    from bnref import data
+
+    if synthetic:
+        d = data.synthetic(n_train=2, n_test=n, seed=seed)
+    else:
+        try:
+            d = data.load_fashion_mnist(data_dir, download=False)
+        except FileNotFoundError:  # DataNotFoundError: its several lines, said in one
+            if data_dir is not None:
+                state = "no such directory" if not os.path.isdir(data_dir) else "does not hold the Fashion-MNIST files"
+                raise ValueError(f"--data-dir {data_dir}: {state} ({', '.join(data.FILES.values())}); or pass "
+                                 "--synthetic for the synthetic stand-in") from None  # fmt: skip
+            looked = ", ".join(str(p) for p in data.candidate_dirs())
+            raise ValueError(f"no Fashion-MNIST files found (looked in {looked}): pass --data-dir DIR, set "
+                             "BNREF_DATA_DIR, or pass --synthetic for the synthetic stand-in") from None  # fmt: skip
+        except ValueError as e:  # a corrupt file: the message names it
+            raise ValueError(_one_line(e)) from None
+    if n > len(d.test_images):
+        raise ValueError(f"-n {n}: {d.source} has only {len(d.test_images)} test images")
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(data.test_images), n, replace=False)
-    return (np.asarray(data.test_images[idx], np.float32) / 255.0)[:, None]  # (N, 1, 28, 28), as training sees it
+    idx = rng.choice(len(d.test_images), n, replace=False)
+    return (np.asarray(d.test_images[idx], np.float32) / 255.0)[:, None]  # (N, 1, 28, 28), as training sees it
+
+
+def _input_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"--input-shape {text!r}: one example's shape as positive integers, torch layout "
+                         "(C,H,W / C,L / F), e.g. 3,32,32")  # fmt: skip
+    return shape
+
+
+def _torch_state(path: str):
+    import os
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {'is a directory' if os.path.isdir(path) else 'no such file'}, not a torch.save'd "
+                         "state_dict (bnref run directories go without --torch-model/--flax-model)")  # fmt: skip
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, another format, or objects weights_only refuses to build
+        raise ValueError(f"{path}: not a torch.save'd state_dict that loads with weights_only=True "
+                         f"({_first_line(e)})") from None  # fmt: skip
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):  # a training checkpoint
+        state = state["model"]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state_dict (parameter names -> tensors)")
+    return state
+
+
+def _flax_variables(path: str):
+    import os
+
+    from flax import serialization
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {'is a directory' if os.path.isdir(path) else 'no such file'}, not a "
+                         "flax.serialization msgpack file")  # fmt: skip
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        variables = serialization.msgpack_restore(raw)
+    except Exception as e:  # truncated, extra data, not msgpack at all, nesting too deep
+        raise ValueError(f"{path}: not a flax.serialization msgpack file ({_first_line(e)})") from None
+    return _check_variables(variables, path)
+
+
+def _load_user_models(args):
+    """(torch module, Flax module, variables, sample, torch file, Flax file) from the factories."""
+    import flax.linen as fnn
+    import torch
+
+    shape = _input_shape(args.input_shape)
+    tm = _factory(args.torch_model, "--torch-model", torch.nn.Module, "torch.nn.Module")
+    state = _torch_state(args.torch_checkpoint)
+    try:
+        tm.load_state_dict(state)
+    except Exception as e:  # missing or unexpected keys, shapes that differ, values that are not tensors
+        raise ValueError(f"{args.torch_checkpoint}: does not fit the model of --torch-model {args.torch_model} "
+                         f"({type(e).__name__}: {_one_line(e)})") from None  # fmt: skip
+    fm = _factory(args.flax_model, "--flax-model", fnn.Module, "flax.linen.Module")
+    variables = _flax_variables(args.flax_checkpoint)
+    x = np.random.default_rng(args.seed).standard_normal((args.batch_size, *shape)).astype(np.float32)
+    return tm.eval(), fm, variables, x
+
+
+def _check_models_run(tm, fm, variables, x, torch_file: str, flax_file: str) -> None:
+    """Each model once, in evaluation mode, on the sample: a model that does not take this
+    input, or variables that do not fit the Flax model, named by file before the report."""
+    import copy
+
+    import torch
+
+    from bnref.convert import channels_last
+
+    net = copy.deepcopy(tm).eval()
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        with torch.no_grad():
+            net(torch.as_tensor(x, dtype=dtype))
+    except Exception as e:
+        raise ValueError(f"{torch_file}: the torch model fails on a sample batch of shape {x.shape} "
+                         f"({_first_line(e)})") from None  # fmt: skip
+    xf = channels_last(x)
+    try:
+        fm.apply(variables, xf, train=False)
+    except Exception as e:
+        raise ValueError(f"{flax_file}: the Flax model with these variables fails on a sample batch of shape "
+                         f"{xf.shape} ({_first_line(e)})") from None  # fmt: skip
+
+
+def _inputs(args):
+    """Everything the report needs, read and checked: ``(tm, fm, variables, x, torch file, Flax file)``."""
+    if args.torch_model is None:
+        tm, _, t_file = _load_run(args.torch_checkpoint, "torch")
+        fm, variables, f_file = _load_run(args.flax_checkpoint, "jax")
+        x = _sample_from_data(args.batch_size, args.data_dir, args.synthetic, args.seed)
+    else:
+        tm, fm, variables, x = _load_user_models(args)
+        t_file, f_file = args.torch_checkpoint, args.flax_checkpoint
+    _check_models_run(tm, fm, variables, x, t_file, f_file)
+    return tm, fm, variables, x, t_file, f_file
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from bnref import _cli
+
     p = argparse.ArgumentParser(
         prog="python -m bnref.diagnose",
         description="Compare the BatchNorm layers of a PyTorch model and its Flax port, from two checkpoints.",
         epilog="Without --torch-model/--flax-model, TORCH and FLAX are bnref run directories (python -m bnref.train "
-               "--out DIR) and the sample is N test images. With them, TORCH is a torch.save'd state_dict (or a dict "
-               "holding it under 'model'), FLAX a flax.serialization msgpack file of {'params', 'batch_stats'}, the "
-               "factories build the two models, and the sample is N standard-normal inputs of --input-shape. Exit "
-               "status: 0 when nothing is found, 1 when something is, 2 on bad input.",
+               "--out DIR) and the sample is N Fashion-MNIST test images (--data-dir, or where bnref.data finds "
+               "them; never downloaded), or N images of the synthetic stand-in with --synthetic. With them, TORCH "
+               "is a torch.save'd state_dict (or a dict holding it under 'model'), FLAX a flax.serialization msgpack "
+               "file of {'params', 'batch_stats'}, the factories build the two models, and the sample is N "
+               "standard-normal inputs of --input-shape. Exit status: 0 when nothing is found, 1 when something "
+               "is, 2 on bad input (one line naming the file or option).",
     )  # fmt: skip
     p.add_argument("torch_checkpoint", metavar="TORCH")
     p.add_argument("flax_checkpoint", metavar="FLAX")
     p.add_argument("--torch-model", metavar="MODULE:FACTORY", help="a function returning the torch module")
     p.add_argument("--flax-model", metavar="MODULE:FACTORY", help="a function returning the Flax module")
     p.add_argument("--input-shape", metavar="C,H,W", help="one example's shape, torch layout (with the factories)")
-    p.add_argument("-n", "--batch-size", type=int, default=64, help="examples in the sample batch (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (bnref runs; synthetic data if absent)")
+    p.add_argument("-n", "--batch-size", type=_cli.int_at_least(2), default=64,
+                   help="examples in the sample batch, at least 2 (default 64)")  # fmt: skip
+    p.add_argument("--seed", type=_cli.seed, default=0)
+    p.add_argument("--data-dir", default=None, help="the Fashion-MNIST directory (bnref runs); it must hold the files")
+    p.add_argument("--synthetic", action="store_true",
+                   help="sample the synthetic stand-in instead of Fashion-MNIST (bnref runs)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.batch_size < 2:
-        p.error("--batch-size must be at least 2 (one value per channel has no batch statistics)")
     if (args.torch_model is None) != (args.flax_model is None):
         p.error("give both --torch-model and --flax-model, or neither (bnref run directories)")
+    if args.torch_model is not None:
+        if not args.input_shape:
+            p.error("--input-shape is needed with --torch-model/--flax-model")
+        if args.data_dir is not None or args.synthetic:
+            p.error("--data-dir and --synthetic choose the sample of bnref run directories; with --torch-model/"
+                    "--flax-model the sample is standard-normal inputs of --input-shape")  # fmt: skip
+    elif args.input_shape:
+        p.error("--input-shape goes with --torch-model/--flax-model; a bnref run's input is a 1x28x28 image")
+    if args.synthetic and args.data_dir is not None:
+        p.error("--synthetic and --data-dir exclude each other: the synthetic stand-in reads no files")
     try:
-        if args.torch_model is None:
-            tm, _ = _load_run(args.torch_checkpoint, "torch")
-            fm, variables = _load_run(args.flax_checkpoint, "jax")
-            x = _sample_from_data(args.batch_size, args.data_dir, args.seed)
-        else:
-            if not args.input_shape:
-                p.error("--input-shape is needed with --torch-model/--flax-model")
-            tm, fm, variables, x = _load_user_models(args)
-    except (OSError, ValueError, KeyError, ImportError, AttributeError) as e:
-        print(f"python -m bnref.diagnose: {e}", file=sys.stderr)
+        tm, fm, variables, x, t_file, f_file = _inputs(args)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"python -m bnref.diagnose: {_one_line(e)}", file=sys.stderr)
         return 2
-    report = bn_report(tm, fm, variables, x)
+    try:
+        report = bn_report(tm, fm, variables, x)
+    except ValueError as e:  # the models cannot be compared (layers without a partner, no BN layer): both files
+        print(f"python -m bnref.diagnose: {t_file} / {f_file}: {_one_line(e)}", file=sys.stderr)
+        return 2
     print(report)
     return 0 if report.ok else 1
-
-
-def _load_user_models(args):
-    import torch
-    from flax import serialization
-
-    shape = tuple(int(s) for s in args.input_shape.split(","))
-    tm = _factory(args.torch_model, "--torch-model")
-    state = torch.load(args.torch_checkpoint, map_location="cpu", weights_only=True)
-    tm.load_state_dict(state["model"] if "model" in state and isinstance(state["model"], Mapping) else state)
-    fm = _factory(args.flax_model, "--flax-model")
-    with open(args.flax_checkpoint, "rb") as f:
-        variables = serialization.msgpack_restore(f.read())
-    x = np.random.default_rng(args.seed).standard_normal((args.batch_size, *shape)).astype(np.float32)
-    return tm.eval(), fm, variables, x
 
 
 if __name__ == "__main__":
