@@ -428,3 +428,36 @@ def test_axis_refuses_what_the_spec_refuses(axis):
         bj.batch_norm(x, None, None, jnp.zeros(3), jnp.ones(3), train=True, axis=axis)
     with pytest.raises(ValueError, match="axis must be an int"):
         bj.BatchNorm(use_running_average=False, axis=axis).init(jax.random.key(0), x)
+
+
+# --- eps on the layer's default path -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["two-pass", "fast-variance"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("epsilon", [None, 1e-3, 0.5], ids=["default-1e-5", "1e-3", "0.5"])
+def test_layer_epsilon_on_the_default_path_matches_flax_and_the_spec(epsilon, train, fast):
+    """The layer's default path (convention=None: Flax's momentum and epsilon fields) with a
+    variance small enough that eps moves the output (std 0.01: eps 1e-5 is 10% of the variance).
+    A layer ignoring its epsilon passed every layer test before (their data has variance ~4)."""
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(0.01 * rng.standard_normal((32, 4)), jnp.float32)  # mean ~0: no cancellation in fast-variance
+    kw = {} if epsilon is None else {"epsilon": epsilon}
+    eps = 1e-5 if epsilon is None else epsilon
+    stats = {"mean": jnp.asarray([0.0, 0.001, -0.001, 0.0005], jnp.float32),
+             "var": jnp.asarray([1e-4, 2e-4, 5e-5, 1.5e-4], jnp.float32)}  # fmt: skip
+    outs = []
+    for cls in (bj.BatchNorm, nn.BatchNorm):
+        module = cls(use_running_average=not train, momentum=0.9, use_fast_variance=fast, **kw)
+        params = module.init(jax.random.key(0), x)["params"]
+        y, _ = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        outs.append(np.asarray(y, np.float64))
+    xd = np.asarray(x, np.float64)
+    if train:
+        want = spec.batch_norm_train(xd, None, None, None, None, spec.Convention(decay=0.9, eps=eps), axis=-1)[0]
+    else:
+        want = spec.batch_norm_eval(xd, None, None, np.asarray(stats["mean"], np.float64),
+                                    np.asarray(stats["var"], np.float64), spec.Convention(decay=0.9, eps=eps), axis=-1)  # fmt: skip
+    # float32: 1e-5 relative; ignoring eps = 1e-5 here moves the output by ~4%
+    np.testing.assert_allclose(outs[0], want, rtol=1e-4, atol=1e-4, err_msg="bnref vs spec")
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4, err_msg="bnref vs flax.linen")
