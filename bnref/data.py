@@ -71,6 +71,7 @@ __all__ = [
     "download",
     "find_data_dir",
     "load_fashion_mnist",
+    "load_or_synthetic",
     "main",
     "read_idx_images",
     "read_idx_labels",
@@ -140,6 +141,8 @@ class FashionMNIST:
     ``release``: True when the four files' content is the original release's (their
     SHA-256 checked as they were read), False when it is not (a fixture, a subset, another
     dataset in the same format), None when not checked (synthetic data, tfds).
+    ``sha256``: one digest of the four files' decompressed content (what a run directory records,
+    so that a resumed run can check it trains on the same data); None for synthetic data and tfds.
     """
 
     train_images: np.ndarray
@@ -148,6 +151,7 @@ class FashionMNIST:
     test_labels: np.ndarray
     source: str
     release: bool | None = None
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -178,15 +182,19 @@ def synthetic(n_train: int = 512, n_test: int = 256, seed: int = 0) -> FashionMN
     return FashionMNIST(*splits, source=f"synthetic(seed={seed})")
 
 
-def real_or_synthetic(data_dir: str | os.PathLike | None = None, n_train: int = 60000, n_test: int = 10000,
-                      seed: int = 0) -> FashionMNIST:
-    """Fashion-MNIST when the files are found (never downloading), else :func:`synthetic` of
-    the given sizes: for benchmarks and demonstrations whose figures do not depend on which
-    (``.source`` says which it was)."""
-    try:
-        return load_fashion_mnist(data_dir, download=False)
-    except FileNotFoundError:
+def load_or_synthetic(data_dir: str | os.PathLike | None = None, *, synthetic_data: bool = False,
+                      n_train: int = 60000, n_test: int = 10000, seed: int = 0) -> FashionMNIST:
+    """What a tool's ``--data-dir DIR`` / ``--synthetic`` asks for: :func:`synthetic` of the given
+    sizes when ``synthetic_data`` (an explicit choice), else Fashion-MNIST as
+    :func:`load_fashion_mnist` finds it, never downloading. Missing or corrupt files are an error
+    (:class:`DataNotFoundError` / ``ValueError``), never a silent switch to synthetic data: a
+    figure drawn on the stand-in looks like a result (BN at 100% test accuracy). ``.source``
+    says which data it is."""
+    if synthetic_data:
+        if data_dir is not None:
+            raise ValueError("--synthetic and --data-dir exclude each other: the synthetic stand-in reads no files")
         return synthetic(n_train, n_test, seed)
+    return load_fashion_mnist(data_dir, download=False)
 
 
 # --- IDX reading and writing ----------------------------------------------------------
@@ -365,10 +373,19 @@ def _candidates(data_dir: str | os.PathLike | None = None) -> list[tuple[Path, s
     cache, then the system directory.
     """
     if data_dir is not None:
-        return [(Path(data_dir).expanduser(), _DATA_DIR)]
+        return [(_expand(data_dir, _DATA_DIR), _DATA_DIR)]
     if env := os.environ.get("BNREF_DATA_DIR"):
-        return [(Path(env).expanduser(), _ENV)]
+        return [(_expand(env, _ENV), _ENV)]
     return [(cache_dir(), _CACHE), (SYSTEM_DIR, _SYSTEM)]
+
+
+def _expand(path: str | os.PathLike, why: str) -> Path:
+    """``path`` with ``~`` / ``~user`` expanded; ``ValueError`` (not ``RuntimeError``) naming it
+    when the user does not exist."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as e:  # "Could not determine home directory."
+        raise ValueError(f"{os.fspath(path)!r} ({why}): cannot expand its '~': {e}") from None
 
 
 def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -378,11 +395,36 @@ def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
 
 def _find_file(directory: Path, name: str) -> Path | None:
-    """``name`` in ``directory``, or its uncompressed twin (``name`` without ``.gz``)."""
+    """``name`` in ``directory``, or its uncompressed twin (``name`` without ``.gz``); None when
+    neither exists. ``ValueError`` when one exists but is not a regular file (a directory, a FIFO,
+    a socket, a dangling or looping symlink): that is not "missing", and a FIFO would block the
+    reader forever."""
     for path in (directory / name, directory / name.removesuffix(".gz")):
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+            present = os.path.lexists(path)
+        except OSError as e:  # e.g. ELOOP on some platforms, EACCES on the directory
+            raise ValueError(f"{path}: cannot be examined ({e.strerror or e})") from None
+        if present:
+            raise ValueError(f"{path} is {_what_is(path)}, not a data file: remove it or put the file there")
     return None
+
+
+def _what_is(path: Path) -> str:
+    import stat
+
+    try:
+        mode = path.stat().st_mode  # follows symlinks
+    except OSError as e:
+        return f"a symlink that cannot be followed ({e.strerror or e})"  # dangling, or a loop (ELOOP)
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 def _missing(directory: Path) -> list[str]:
@@ -466,14 +508,54 @@ def download(
     checksum are not fetched again. Raises :class:`DownloadError` (an ``OSError``) when
     a transfer fails and ``ValueError`` on a checksum mismatch.
     """
-    dest = Path(dest_dir).expanduser()
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in FILES.values():
-        target = dest / name
-        if target.is_file() and _digest_or_none(target) == checksums[name]:
-            continue  # a corrupt or different file is fetched again, atomically replaced
-        _fetch(f"{base_url.rstrip('/')}/{name}", target, checksums[name], progress)
+    dest = _expand(dest_dir, "download directory")
+    made = _make_dirs(dest)
+    try:
+        _remove_stale_parts(dest)
+        for name in FILES.values():
+            target = dest / name
+            if target.is_file() and _digest_or_none(target) == checksums[name]:
+                continue  # a corrupt or different file is fetched again, atomically replaced
+            _fetch(f"{base_url.rstrip('/')}/{name}", target, checksums[name], progress)
+    except BaseException:
+        for d in reversed(made):  # a failed download leaves no empty directory tree behind
+            try:
+                d.rmdir()  # only if still empty: a file that did arrive is kept
+            except OSError:
+                break
+        raise
     return dest
+
+
+def _make_dirs(dest: Path) -> list[Path]:
+    """``mkdir -p dest``; returns the directories it made, outermost first."""
+    missing = []
+    d = dest
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+#: a ``.part`` file untouched this long belongs to a download that was killed (a live one writes
+#: every few seconds, and every read times out after TIMEOUT_S)
+STALE_PART_S = 10 * TIMEOUT_S
+
+
+def _remove_stale_parts(dest: Path) -> None:
+    """Delete the temporary ``.NAME.*.part`` files of downloads that were killed (SIGKILL runs no
+    ``finally``): left alone they would stay forever."""
+    import time
+
+    now = time.time()
+    for name in FILES.values():
+        for part in dest.glob(f".{name}.*.part"):
+            try:
+                if now - part.lstat().st_mtime > STALE_PART_S:
+                    part.unlink()
+            except OSError:
+                pass  # another process removed it, or it is not ours to remove
 
 
 _download = download  # load_fashion_mnist's `download` flag shadows the function
@@ -484,19 +566,29 @@ _download = download  # load_fashion_mnist's `download` flag shadows the functio
 
 def _read_dir(directory: Path, checksums: Mapping[str, str]) -> FashionMNIST:
     """Read the four files, checking each one's SHA-256 as it is read (no second pass)."""
-    arrays, release = {}, True
+    arrays, release, digests = {}, True, []
     for split in ("train", "test"):
         images_path = _find_file(directory, FILES[f"{split}_images"])
         labels_path = _find_file(directory, FILES[f"{split}_labels"])
-        (images, d_images), (labels, d_labels) = _read_images(images_path), _read_labels(labels_path)
+        (images, d_images), (labels, d_labels) = _readable(_read_images, images_path), _readable(_read_labels, labels_path)
         release &= d_images == checksums[FILES[f"{split}_images"]] and d_labels == checksums[FILES[f"{split}_labels"]]
+        digests += [d_images, d_labels]
         if len(images) != len(labels):
             raise ValueError(
                 f"{directory}: {split} split mismatch: {images_path.name} holds {len(images)} "
                 f"images but {labels_path.name} holds {len(labels)} labels"
             )
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
-    return FashionMNIST(**arrays, source=str(directory), release=release)
+    combined = hashlib.sha256(" ".join(digests).encode()).hexdigest()
+    return FashionMNIST(**arrays, source=str(directory), release=release, sha256=combined)
+
+
+def _readable(read, path: Path):
+    """``read(path)``, an ``OSError`` (permissions, I/O) turned into ``ValueError`` naming the file."""
+    try:
+        return read(path)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _bad_files(directory: Path, checksums: Mapping[str, str]) -> list[Path]:
@@ -611,8 +703,13 @@ def load_fashion_mnist(
     if why in (_DATA_DIR, _ENV):
         # The user's own directory: only it. The content may legitimately differ from the
         # release (a subset, a fixture); `release` on the result says whether it is the release.
-        if why == _ENV and not directory.is_dir():
-            raise _not_found(looked, "$BNREF_DATA_DIR names a directory that does not exist.", directory)
+        # A directory the user named that does not exist is a typo, not a place to download
+        # into (that would make /typo and fetch 30 MB there): one line, nothing created.
+        if not directory.is_dir():
+            state = "is not a directory" if os.path.lexists(directory) else "does not exist"
+            raise DataNotFoundError(f"Fashion-MNIST files not found: {directory} ({why}) {state}; a directory you "
+                                    "name is the only one looked at "
+                                    "(check for a typo, or create it to download into it)")  # fmt: skip
         if _missing(directory):
             if not download:
                 raise _not_found(looked, _NO_DOWNLOAD, directory)
@@ -636,6 +733,8 @@ def describe_source(data: FashionMNIST) -> str:
         False: "NOT the Fashion-MNIST release: its SHA-256 differs (used as given)",
         None: "not checked against the release",
     }[data.release]
+    if data.source.startswith("synthetic("):
+        verdict = "NOT Fashion-MNIST: bnref.data.synthetic, the stand-in asked for with --synthetic"
     return f"{data.source} ({verdict}; {len(data.train_labels)} train / {len(data.test_labels)} test)"
 
 

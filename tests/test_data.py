@@ -10,6 +10,7 @@ import functools
 import gzip
 import http.server
 import os
+import time
 import socket
 import struct
 import subprocess
@@ -430,7 +431,7 @@ def test_http_404_keeps_no_file(tmp_path, mirror):
     (mirror.root / name).unlink()
     with pytest.raises(data.DownloadError, match=f"{name}: HTTP 404"):
         data.download(tmp_path / "dest", mirror.url, progress=False, checksums=checksums)
-    assert list((tmp_path / "dest").iterdir()) == []
+    assert not (tmp_path / "dest").exists()  # no file, and not the directory it made either
 
 
 def test_truncated_transfer_keeps_no_partial_file(tmp_path, mirror):
@@ -438,7 +439,7 @@ def test_truncated_transfer_keeps_no_partial_file(tmp_path, mirror):
     mirror.truncate.add(name)
     with pytest.raises(data.DownloadError, match="transfer incomplete"):
         data.download(tmp_path / "dest", mirror.url, progress=False, checksums=checksums_of(mirror.root))
-    assert list((tmp_path / "dest").iterdir()) == []
+    assert not (tmp_path / "dest").exists()
 
 
 def test_interrupted_transfer_keeps_no_partial_file(tmp_path, mirror, monkeypatch):
@@ -451,7 +452,7 @@ def test_interrupted_transfer_keeps_no_partial_file(tmp_path, mirror, monkeypatc
     monkeypatch.setattr(tqdm.tqdm, "update", interrupt)
     with pytest.raises(KeyboardInterrupt):
         data.download(tmp_path / "dest", mirror.url, progress=False, checksums=checksums_of(mirror.root))
-    assert list((tmp_path / "dest").iterdir()) == []
+    assert not (tmp_path / "dest").exists()
 
 
 def test_default_mirror_is_https():
@@ -496,6 +497,7 @@ def test_load_downloads_into_cache(tmp_path, mirror, monkeypatch, fixture_data):
 def test_load_downloads_into_explicit_dir(tmp_path, mirror, monkeypatch, fixture_data):
     monkeypatch.setattr(data, "DEFAULT_MIRROR", mirror.url)
     monkeypatch.setattr(data, "SHA256", checksums_of(mirror.root))
+    (tmp_path / "mine").mkdir()  # a directory the user made: downloaded into
     loaded = data.load_fashion_mnist(tmp_path / "mine")
     assert loaded.source == str(tmp_path / "mine")
     assert not data.cache_dir().exists()
@@ -512,7 +514,7 @@ def test_offline_message_lists_places(tmp_path, monkeypatch, closed_port_url):
     assert f"Downloading into {data.cache_dir()} failed: {closed_port_url}" in message
     assert "apt-get install dataset-fashion-mnist" in message and "BNREF_DATA_DIR" in message
     assert isinstance(info.value.__cause__, data.DownloadError)
-    assert list(data.cache_dir().iterdir()) == []  # no partial file
+    assert not data.cache_dir().parent.parent.exists()  # no partial file, and no empty xdg-cache/bnref/ tree
 
 
 # --- Real data (when present) ----------------------------------------------------------------
@@ -595,16 +597,88 @@ def test_synthetic_has_fashion_mnist_shapes_and_a_class_signal():
     assert synthetic(100, 50, seed=3).train_images.tobytes() == d.train_images.tobytes()  # seeded
 
 
-def test_real_or_synthetic_falls_back_only_when_no_files(tmp_path, monkeypatch):
+def test_load_or_synthetic_is_synthetic_only_when_asked(tmp_path, monkeypatch):
     from bnref import data
 
     monkeypatch.setenv("BNREF_DATA_DIR", str(tmp_path / "absent"))
-    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "absent-system")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    fallback = data.real_or_synthetic(n_train=40, n_test=20, seed=5)
-    assert fallback.source == "synthetic(seed=5)" and len(fallback.train_images) == 40
+    with pytest.raises(data.DataNotFoundError, match="absent .*does not exist"):
+        data.load_or_synthetic(n_train=40, n_test=20, seed=5)  # no files: an error, never a silent stand-in
+    chosen = data.load_or_synthetic(synthetic_data=True, n_train=40, n_test=20, seed=5)
+    assert chosen.source == "synthetic(seed=5)" and len(chosen.train_images) == 40
     found = data.write_fashion_mnist(tmp_path / "d", data.synthetic(30, 10))
-    assert data.real_or_synthetic(found).source == str(found)
-    (found / "t10k-labels-idx1-ubyte.gz").write_bytes(b"garbage")  # corrupt: an error, no fallback
+    assert data.load_or_synthetic(found).source == str(found)
+    with pytest.raises(ValueError, match="--synthetic and --data-dir exclude each other"):
+        data.load_or_synthetic(found, synthetic_data=True)
+    (found / "t10k-labels-idx1-ubyte.gz").write_bytes(b"garbage")  # corrupt: an error
     with pytest.raises(ValueError):
-        data.real_or_synthetic(found)
+        data.load_or_synthetic(found)
+
+
+@pytest.mark.parametrize("where", ["data_dir", "env"])
+def test_a_named_directory_that_does_not_exist_is_an_error_and_is_not_created(tmp_path, monkeypatch, mirror, where):
+    monkeypatch.setattr(data, "DEFAULT_MIRROR", mirror.url)  # a download would succeed: it must not be tried
+    typo = tmp_path / "typo" / "fashion"
+    if where == "env":
+        monkeypatch.setenv("BNREF_DATA_DIR", str(typo))
+    with pytest.raises(data.DataNotFoundError, match=r"typo/fashion \((data_dir argument|\$BNREF_DATA_DIR)\) does not exist"):
+        data.load_fashion_mnist(typo if where == "data_dir" else None)
+    assert not (tmp_path / "typo").exists() and mirror.requests == []
+
+
+def test_a_user_that_does_not_exist_in_the_path_is_a_value_error():
+    with pytest.raises(ValueError, match="'~no-such-user-bnref/x' \\(data_dir argument\\): cannot expand"):
+        data.load_fashion_mnist("~no-such-user-bnref/x", download=False)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink-loop", "dangling-symlink"])
+def test_something_that_is_not_a_file_where_a_data_file_should_be_is_named(fixture_dir, kind):
+    name = data.FILES["test_labels"]
+    target = fixture_dir / name
+    target.unlink()
+    if kind == "directory":
+        target.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(target)  # a reader would block on it forever
+    elif kind == "symlink-loop":
+        os.symlink(target, target)
+    else:
+        os.symlink(fixture_dir / "nowhere", target)
+    what = {"directory": "a directory", "fifo": "a FIFO", "symlink-loop": "a symlink that cannot be followed",
+            "dangling-symlink": "a symlink that cannot be followed"}[kind]  # fmt: skip
+    with pytest.raises(ValueError, match=f"{name} is {what}") as info:
+        data.load_fashion_mnist(fixture_dir, download=False)
+    assert "missing" not in str(info.value)
+
+
+def test_an_unreadable_data_file_is_a_value_error_naming_it(fixture_dir, monkeypatch):
+    real = data._open_maybe_gzip
+
+    def denied(path):
+        if path.name == data.FILES["train_labels"]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(data, "_open_maybe_gzip", denied)  # as root, chmod 000 would not stop the read
+    with pytest.raises(ValueError, match=f"{data.FILES['train_labels']}: cannot be read \\(Permission denied\\)"):
+        data.load_fashion_mnist(fixture_dir, download=False)
+
+
+def test_a_killed_downloads_part_file_is_removed_by_the_next_download(tmp_path, mirror):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    name = data.FILES["train_images"]
+    stale, live = dest / f".{name}.abc123.part", dest / f".{name}.def456.part"
+    stale.write_bytes(b"half a file")
+    live.write_bytes(b"another download, still running")
+    old = time.time() - data.STALE_PART_S - 60
+    os.utime(stale, (old, old))
+    data.download(dest, mirror.url, progress=False, checksums=checksums_of(mirror.root))
+    assert not stale.exists() and live.exists()  # a recent one may belong to a download in progress
+
+
+def test_the_content_digest_identifies_the_data(fixture_dir, tmp_path, fixture_data):
+    a = data.load_fashion_mnist(fixture_dir, download=False)
+    copy = data.write_fashion_mnist(tmp_path / "copy", fixture_data)
+    assert data.load_fashion_mnist(copy, download=False).sha256 == a.sha256 and len(a.sha256) == 64
+    other = data.write_fashion_mnist(tmp_path / "other", fake_dataset(seed=1))
+    assert data.load_fashion_mnist(other, download=False).sha256 != a.sha256
