@@ -30,13 +30,15 @@ from typing import Dict, List, Sequence
 
 from bnref import _io
 
-__all__ = ["RUNS_DIR_ENV", "CHECKPOINT", "RunDir", "default_run_dir", "check_new_run_dir", "read_metrics", "plot_curves",
-           "compare"]
+__all__ = ["RUNS_DIR_ENV", "CHECKPOINT", "RunDir", "default_run_dir", "check_new_run_dir", "check_run_id",
+           "read_metrics", "plot_curves", "compare"]
 
 #: where default run directories go (``runs``, or this variable's value)
 RUNS_DIR_ENV = "BNREF_RUNS_DIR"
 CHECKPOINT = "checkpoint"
-#: the TrainConfig fields a resumed run may change (everything else must match the checkpoint's run)
+#: the TrainConfig fields a resumed run takes from the command line (typed or default), never from
+#: the run's config.json: the epoch target (the run's own when not typed), how it reports, where
+#: its extra outputs go, and the data (checked to be the data the run trained on)
 RESUMABLE = ("epochs", "progress", "data_dir", "download", "plot", "json")
 
 
@@ -57,9 +59,42 @@ def default_run_dir(config) -> str:
 
 
 def check_new_run_dir(path: str) -> None:
-    """``ValueError`` when ``path`` already holds a run (it has a ``config.json``)."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        raise ValueError(f"{path} already holds a run; resume it with --resume {path}, or choose another directory")
+    """``ValueError`` unless ``path`` can become a new run directory: it does not exist (and its
+    nearest existing parent is a writable directory) or it is an empty writable directory.
+
+    A directory that already holds a run (``config.json``) is to be resumed; one holding anything
+    else is someone's files (TensorFlow's checkpoint index is a file named ``checkpoint``, and a
+    run would replace it). Nothing is created."""
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(p):
+        if os.path.exists(os.path.join(p, "config.json")):
+            raise ValueError(f"{path} already holds a run; resume it with --resume {path}, or choose another directory")
+        foreign = sorted(os.listdir(p))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ValueError(f"{path} is not empty ({shown}) and holds no bnref run: bnref writes only into a new "
+                             "or empty directory, so that nothing of yours is overwritten")  # fmt: skip
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ValueError(f"{path} is not writable")
+        return
+    if os.path.lexists(p):
+        raise ValueError(f"{path} exists and is not a directory")
+    parent = os.path.dirname(p)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: {parent} is not writable, so the run directory cannot be made")
+
+
+def check_run_id(path: str, found, expected) -> None:
+    """``ValueError`` unless the checkpoint at ``path`` (run id ``found``) belongs to the run whose
+    ``config.json`` says ``expected``: a checkpoint copied in from another run would replace this
+    run's history and train its weights under this run's config."""
+    if found != expected:
+        raise ValueError(f"{path} belongs to another run (run id {found}; this run's is {expected}): a checkpoint "
+                         "resumes only the run that wrote it")  # fmt: skip
 
 
 def _versions(backend: str) -> Dict[str, str]:
@@ -85,6 +120,38 @@ class RunDir:
         self.resuming = False  # set when the backend should start from the checkpoint
         self.readonly = False  # a process that is not the one reporting: it writes no log
         self.history: List[Dict] = []  # every epoch's metrics, the resumed ones included
+        self.run_id = None  # config.json's: every checkpoint names the run it belongs to
+        self._saved = None  # config.json, once read
+        self._lock_fd = None
+
+    def __getstate__(self):  # a replica process gets the paths, never the parent's lock
+        return {**self.__dict__, "_lock_fd": None}
+
+    # --- one process trains in a directory at a time ---
+
+    def lock(self) -> None:
+        """Hold the directory's lock (``flock`` on the directory itself, so no file is added)
+        until :meth:`release` or the process ends; ``ValueError`` when another process holds it:
+        two processes training in one directory interleave their logs and overwrite each other's
+        checkpoints."""
+        import fcntl
+
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"{self.path} is in use: another process is training in it (wait for it to end, "
+                             "or stop it)") from None  # fmt: skip
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Let go of :meth:`lock`."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
 
     def resumed(self, history: List[Dict]) -> None:
         """Called by the backend with the checkpoint's metrics when it resumes: they become the
@@ -116,12 +183,26 @@ class RunDir:
     # --- a new run ---
 
     @classmethod
-    def create(cls, path: str, config, argv: Sequence[str], data_source: str, device: str) -> "RunDir":
-        """Make the directory (it must not hold a run already) and write ``config.json``."""
+    def create(cls, path: str, config, argv: Sequence[str], data, device: str) -> "RunDir":
+        """Make the directory (new or empty: :func:`check_new_run_dir`), lock it, and write
+        ``config.json`` with a new ``run_id``. ``data``: the ``bnref.data.FashionMNIST`` trained
+        on (its source and content digest are recorded, so that a resume can check it trains on
+        the same data). The check is repeated under the lock: of two runs racing for one
+        directory, the second is refused."""
+        import uuid
+
         check_new_run_dir(path)
         run = cls(path)
         os.makedirs(path, exist_ok=True)
-        _io.write_json(run.config_file, {"config": dataclasses.asdict(config), "argv": list(argv), "data": data_source,
+        run.lock()
+        try:
+            check_new_run_dir(path)
+        except ValueError:
+            run.release()
+            raise
+        run.run_id = uuid.uuid4().hex
+        _io.write_json(run.config_file, {"run_id": run.run_id, "config": dataclasses.asdict(config), "argv": list(argv),
+                                         "data": data.source, "data_sha256": getattr(data, "sha256", None),
                                          "device": device, "versions": _versions(config.backend),
                                          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})  # fmt: skip
         open(run.metrics, "w").close()
@@ -131,29 +212,70 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str) -> "RunDir":
-        """An existing run directory; ``ValueError`` when it is not one."""
+        """An existing run directory; ``ValueError`` naming the file when it is not one (no
+        ``config.json``, or one that is not a bnref run's)."""
         run = cls(path)
         if not os.path.isfile(run.config_file):
             raise ValueError(f"{path} is not a run directory: it has no config.json")
+        run._saved = run._read_config()
+        run.run_id = run._saved.get("run_id")
         return run
 
-    def saved_config(self) -> Dict:
-        with open(self.config_file) as f:
-            return json.load(f)["config"]
+    def _read_config(self) -> Dict:
+        try:
+            with open(self.config_file, "rb") as f:
+                saved = json.loads(f.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{self.config_file}: not readable as JSON ({e})") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError(f"{self.config_file}: not a bnref run's config (no \"config\" object)")
+        return saved
 
-    def resumed_config(self, overrides: Dict):
-        """The run's config with the :data:`RESUMABLE` fields of ``overrides`` applied; ``ValueError``
-        naming the first other field that differs (a resumed run trains the same model the same way)."""
+    def saved_config(self) -> Dict:
+        return dict(self.saved["config"])
+
+    @property
+    def saved(self) -> Dict:
+        """All of ``config.json`` (the config, the data recorded, the run id, ...)."""
+        if self._saved is None:
+            self._saved = self._read_config()
+        return self._saved
+
+    def resumed_config(self, typed: Dict, given: Dict):
+        """The config to resume with: the run's own, except the :data:`RESUMABLE` fields, which
+        are ``given`` (the command line's values, typed or default; never the saved ones: a run
+        directory someone sent must not make bnref write files elsewhere or read other data;
+        ``epochs`` alone keeps the run's target when not typed).
+        ``typed``: the options the user actually typed; each one outside :data:`RESUMABLE` must
+        equal the run's, else ``ValueError`` naming it (a resumed run trains the same model the
+        same way; an option typed with its default value is compared too)."""
         from bnref.train import TrainConfig
 
         saved = self.saved_config()
-        for key, value in overrides.items():
-            if key in RESUMABLE or key not in saved or value == saved[key]:
+        for key, value in typed.items():
+            if key in RESUMABLE or value == saved.get(key, value):
                 continue
             raise ValueError(f"--resume {self.path}: {key} was {saved[key]!r} in that run, not {value!r}; "
                              "only " + ", ".join(RESUMABLE) + " may change")  # fmt: skip
-        merged = {**saved, **{k: v for k, v in overrides.items() if k in RESUMABLE}}
-        return TrainConfig(**merged)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise ValueError(f"{self.config_file}: unknown config key(s) {', '.join(unknown)}: not a run of this bnref")
+        # --epochs untyped: the run's own target (a killed run continues to where it was headed)
+        merged = {**saved, **{k: given[k] for k in RESUMABLE if k != "epochs" or k in typed}}
+        try:
+            return TrainConfig(**merged)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.config_file}: {e}") from None
+
+    def check_data(self, data) -> None:
+        """``ValueError`` when ``data`` (a ``bnref.data.FashionMNIST``) is not the data the run
+        trained on (recorded in ``config.json`` as its content's SHA-256)."""
+        recorded, found = self.saved.get("data_sha256"), getattr(data, "sha256", None)
+        if recorded is not None and found != recorded:
+            raise ValueError(f"--resume {self.path}: that run trained on {self.saved.get('data')} (content SHA-256 "
+                             f"{recorded[:16]}...), not on the data found now, {data.source} "
+                             f"({(found or 'no digest')[:16]}...): pass --data-dir with the run's data")  # fmt: skip
 
     def restart_metrics(self, history: List[Dict]) -> None:
         """Rewrite ``metrics.jsonl`` (atomically) with the checkpoint's metrics: a line logged
@@ -178,11 +300,32 @@ def _line(m: Dict) -> str:
     return json.dumps(_io.strict_json(m), allow_nan=False) + "\n"
 
 
-def read_metrics(path: str) -> List[Dict]:
-    """The epochs logged in ``path``'s ``metrics.jsonl`` (``path``: a run directory or the file)."""
-    file = path if path.endswith(".jsonl") else os.path.join(path, "metrics.jsonl")
-    with open(file) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: str, need: Sequence[str] = ()) -> List[Dict]:
+    """The epochs logged in ``path``'s ``metrics.jsonl`` (``path``: a run directory or the file).
+    ``ValueError`` naming the file and the line when it is missing, unreadable, or a line is not a
+    JSON object (a half-written last line of a killed run) or lacks one of the keys ``need``."""
+    file = path if str(path).endswith(".jsonl") else os.path.join(path, "metrics.jsonl")
+    try:
+        with open(file, "rb") as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{file}: no such file (not a finished bnref run?)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: cannot be read ({e})") from None
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+        except ValueError:
+            last = " (the last line: half-written by a run that was killed?)" if number == len(lines) else ""
+            raise ValueError(f"{file}: line {number} is not valid JSON{last}") from None
+        if not isinstance(m, dict) or any(k not in m for k in ("epoch", *need)):
+            missing = [k for k in ("epoch", *need) if not isinstance(m, dict) or k not in m]
+            raise ValueError(f"{file}: line {number} has no {', '.join(repr(k) for k in missing)}")
+        out.append(m)
+    return out
 
 
 def plot_curves(history: Sequence[Dict], path: str, title: str = "") -> None:
@@ -212,11 +355,12 @@ def compare(run_dirs: Sequence[str], path: str) -> None:
     runs = []
     for d in run_dirs:
         run = RunDir.open(d)
-        history = read_metrics(d)
+        history = read_metrics(d, need=("loss", "test_acc"))
         if not history:
             raise ValueError(f"{d} has no finished epoch to compare")
         cfg = run.saved_config()
-        runs.append((f"{os.path.basename(os.path.normpath(d))} ({cfg['backend']}, bn={cfg['bn']})", history))
+        label = f"{os.path.basename(os.path.normpath(d))} ({cfg.get('backend', '?')}, bn={cfg.get('bn', '?')})"
+        runs.append((label, history))
     fig, (acc, loss) = _io.new_figure(2)
     for label, history in runs:
         epochs = [m["epoch"] for m in history]

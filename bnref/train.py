@@ -350,10 +350,80 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 def parse_command(argv: Optional[Sequence[str]] = None):
     """``(config, run_options)``: :func:`parse_args`'s config, and ``{"out", "no_out", "resume",
-    "compare"}`` (the run directory to create, none, the :class:`bnref.runs.RunDir` to resume,
-    the runs to compare). With ``--resume``
-    the config is the run's own, with ``--epochs`` (and the data / progress / output flags)
-    taken from the command line; any other flag that differs from the run's is an error."""
+    "compare", "device"}`` (the run directory to create, none, the :class:`bnref.runs.RunDir` to
+    resume, the runs to compare, the device resolved from ``--device``). With ``--resume`` the
+    config is the run's own, except ``bnref.runs.RESUMABLE`` (``--epochs``, the data, progress and
+    output flags), which come from the command line only; any other flag typed with a value other
+    than the run's is an error, and so is a checkpoint that cannot resume the run (another run's,
+    another backend's, corrupt). The resumed directory is then locked."""
+    p = _parser()
+    args = vars(p.parse_args(argv))
+    options = {k: args.pop(k) for k in ("out", "no_out", "resume", "compare")}
+    if options["compare"] is not None:
+        return None, _compare_options(p, options, args)
+    if options["resume"] is not None:
+        if options["out"] is not None or options["no_out"]:
+            p.error("--resume DIR continues DIR: it takes no --out / --no-out")
+        from bnref import runs
+
+        try:
+            run = options["resume"] = runs.RunDir.open(options["resume"])  # main resumes this one
+            run.require_checkpoint()
+            # What the user typed, not what differs from argparse's defaults: `--lr 1.0` on a run
+            # trained at lr 0.3 is a contradiction even though 1.0 is the default.
+            typed = {k: v for k, v in _typed_options(argv).items() if k not in options}
+            args = dataclasses.asdict(run.resumed_config(typed, args))
+        except (ValueError, OSError) as e:
+            p.error(str(e))
+    launched = launched_world()
+    if launched is not None and args["replicas"] not in (None, launched):
+        p.error(f"--replicas {args['replicas']} contradicts the launcher's WORLD_SIZE={launched}")
+    args["replicas"] = args["replicas"] or launched or args["num_processes"]
+    if launched is not None and args["backend"] != "torch":
+        p.error("a torchrun launch trains with --backend torch")
+    try:
+        config = TrainConfig(**args)
+        config.check_outputs()
+        if config.backend == "jax" and config.replicas > 1:
+            provide_host_devices(config.replicas // config.num_processes)  # on a CPU: this process's share
+        backend = importlib.import_module(f"bnref.{config.backend}.train")
+        if config.num_processes > 1:
+            print(f"process {config.process_id} of {config.num_processes}: joining at {config.coordinator} "
+                  f"(JAX aborts the process if the others have not joined within {config.join_timeout_s} s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            backend.join_processes(config)
+        device = backend.device_name(backend.resolve_device(config.device))
+        options["device"] = device if config.replicas == 1 else f"{config.replicas} x {device}"
+        if config.backend == "jax" and config.replicas > 1:
+            backend.replica_devices(config)
+        if options["resume"] is not None:  # a checkpoint that cannot resume this run fails here, not after loading data
+            backend.check_checkpoint(options["resume"].checkpoint, config, options["resume"].run_id)
+    except ValueError as e:
+        p.error(str(e))
+    if options["out"] is not None:
+        from bnref import runs
+
+        try:
+            runs.check_new_run_dir(options["out"])
+        except ValueError as e:
+            p.error(f"--out {e}")
+    if options["resume"] is not None and speaks(config):
+        try:
+            options["resume"].lock()  # last: nothing after it can fail and leave the lock held
+        except ValueError as e:
+            p.error(str(e))
+    return config, options
+
+
+def _typed_options(argv: Optional[Sequence[str]]) -> Dict:
+    """The options present on the command line, with their parsed values (absent ones left out)."""
+    q = _parser()
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    return vars(q.parse_args(argv))
+
+
+def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m bnref.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=BACKENDS, default=d.backend)
@@ -395,52 +465,7 @@ def parse_command(argv: Optional[Sequence[str]] = None):
     rp.add_argument("--resume", default=None, metavar="DIR", help="continue DIR's run from its last checkpoint to --epochs")
     rp.add_argument("--compare", nargs="+", default=None, metavar="DIR",
                     help="draw these runs' curves in one figure (--plot FILE, default compare.png) and exit")
-    args = vars(p.parse_args(argv))
-    options = {k: args.pop(k) for k in ("out", "no_out", "resume", "compare")}
-    if options["compare"] is not None:
-        return None, _compare_options(p, options, args)
-    if options["resume"] is not None:
-        if options["out"] is not None or options["no_out"]:
-            p.error("--resume DIR continues DIR: it takes no --out / --no-out")
-        from bnref import runs
-
-        try:
-            run = options["resume"] = runs.RunDir.open(options["resume"])  # main resumes this one
-            run.require_checkpoint()
-            defaults = {a.dest: a.default for a in p._actions}
-            args = vars(run.resumed_config({k: v for k, v in args.items() if v != defaults.get(k)}))
-        except (ValueError, OSError) as e:
-            p.error(str(e))
-    launched = launched_world()
-    if launched is not None and args["replicas"] not in (None, launched):
-        p.error(f"--replicas {args['replicas']} contradicts the launcher's WORLD_SIZE={launched}")
-    args["replicas"] = args["replicas"] or launched or args["num_processes"]
-    if launched is not None and args["backend"] != "torch":
-        p.error("a torchrun launch trains with --backend torch")
-    try:
-        config = TrainConfig(**args)
-        config.check_outputs()
-        if config.backend == "jax" and config.replicas > 1:
-            provide_host_devices(config.replicas // config.num_processes)  # on a CPU: this process's share
-        backend = importlib.import_module(f"bnref.{config.backend}.train")
-        if config.num_processes > 1:
-            print(f"process {config.process_id} of {config.num_processes}: joining at {config.coordinator} "
-                  f"(JAX aborts the process if the others have not joined within {config.join_timeout_s} s)",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            backend.join_processes(config)
-        backend.resolve_device(config.device)
-        if config.backend == "jax" and config.replicas > 1:
-            backend.replica_devices(config)
-    except ValueError as e:
-        p.error(str(e))
-    if options["out"] is not None:
-        from bnref import runs
-
-        try:
-            runs.check_new_run_dir(options["out"])
-        except ValueError as e:
-            p.error(f"--out {e}")
-    return config, options
+    return p
 
 
 def _compare_options(p, options, args) -> Dict:
@@ -453,6 +478,8 @@ def _compare_options(p, options, args) -> Dict:
 
         for d in options["compare"]:
             runs.RunDir.open(d)
+            if not runs.read_metrics(d, need=("loss", "test_acc")):
+                raise ValueError(f"{d} has no finished epoch to compare")
     except ValueError as e:
         p.error(str(e))
     return {**options, "figure": figure}
@@ -471,44 +498,53 @@ def provide_host_devices(count: int) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     """Parse, print the config and the data used, train with one line per epoch; returns the
-    per-epoch metrics. A data problem (not found, corrupt, too small) is one line on stderr
-    and exit status 1."""
+    per-epoch metrics. A data problem (not found, corrupt, too small, not the data a resumed run
+    trained on) is one line on stderr and exit status 2 (bad input); a non-finite loss, exit 1."""
     config, options = parse_command(argv)
     from bnref import runs
 
     if config is None:  # --compare
         try:
             runs.compare(options["compare"], options["figure"])
-        except ValueError as e:
+        except ValueError as e:  # checked while parsing; a run changed since
             print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+            raise SystemExit(2) from None
         print(f"wrote {options['figure']} ({len(options['compare'])} runs)")
         return []
     say = print if speaks(config) else (lambda *a, **k: None)  # several processes: only the first speaks
     say(config, flush=True)
     from bnref.data import DataNotFoundError, describe_source
 
+    run = options["resume"]
     try:
-        data = load_data(config)
-    except (DataNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    say(f"data: {describe_source(data)}", flush=True)
-    run = None
-    if options["resume"] is not None:
-        run = options["resume"]
-        run.resuming, run.readonly = True, not speaks(config)
-        say(f"resuming {run.path}", flush=True)
-    elif not options["no_out"] and speaks(config):  # the other processes of a run neither log nor checkpoint
-        path = options["out"] or runs.default_run_dir(config)
-        device = config.device if config.replicas == 1 else f"{config.replicas} x {config.device}"
-        run = runs.RunDir.create(path, config, argv if argv is not None else sys.argv[1:], data.source, device)
-        say(f"run directory: {run.path}", flush=True)
-    try:
-        return train_and_evaluate(config, data, on_epoch=lambda m: say(format_epoch(m), flush=True), run=run)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        try:
+            data = load_data(config)
+            if run is not None:
+                run.check_data(data)  # the data the run trained on, or an error: never other data silently
+        except (DataNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        say(f"data: {describe_source(data)}", flush=True)
+        if run is not None:
+            run.resuming, run.readonly = True, not speaks(config)
+            say(f"resuming {run.path}", flush=True)
+        elif not options["no_out"] and speaks(config):  # the other processes of a run neither log nor checkpoint
+            path = options["out"] or runs.default_run_dir(config)
+            try:
+                run = runs.RunDir.create(path, config, argv if argv is not None else sys.argv[1:], data,
+                                         options["device"])  # fmt: skip
+            except ValueError as e:  # e.g. another run took the directory since the flags were checked
+                print(f"error: --out {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            say(f"run directory: {run.path}", flush=True)
+        try:
+            return train_and_evaluate(config, data, on_epoch=lambda m: say(format_epoch(m), flush=True), run=run)
+        except NonFiniteLoss as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+    finally:
+        if run is not None:
+            run.release()
 
 
 def launched_world() -> Optional[int]:

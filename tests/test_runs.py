@@ -51,7 +51,8 @@ def test_run_directory_holds_config_metrics_curves_and_a_checkpoint(backend, tin
 def test_resume_gives_the_uninterrupted_runs_numbers(backend, tiny_fashion_dir, tmp_path):
     whole = train.main(_cli(backend, tiny_fashion_dir, "--epochs", "3", "--out", str(tmp_path / "whole")))
     train.main(_cli(backend, tiny_fashion_dir, "--epochs", "1", "--out", str(tmp_path / "split")))
-    resumed = train.main(["--resume", str(tmp_path / "split"), "--epochs", "3", "--no-progress"])
+    resumed = train.main(["--resume", str(tmp_path / "split"), "--epochs", "3", "--no-progress", "--data-dir",
+                          str(tiny_fashion_dir)])  # fmt: skip
     _same_training(resumed, whole)  # bit-identical losses and accuracies, epochs 1-3
     _same_training(runs.read_metrics(str(tmp_path / "split")), whole)
     assert json.loads((tmp_path / "split" / "config.json").read_text())["config"]["epochs"] == 1  # as started
@@ -83,7 +84,7 @@ def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_and_resume_re
 
     assert torch.load(out / "checkpoint", weights_only=True)["epoch"] == 1  # the previous one, whole
     assert len(runs.read_metrics(str(out))) == 2  # epoch 2 was logged before the kill ...
-    resumed = train.main(["--resume", str(out), "--no-progress"])
+    resumed = train.main(["--resume", str(out), "--no-progress", "--data-dir", str(tiny_fashion_dir)])
     _same_training(resumed, whole)  # ... and is trained again from epoch 1's checkpoint, once in the log
     _same_training(runs.read_metrics(str(out)), whole)
 
@@ -167,4 +168,206 @@ def test_resume_on_the_real_data_gives_the_uninterrupted_runs_numbers(backend, r
             "--no-progress"]  # fmt: skip
     whole = train.main([*args, "--epochs", "2", "--out", str(tmp_path / "whole")])
     train.main([*args, "--epochs", "1", "--out", str(tmp_path / "split")])
-    _same_training(train.main(["--resume", str(tmp_path / "split"), "--epochs", "2", "--no-progress"]), whole)
+    resumed = train.main(["--resume", str(tmp_path / "split"), "--epochs", "2", "--no-progress", "--data-dir",
+                          str(real_fashion_dir)])  # fmt: skip
+    _same_training(resumed, whole)
+
+
+# --- what an adversarial pass found at b02e4a9 -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torch_run(tmp_path_factory, tiny_fashion_dir):
+    """A finished 1-epoch torch run at lr 0.5, seed 7, to resume against (copied per test)."""
+    out = tmp_path_factory.mktemp("runs") / "torch-run"
+    train.main(_cli("torch", tiny_fashion_dir, "--epochs", "1", "--seed", "7", "--out", str(out)))
+    return out
+
+
+@pytest.fixture
+def run_copy(torch_run, tmp_path):
+    import shutil
+
+    return shutil.copytree(torch_run, tmp_path / "run")
+
+
+def _state(run):
+    return {name: (run / name).read_bytes() for name in sorted(os.listdir(run))}
+
+
+@pytest.mark.parametrize("typed,message", [
+    (["--lr", "1.0"], "lr was 0.5 in that run, not 1.0"),
+    (["--seed", "0"], "seed was 7 in that run, not 0"),
+    (["--backend", "jax"], "backend was 'torch' in that run, not 'jax'"),
+    (["--batch-size", "256"], "batch_size was 64 in that run, not 256"),
+], ids=["lr-default", "seed-default", "backend-default", "batch-default"])  # fmt: skip
+def test_resume_compares_what_was_typed_even_when_it_is_the_default(typed, message, run_copy, tiny_fashion_dir, capsys):
+    """At b02e4a9 a flag typed with argparse's default value was dropped before the comparison: the
+    run trained on with the saved values, exit 0."""
+    before = _state(run_copy)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), *typed])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert _state(run_copy) == before
+
+
+def test_a_checkpoint_from_another_run_is_refused(run_copy, tiny_fashion_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    train.main(_cli("torch", tiny_fashion_dir, "--epochs", "1", "--seed", "7", "--out", str(other)))  # same config
+    (run_copy / "checkpoint").write_bytes((other / "checkpoint").read_bytes())  # copied in
+    capsys.readouterr()
+    before = _state(run_copy)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "belongs to another run" in err and "data:" not in out  # before any data loads
+    assert _state(run_copy) == before
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "jax-checkpoint", "bn-changed", "not-json", "unknown-key"])
+def test_a_checkpoint_or_config_that_cannot_resume_is_one_line_before_any_data_loads(damage, run_copy, tiny_fashion_dir,
+                                                                                    capsys):
+    ck, cfg = run_copy / "checkpoint", run_copy / "config.json"
+    saved = json.loads(cfg.read_text())
+    if damage == "corrupt":
+        ck.write_bytes(b"\x00" * 300)
+    elif damage == "truncated":
+        ck.write_bytes(ck.read_bytes()[:500])
+    elif damage == "jax-checkpoint":
+        from flax import serialization
+
+        ck.write_bytes(serialization.msgpack_serialize({"epoch": 1, "state": {}, "history": "[]"}))
+    elif damage == "bn-changed":
+        saved["config"]["bn"] = "none"  # the checkpoint holds BN layers this config does not build
+        cfg.write_text(json.dumps(saved))
+    elif damage == "not-json":
+        cfg.write_text('{"config": {"backend": "torch"')
+    else:
+        saved["config"]["colour"] = "red"
+        cfg.write_text(json.dumps(saved))
+    before = _state(run_copy)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), "--no-progress"])
+    out, err = capsys.readouterr()
+    expected = {"corrupt": "not a readable torch checkpoint", "truncated": "not a readable torch checkpoint",
+                "jax-checkpoint": "not a readable torch checkpoint", "bn-changed": "does not fit this run's model",
+                "not-json": "not readable as JSON", "unknown-key": "unknown config key(s) colour"}[damage]  # fmt: skip
+    assert e.value.code == 2 and expected in err and "Traceback" not in err, err
+    assert str(run_copy) in err.splitlines()[-1] and "data:" not in out
+    assert _state(run_copy) == before
+
+
+def test_a_run_directory_is_locked_while_a_process_trains_in_it(run_copy, tiny_fashion_dir, tmp_path, capsys):
+    """At b02e4a9 resuming a run that was still training interleaved both logs (epochs 1,2,3,5,4,6,...)."""
+    holder = runs.RunDir.open(str(run_copy))
+    holder.lock()  # another process's flock: a second open file description conflicts just the same
+    try:
+        before = _state(run_copy)
+        with pytest.raises(SystemExit) as e:
+            train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir)])
+        assert e.value.code == 2 and "is in use: another process is training in it" in capsys.readouterr().err
+        assert _state(run_copy) == before
+        # Two new runs racing for one --out: the second finds it taken (checked again under the lock).
+        race = tmp_path / "race"
+        race.mkdir()
+        taken = runs.RunDir(str(race))
+        taken.lock()
+        with pytest.raises(SystemExit) as e:
+            train.main(_cli("torch", tiny_fashion_dir, "--epochs", "1", "--out", str(race)))
+        assert e.value.code == 2 and "is in use" in capsys.readouterr().err and os.listdir(race) == []
+        taken.release()
+    finally:
+        holder.release()
+    train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), "--no-progress"])
+    assert [m["epoch"] for m in runs.read_metrics(str(run_copy))] == [1, 2]  # released: resumable again
+
+
+@pytest.mark.parametrize("content", ["tf-checkpoint", "notes", "subdir"])
+def test_out_refuses_a_directory_holding_files_bnref_did_not_write(content, tiny_fashion_dir, tmp_path, capsys):
+    """At b02e4a9 `--out DIR` without a config.json overwrote the user's `checkpoint` (TensorFlow's
+    checkpoint index has that name), `metrics.jsonl`, `curves.png`."""
+    d = tmp_path / "mine"
+    d.mkdir()
+    if content == "tf-checkpoint":
+        (d / "checkpoint").write_text('model_checkpoint_path: "ckpt-12"\n')
+    elif content == "notes":
+        (d / "metrics.jsonl").write_text('{"mine": 1}\n')
+    else:
+        (d / "sub").mkdir()
+    before = {p.name: p.read_bytes() if p.is_file() else None for p in d.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        train.main(_cli("torch", tiny_fashion_dir, "--epochs", "1", "--out", str(d)))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "is not empty" in err and "holds no bnref run" in err and "TrainConfig" not in out
+    assert {p.name: p.read_bytes() if p.is_file() else None for p in d.iterdir()} == before
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tiny_fashion_dir, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for out in (f, f / "sub"):
+        with pytest.raises(SystemExit) as e:
+            train.main(_cli("torch", tiny_fashion_dir, "--out", str(out)))
+        assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
+    assert f.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_out_in_an_unwritable_directory_is_refused_before_any_work(tiny_fashion_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as e:
+        train.main(_cli("torch", tiny_fashion_dir, "--out", str(locked / "run")))
+    assert e.value.code == 2 and "is not writable" in capsys.readouterr().err
+
+
+def test_resume_takes_outputs_and_data_from_the_command_line_never_from_config_json(run_copy, tiny_fashion_dir, tmp_path,
+                                                                                   capsys):
+    """A run directory someone sent: its config.json names a --plot, a --json and a data_dir
+    elsewhere. At b02e4a9 resume wrote those files and trained on that data."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cfg = run_copy / "config.json"
+    saved = json.loads(cfg.read_text())
+    saved["config"].update(plot=str(elsewhere / "p.png"), json=str(elsewhere / "m.json"))
+    cfg.write_text(json.dumps(saved))
+    train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), "--no-progress"])
+    assert os.listdir(elsewhere) == []
+    # The data: the command line's or the default search, and it must be what the run trained on.
+    other = data_dir_with_other_data(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run_copy), "--epochs", "3", "--data-dir", str(other)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "that run trained on" in err and "pass --data-dir with the run's data" in err
+    assert [m["epoch"] for m in runs.read_metrics(str(run_copy))] == [1, 2]
+
+
+def data_dir_with_other_data(tmp_path):
+    from bnref import data
+
+    return data.write_fashion_mnist(tmp_path / "other-data", data.synthetic(512, 256, seed=9))
+
+
+def test_config_json_records_the_device_used_not_auto(run_copy):
+    saved = json.loads((run_copy / "config.json").read_text())
+    assert saved["device"] == "cpu" and saved["config"]["device"] == "auto" and len(saved["run_id"]) == 32
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no-metrics", "metrics.jsonl: no such file"),
+    ("no-test-acc", "metrics.jsonl: line 1 has no 'test_acc'"),
+    ("half-written", "metrics.jsonl: line 2 is not valid JSON (the last line: half-written"),
+], ids=["no-metrics", "no-test-acc", "half-written"])  # fmt: skip
+def test_compare_names_the_file_and_line_of_a_damaged_run(damage, message, run_copy, tmp_path, capsys):
+    metrics = run_copy / "metrics.jsonl"
+    if damage == "no-metrics":
+        metrics.unlink()
+    elif damage == "no-test-acc":
+        metrics.write_text('{"epoch": 1, "loss": 0.5}\n')
+    else:
+        metrics.write_text(metrics.read_text() + '{"epoch": 2, "loss": 0.')
+    with pytest.raises(SystemExit) as e:
+        train.main(["--compare", str(run_copy), "--plot", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "c.png").exists()

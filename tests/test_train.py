@@ -95,12 +95,17 @@ def test_bad_flags_fail_before_data_loads(case, backend, tmp_path, capsys, monke
     assert "Traceback" not in err and not (tmp_path / "absent").exists()
 
 
-def test_missing_data_is_one_line_and_exit_1(tmp_path, capsys):
+@pytest.mark.parametrize("download", [True, False], ids=["download", "no-download"])
+def test_missing_data_is_one_line_and_exit_2(tmp_path, capsys, download):
+    """Bad input (exit 2, as every other bad flag; b02e4a9 said 1). A --data-dir that does not exist
+    is a typo: at b02e4a9 the run created it and tried to download into it."""
     with pytest.raises(SystemExit) as e:
-        train.main(["--backend", "torch", "--data-dir", str(tmp_path / "absent"), "--no-download"])
-    assert e.value.code == 1
+        train.main(["--backend", "torch", "--data-dir", str(tmp_path / "absent"), *([] if download else ["--no-download"])])
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Fashion-MNIST files not found") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "does not exist" in err
+    assert not (tmp_path / "absent").exists()
 
 
 def test_empty_test_split_is_a_clear_error(tmp_path, capsys):
@@ -111,7 +116,7 @@ def test_empty_test_split_is_a_clear_error(tmp_path, capsys):
     directory = data.write_fashion_mnist(tmp_path / "empty-test", empty)
     with pytest.raises(SystemExit) as e:
         train.main(["--backend", "torch", "--data-dir", str(directory), "--no-download"])
-    assert e.value.code == 1 and "the test split is empty" in capsys.readouterr().err
+    assert e.value.code == 2 and "the test split is empty" in capsys.readouterr().err
 
 
 def test_plot_and_json_are_written(tiny_fashion_dir, tmp_path, capsys):
@@ -249,4 +254,4 @@ def test_more_precise_batches_than_the_data_has_is_a_data_error(tiny_fashion_dir
     with pytest.raises(SystemExit) as e:
         train.main(["--backend", "torch", "--data-dir", str(tiny_fashion_dir), "--batch-size", "64", "--precise-bn",
                     "--precise-batches", "9"])  # fmt: skip
-    assert e.value.code == 1 and "--precise-batches 9: the training split has 8 batch(es) of 64" in capsys.readouterr().err
+    assert e.value.code == 2 and "--precise-batches 9: the training split has 8 batch(es) of 64" in capsys.readouterr().err

@@ -235,14 +235,14 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
         history.append(m)
         on_epoch(m)
         if run is not None:
-            save_checkpoint(run.checkpoint, state, epoch, past + history)
+            save_checkpoint(run.checkpoint, state, epoch, past + history, run.run_id)
     return history
 
 
-def save_checkpoint(path: str, state, epoch: int, history: List[Dict]) -> None:
+def save_checkpoint(path: str, state, epoch: int, history: List[Dict], run_id=None) -> None:
     """The run's state after ``epoch`` (a TrainState: ``params``, ``batch_stats``, optimizer
-    state and step; or a dict of such trees), with ``flax.serialization``, and the metrics so
-    far, written atomically: a kill leaves the previous checkpoint."""
+    state and step; or a dict of such trees), with ``flax.serialization``, the metrics so far and
+    the id of the run it belongs to, written atomically: a kill leaves the previous checkpoint."""
     import json
 
     from flax import serialization
@@ -251,7 +251,51 @@ def save_checkpoint(path: str, state, epoch: int, history: List[Dict]) -> None:
 
     payload = {"epoch": epoch, "state": serialization.to_state_dict(jax.device_get(state)),
                "history": json.dumps(_io.strict_json(history))}  # fmt: skip
+    if run_id is not None:  # msgpack has no None leaf that flax restores as such: left out instead
+        payload["run_id"] = run_id
     _io.atomic_write_bytes(path, serialization.msgpack_serialize(payload))
+
+
+def check_checkpoint(path: str, config, run_id) -> int:
+    """The epoch of the checkpoint at ``path`` after checking that it resumes the run ``run_id``
+    of ``config``: a readable msgpack checkpoint of bnref's that names that run (one without a
+    run id only for a run without one, written before runs had ids), whose arrays have the
+    names and shapes of ``config``'s training state (one device's TrainState, or a data-parallel
+    run's params, optimizer state and per-device or shared statistics). ``ValueError`` naming the
+    file otherwise. Run before any data loads."""
+    from flax import serialization
+
+    from bnref.runs import check_run_id
+
+    raw = _read_checkpoint(path)
+    check_run_id(path, raw.get("run_id"), run_id)
+    model = make_model(config)
+    state = create_train_state(model, jax.random.key(0), config.lr, jnp.zeros((1, 28, 28, 1), jnp.float32))
+    if config.replicas == 1:
+        template = serialization.to_state_dict(state)
+    else:
+        stats = state.batch_stats
+        if not config.sync_bn:  # one set of statistics per device, stacked on a leading axis
+            stats = jax.tree.map(lambda a: np.zeros((config.replicas, *a.shape), a.dtype), stats)
+        template = serialization.to_state_dict({"params": state.params, "opt_state": state.opt_state, "batch_stats": stats})
+    _same_layout(raw["state"], template, path, config)
+    return int(raw["epoch"])
+
+
+def _same_layout(saved, template, path: str, config, where: str = "") -> None:
+    """``ValueError`` at the first name or shape in which ``saved`` (a restored state dict) differs
+    from ``template``."""
+    if isinstance(template, dict):
+        if not isinstance(saved, dict) or set(saved) != set(template):
+            have = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"{path}: does not fit this run's model (--bn {config.bn}, {config.replicas} replica(s)): "
+                             f"state{where} has {have}, expected {sorted(template)}")  # fmt: skip
+        for key in template:
+            _same_layout(saved[key], template[key], path, config, f"{where}/{key}")
+        return
+    if np.shape(saved) != np.shape(template):
+        raise ValueError(f"{path}: does not fit this run's model: state{where} has shape {np.shape(saved)}, "
+                         f"expected {np.shape(template)}")  # fmt: skip
 
 
 def load_checkpoint(path: str, state):
@@ -279,10 +323,18 @@ def checkpoint_variables(path: str, per_device_stats: bool = False) -> Dict:
 
 
 def _read_checkpoint(path: str) -> Dict:
+    """The checkpoint's contents; ``ValueError`` naming the file when it is not a msgpack
+    checkpoint of bnref's (another backend's, corrupt, truncated)."""
     from flax import serialization
 
-    with open(path, "rb") as f:
-        return serialization.msgpack_restore(f.read())
+    try:
+        with open(path, "rb") as f:
+            raw = serialization.msgpack_restore(f.read())
+    except Exception as e:  # noqa: BLE001 - msgpack raises many kinds on a file that is not its own
+        raise ValueError(f"{path}: not a readable JAX checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(raw, dict) or not {"epoch", "state", "history"} <= set(raw):
+        raise ValueError(f"{path}: not a bnref JAX checkpoint (expected epoch, state, history)")
+    return raw
 
 
 def _precise_test_acc(config, model, state: TrainState, X_train, perm: np.ndarray, X_test, y_test) -> float:
@@ -512,7 +564,7 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) ->
         if jax.process_index() == 0:  # several processes: the first reports (they all hold the same numbers)
             on_epoch(m)
             if run is not None:
-                save_checkpoint(run.checkpoint, trained, epoch, past + history)
+                save_checkpoint(run.checkpoint, trained, epoch, past + history, run.run_id)
     return history if jax.process_index() == 0 else []
 
 

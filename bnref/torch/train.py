@@ -24,7 +24,7 @@ from torch import nn
 from bnref.torch.models import LeNetBN
 from bnref.train import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
-__all__ = ["fit", "resolve_device", "make_model", "load_tensors", "train_step", "train_batches", "evaluate",
+__all__ = ["fit", "resolve_device", "device_name", "make_model", "load_tensors", "train_step", "train_batches", "evaluate",
            "data_parallel"]
 
 #: batch size for test-set evaluation (eval mode: the result does not depend on it)
@@ -59,6 +59,11 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise ValueError(f"device {name!r} is not available ({count} CUDA device(s))")
         device = torch.device("cuda", index)
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu`` or ``cuda:N``: the wording of the per-epoch line and of ``config.json``."""
+    return str(device)
 
 
 def make_model(config) -> LeNetBN:
@@ -179,7 +184,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
             raise ValueError(f"--replicas {config.replicas} needs {config.replicas} GPUs; "
                              f"{torch.cuda.device_count()} are visible")  # fmt: skip
         if run is not None and run.resuming:  # the metrics so far, for this process's log and figure
-            run.resumed(torch.load(run.require_checkpoint(), map_location="cpu", weights_only=True)["history"])
+            run.resumed(list(_read_checkpoint(run.require_checkpoint(), "cpu")["history"]))
         results = distributed.launch(_replica_worker, config.replicas, (config, data, run), on_message=on_epoch,
                                      backend=distributed.backend_for(device))  # fmt: skip
         return results[0]
@@ -200,23 +205,59 @@ def _replica_worker(rank: int, world: int, send, config, data, run=None):
     return _train(config, data, send, _replica_device(config.device, rank), rank, world, run)
 
 
-def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: List[Dict]) -> None:
-    """The run's state after ``epoch``: model and optimizer ``state_dict`` and the metrics so far,
-    written atomically (to a temporary file, then renamed): a kill leaves the previous one."""
+def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: List[Dict],
+                    run_id: Optional[str] = None) -> None:
+    """The run's state after ``epoch``: model and optimizer ``state_dict``, the metrics so far and
+    the id of the run it belongs to, written atomically (to a temporary file, then renamed): a
+    kill leaves the previous one."""
     import io
 
     from bnref import _io
 
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "history": _io.strict_json(history)}, buf)  # fmt: skip
+                "history": _io.strict_json(history), "run_id": run_id}, buf)  # fmt: skip
     _io.atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_checkpoint(path: str, device) -> Dict:
+    """The checkpoint's contents (``weights_only=True``: tensors and plain data only, never code);
+    ``ValueError`` naming the file when it is not a torch checkpoint of bnref's."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a file that is not its own
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable torch checkpoint ({first[:200]})") from None
+    if not isinstance(ck, dict) or not {"epoch", "model", "optimizer", "history"} <= set(ck):
+        raise ValueError(f"{path}: not a bnref torch checkpoint (expected epoch, model, optimizer, history)")
+    return ck
+
+
+def check_checkpoint(path: str, config, run_id: Optional[str]) -> int:
+    """The epoch of the checkpoint at ``path`` after checking that it resumes the run ``run_id``
+    of ``config``: it is readable, names that run (a checkpoint copied in from another run is
+    refused; one without a run id is accepted only for a run that has none, i.e. one written
+    before runs had ids), and its model and optimizer state load into ``config``'s LeNet-BN.
+    ``ValueError`` naming the file otherwise. Run before any data loads."""
+    from bnref.runs import check_run_id
+
+    ck = _read_checkpoint(path, "cpu")
+    check_run_id(path, ck.get("run_id"), run_id)
+    model = make_model(config)
+    try:
+        model.load_state_dict(ck["model"])
+        torch.optim.SGD(model.parameters(), lr=config.lr).load_state_dict(ck["optimizer"])
+        epoch = int(ck["epoch"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: does not fit this run's model (--bn {config.bn}): {first[:200]}") from None
+    return epoch
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], device: torch.device):
     """Load :func:`save_checkpoint`'s file (``weights_only=True``: tensors and plain data only)
     into ``model`` and ``optimizer`` (``None``: the model only); returns ``(epoch, history)``."""
-    ck = torch.load(path, map_location=device, weights_only=True)
+    ck = _read_checkpoint(path, device)
     model.load_state_dict(ck["model"])
     if optimizer is not None:
         optimizer.load_state_dict(ck["optimizer"])
@@ -282,7 +323,7 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
             if rank == 0:
                 on_epoch(m)
                 if run is not None:
-                    save_checkpoint(run.checkpoint, model, optimizer, epoch, past + history)
+                    save_checkpoint(run.checkpoint, model, optimizer, epoch, past + history, run.run_id)
     return history if rank == 0 else []
 
 
