@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["finite_positive_float", "int_at_least", "non_negative_float", "positive_int", "seed"]
+__all__ = ["add_data_options", "finite_positive_float", "int_at_least", "load_data", "non_negative_float", "positive_int",
+           "seed"]
 
 #: largest seed every RNG bnref seeds accepts (NumPy's SeedSequence, torch, jax.random.key)
 MAX_SEED = 2**32 - 1
@@ -61,3 +62,27 @@ def finite_positive_float(text: str) -> float:
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite float >= 0."""
     return _finite_float(text, 0.0, strict=False)
+
+
+def add_data_options(p: argparse.ArgumentParser, what: str = "") -> None:
+    """``--data-dir DIR`` and ``--synthetic``: Fashion-MNIST from DIR (or the default places), or
+    explicitly the synthetic stand-in. Never a fall-back from one to the other."""
+    p.add_argument("--data-dir", default=None, help=f"{what}directory with the four Fashion-MNIST IDX files "
+                   "(default: $BNREF_DATA_DIR, the cache, /usr/share/datasets/fashion-mnist); missing files are an error")
+    p.add_argument("--synthetic", action="store_true", help="use bnref.data.synthetic, a small learnable stand-in, "
+                   "instead of Fashion-MNIST (figures drawn on it say so)")  # fmt: skip
+
+
+def load_data(p: argparse.ArgumentParser, args: argparse.Namespace, **sizes):
+    """The data :func:`add_data_options` asked for (``sizes``: the synthetic stand-in's ``n_train``,
+    ``n_test``, ``seed``); a problem with it (not found, a typo'd directory, a corrupt or
+    unreadable file) is argparse's error, exit status 2, before any work. Says on stdout what it
+    uses."""
+    from bnref import data
+
+    try:
+        ds = data.load_or_synthetic(args.data_dir, synthetic_data=args.synthetic, **sizes)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e) + ("" if args.synthetic else "\n(--synthetic runs on the synthetic stand-in instead)"))
+    print(f"data: {data.describe_source(ds)}", flush=True)
+    return ds

@@ -34,12 +34,13 @@ FIGURE_SUFFIXES = (".eps", ".jpeg", ".jpg", ".pdf", ".pgf", ".png", ".ps", ".raw
                    ".tif", ".tiff", ".webp")  # fmt: skip
 
 
-def check_output_paths(paths: Dict[str, Optional[str]], figures: Iterable[str] = ()) -> None:
+def check_output_paths(paths: Dict[str, Optional[str]], figures: Iterable[str] = (), make_dirs: bool = False) -> None:
     """Raise ``ValueError`` naming the option for the first unusable output path.
 
     ``paths`` maps an option name (``"--json"``) to a path or ``None`` (not requested);
     options named in ``figures`` must end in a suffix of :data:`FIGURE_SUFFIXES`.
-    Nothing is created or written.
+    ``make_dirs``: the caller will create missing parent directories, so the nearest existing
+    one must be a writable directory instead. Nothing is created or written.
     """
     seen: Dict[str, str] = {}
     for option, path in paths.items():
@@ -49,8 +50,12 @@ def check_output_paths(paths: Dict[str, Optional[str]], figures: Iterable[str] =
         if str(path).strip() == "" or p.is_dir():
             raise ValueError(f"{option} {path!r} is a directory, not a file name")
         parent = p.parent if str(p.parent) else Path(".")
+        if make_dirs:
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
         if not parent.is_dir():
-            raise ValueError(f"{option} {path!r}: directory {str(parent)!r} does not exist")
+            what = "is not a directory" if parent.exists() else "does not exist"
+            raise ValueError(f"{option} {path!r}: {str(parent)!r} {what}")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ValueError(f"{option} {path!r}: directory {str(parent)!r} is not writable")
         if p.exists() and not os.access(p, os.W_OK):
@@ -129,14 +134,15 @@ def new_figure(columns: int = 1, size=(5.0, 3.8)):
     return plt.subplots(1, columns, figsize=(size[0] * columns, size[1]))
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
-    """Lay out ``fig``, write it to ``path`` atomically in the format of the path's extension,
-    and close it."""
+def save_figure(fig, path: str | os.PathLike, rect=None) -> None:
+    """Lay out ``fig`` (within ``rect``, figure coordinates ``(left, bottom, right, top)``, when
+    given: room for a caption), write it to ``path`` atomically in the format of the path's
+    extension, and close it."""
     import io
 
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     buf = io.BytesIO()
     fig.savefig(buf, format=str(path).rsplit(".", 1)[-1].lower())
     plt.close(fig)

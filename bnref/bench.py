@@ -13,16 +13,17 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from bnref import _io
+from bnref import _cli, _io
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse every selected backend's options first (a bad option fails before any
-    measurement), run them in turn, then write ``--json`` once: one backend's results, or
+    """Parse every selected backend's options first and load the data (a bad option or missing
+    data fails before any measurement), run them in turn, then write ``--json`` once: one backend's results, or
     ``{"torch": ..., "jax": ...}`` for ``--backend all``."""
     p = argparse.ArgumentParser(prog="python -m bnref.bench", add_help=False)
     p.add_argument("--backend", choices=("torch", "jax", "all"), default="all")
     p.add_argument("--json", dest="json_path", default=None, help="write the measurements to this JSON file")
+    _cli.add_data_options(p, "the training examples (throughput does not depend on which): ")
     args, rest = p.parse_known_args(argv)
     if args.json_path is not None:
         try:
@@ -32,6 +33,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backends = ("torch", "jax") if args.backend == "all" else (args.backend,)
     modules = {name: importlib.import_module(f"bnref.{name}.bench") for name in backends}
     parsed = {name: m.parse_args(rest) for name, m in modules.items()}  # all validated up front
+    data = _cli.load_data(p, args)  # before any measurement; each backend takes what it needs of it
+    for options in parsed.values():
+        options.data = data
     results = {}
     for name, m in modules.items():
         print(f"=== {name}", flush=True)

@@ -40,13 +40,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bnref import _io, spec
+from bnref import _cli, _io, spec
 
 __all__ = ["EXPERIMENTS", "Experiment", "ExperimentConfig", "run_experiment", "scaled_lr", "momentum_port", "fast_variance",
            "bn_vs_none", "batch_size", "eval_stats", "placement", "sync_vs_local", "main"]
 
 
-def momentum_port(quick: bool, data_dir: Optional[str] = None, seed: int = 0) -> Dict:
+def momentum_port(quick: bool, data_dir: Optional[str] = None, seed: int = 0, synthetic: bool = False) -> Dict:
     """Port a torch LeNet-BN (torch.nn BN, ``momentum=0.1``) to Flax twice, with
     ``momentum=0.1`` copied as is (the bug) and with ``momentum=0.9`` (the fix); probe one step,
     then train both ports on the same batches and evaluate them as they go."""
@@ -60,8 +60,8 @@ def momentum_port(quick: bool, data_dir: Optional[str] = None, seed: int = 0) ->
     from bnref.torch import train as ttrain
     from bnref.torch.models import LeNetBN as TorchLeNetBN
 
-    steps, batch, lr, n_train, n_test = (40, 64, 0.1, 2560, 1000) if quick else (468, 256, 0.1, 60000, 10000)
-    data = _dataset(data_dir, n_train, n_test, seed)
+    steps, batch, lr, n_train, n_test = (160, 64, 0.1, 10240, 1000) if quick else (468, 256, 0.1, 60000, 10000)
+    data = _dataset(data_dir, n_train, n_test, seed, synthetic)
     X, y = data.train_images, data.train_labels
     Xt, yt = jnp.asarray(jtrain.prepare_images(data.test_images)), jnp.asarray(data.test_labels)
     rng = np.random.default_rng(seed)
@@ -116,10 +116,10 @@ def _plot_momentum_port(result: Dict, path: str) -> None:
     acc.legend(fontsize="small")
     acc.set_title("eval accuracy (probe: Flax / torch update)")
     fig.suptitle("torch BatchNorm(momentum=0.1) ported to flax.linen.BatchNorm")
-    _io.save_figure(fig, path)
+    _save(fig, path, result)
 
 
-def fast_variance(quick: bool, data_dir: Optional[str] = None, seed: int = 0) -> Dict:
+def fast_variance(quick: bool, data_dir: Optional[str] = None, seed: int = 0, synthetic: bool = False) -> Dict:
     """BatchNorm's error in training mode (max |y - exact normalization of the input as given|)
     for inputs of std 1 and growing mean, float32 and bfloat16: flax.linen.BatchNorm with its
     default ``use_fast_variance=True`` (``E[x^2] - E[x]^2``), flax.linen with
@@ -162,7 +162,7 @@ def _plot_fast_variance(result: Dict, path: str) -> None:
     ax.set_xlabel("input mean / input std"), ax.set_ylabel("max |y - exact| (floored at 1e-8)"), ax.grid(True)
     ax.legend(fontsize="x-small")
     ax.set_title("BatchNorm's variance: E[x²] - E[x]² vs two-pass")
-    _io.save_figure(fig, path)
+    _save(fig, path, result)
 
 
 # --- shared by the training experiments ------------------------------------------------------------
@@ -180,16 +180,35 @@ def scaled_lr(batch_size: int) -> float:
     return BASE_LR * min(batch_size, BASE_BATCH) / BASE_BATCH
 
 
-def _dataset(data_dir: Optional[str], n_train: Optional[int], n_test: Optional[int], seed: int):
-    """Fashion-MNIST (the synthetic stand-in when the files are absent) cut to its first
-    ``n_train`` / ``n_test`` examples (None: all of them)."""
+def _dataset(data_dir: Optional[str], n_train: Optional[int], n_test: Optional[int], seed: int, synthetic: bool = False):
+    """Fashion-MNIST (from ``data_dir`` or the default places; missing files are an error), or
+    with ``synthetic`` the synthetic stand-in, cut to its first ``n_train`` / ``n_test``
+    examples (None: all of them)."""
     import dataclasses
 
-    from bnref.data import real_or_synthetic
+    from bnref.data import load_or_synthetic
 
-    data = real_or_synthetic(data_dir, n_train=n_train or 60000, n_test=n_test or 10000, seed=seed)
+    data = load_or_synthetic(data_dir, synthetic_data=synthetic, n_train=n_train or 60000, n_test=n_test or 10000,
+                             seed=seed)  # fmt: skip
     return dataclasses.replace(data, train_images=data.train_images[:n_train], train_labels=data.train_labels[:n_train],
                                test_images=data.test_images[:n_test], test_labels=data.test_labels[:n_test])  # fmt: skip
+
+
+def _save(fig, path: str, result: Dict) -> None:
+    """Write an experiment's figure with the data it was drawn on in a caption, so a figure
+    of the synthetic stand-in can never pass for one of Fashion-MNIST."""
+    if "data" in result:
+        synthetic = str(result["data"]).startswith("synthetic(")
+        fig.text(0.5, 0.003, _caption(result), ha="center", va="bottom", fontsize="small",
+                 color="red" if synthetic else "gray")  # fmt: skip
+        _io.save_figure(fig, path, rect=(0, 0.045, 1, 1))
+    else:
+        _io.save_figure(fig, path)
+
+
+def _caption(result: Dict) -> str:
+    synthetic = str(result["data"]).startswith("synthetic(")
+    return f"data: {result['data']}" + (" - NOT Fashion-MNIST (--synthetic)" if synthetic else "")
 
 
 def _curves(history: Sequence[Dict], keys: Sequence[str] = ("loss", "train_acc", "test_acc")) -> Dict[str, list]:
@@ -299,7 +318,8 @@ class _JaxProbe:
 # --- bn-vs-none ------------------------------------------------------------------------------------
 
 
-def bn_vs_none(quick: bool, data_dir: Optional[str] = None, seed: int = 0, backends: Sequence[str] = ("torch", "jax")) -> Dict:
+def bn_vs_none(quick: bool, data_dir: Optional[str] = None, seed: int = 0, backends: Sequence[str] = ("torch", "jax"),
+               synthetic: bool = False) -> Dict:
     """d2l's claim that BatchNorm makes LeNet converge faster. The same LeNet (sigmoids, d2l's
     initialization) with bnref's BN after every conv/linear layer but the last (d2l's
     convention) and without BN, trained by ``bnref.train.train_and_evaluate`` in each of
@@ -309,7 +329,7 @@ def bn_vs_none(quick: bool, data_dir: Optional[str] = None, seed: int = 0, backe
     from bnref.train import TrainConfig, train_and_evaluate
 
     epochs, batch, n_train, n_test = (3, 64, 1024, 500) if quick else (10, BASE_BATCH, None, None)
-    data = _dataset(data_dir, n_train, n_test, seed)
+    data = _dataset(data_dir, n_train, n_test, seed, synthetic)
     out: Dict = {"epochs": epochs, "lr": BASE_LR, "batch_size": batch, "data": data.source,
                  "train_examples": len(data.train_labels), "test_examples": len(data.test_labels), "runs": {}}  # fmt: skip
     for backend in backends:
@@ -333,7 +353,7 @@ def _plot_bn_vs_none(result: Dict, path: str) -> None:
         ax.set_xlabel("epoch"), ax.set_xticks(epochs), ax.grid(True), ax.legend(fontsize="small")
     fig.suptitle(f"LeNet with and without BatchNorm (lr {result['lr']}, batch {result['batch_size']}, {result['train_examples']} "
                  "training examples)")  # fmt: skip
-    _io.save_figure(fig, path)
+    _save(fig, path, result)
 
 
 # --- batch-size ------------------------------------------------------------------------------------
@@ -341,7 +361,7 @@ def _plot_bn_vs_none(result: Dict, path: str) -> None:
 BATCH_SIZES = (4, 16, 64, 256, 512)
 
 
-def batch_size(quick: bool, data_dir: Optional[str] = None, seed: int = 0) -> Dict:
+def batch_size(quick: bool, data_dir: Optional[str] = None, seed: int = 0, synthetic: bool = False) -> Dict:
     """BatchNorm at batch sizes 4 ... 512 on a fixed budget of training examples (the same
     number of examples for every batch size, so batch 4 takes 128 times the steps of batch
     512), lr per :data:`LR_RULE`: bnref.jax's LeNet-BN (d2l's convention: decay 0.9, biased
@@ -352,7 +372,7 @@ def batch_size(quick: bool, data_dir: Optional[str] = None, seed: int = 0) -> Di
 
     sizes, epochs, n_train, n_test, precise, probes = (
         ((4, 64), 2, 1024, 500, 500, 1) if quick else (BATCH_SIZES, 3, None, None, 10000, 3))
-    data = _dataset(data_dir, n_train, n_test, seed)
+    data = _dataset(data_dir, n_train, n_test, seed, synthetic)
     budget = epochs * len(data.train_labels)
     model = LeNetBN(bn="bnref", convention="d2l")
     probe = _JaxProbe(model, data, precise_examples=precise, seed=seed)
@@ -384,13 +404,13 @@ def _plot_batch_size(result: Dict, path: str) -> None:
         _batch_axis(ax, sizes, "batch size (lr = min(B, 256) / 256)")
         ax.grid(True, alpha=0.4), ax.legend(fontsize="small")
     fig.suptitle("LeNet-BN (bnref.jax) at batch sizes 4-512, one budget of examples")
-    _io.save_figure(fig, path)
+    _save(fig, path, result)
 
 
 # --- eval-stats ------------------------------------------------------------------------------------
 
 
-def eval_stats(quick: bool, data_dir: Optional[str] = None, seed: int = 0) -> Dict:
+def eval_stats(quick: bool, data_dir: Optional[str] = None, seed: int = 0, synthetic: bool = False) -> Dict:
     """Through training (bnref.jax's LeNet-BN, d2l's defaults: lr 1.0, batch 256, decay 0.9),
     test accuracy three ways, several times per epoch: with the running statistics (the EMA
     eval mode uses), with precise population statistics recomputed over a fixed sample of
@@ -400,7 +420,7 @@ def eval_stats(quick: bool, data_dir: Optional[str] = None, seed: int = 0) -> Di
     from bnref.train import batch_slices
 
     epochs, batch, n_train, n_test, precise, per_epoch = (2, 64, 1024, 500, 500, 2) if quick else (10, BASE_BATCH, None, None, 10000, 3)
-    data = _dataset(data_dir, n_train, n_test, seed)
+    data = _dataset(data_dir, n_train, n_test, seed, synthetic)
     model = LeNetBN(bn="bnref", convention="d2l")
     probe = _JaxProbe(model, data, precise_examples=precise, batch_sizes=(batch, 16), seed=seed)
     steps_per_epoch = len(batch_slices(len(data.train_labels), batch))
@@ -422,7 +442,7 @@ def _plot_eval_stats(result: Dict, path: str) -> None:
         ax.plot(x, [p["acc_batch"][str(b)] for p in probes], style, ms=3, label=f"batch statistics, test batches of {b}")
     ax.set_xlabel("epoch"), ax.set_ylabel("test accuracy"), ax.grid(True), ax.legend(fontsize="small")
     ax.set_title(f"LeNet-BN (bnref.jax), lr {result['lr']}, batch {result['batch_size']}: three ways to evaluate")
-    _io.save_figure(fig, path)
+    _save(fig, path, result)
 
 
 # --- placement -------------------------------------------------------------------------------------
@@ -481,7 +501,7 @@ def _torch_sgd(model, data, *, lr: float, batch_size: int, epochs: int, seed: in
     return history
 
 
-def placement(quick: bool, data_dir: Optional[str] = None, seed: int = 0) -> Dict:
+def placement(quick: bool, data_dir: Optional[str] = None, seed: int = 0, synthetic: bool = False) -> Dict:
     """Where BN goes, in torch: a ReLU LeNet with BN before the activation (conv -> BN -> ReLU)
     and after it (conv -> ReLU -> BN), from one seed's weights, on the same batches (lr 0.1,
     batch 256, SGD); and the bias of a conv/linear layer right before BN, which BN's mean
@@ -503,7 +523,7 @@ def placement(quick: bool, data_dir: Optional[str] = None, seed: int = 0) -> Dic
 
     epochs, batch, n_train, n_test = (2, 64, 1024, 500) if quick else (10, BASE_BATCH, None, None)
     lr = 0.1
-    data = _dataset(data_dir, n_train, n_test, seed)
+    data = _dataset(data_dir, n_train, n_test, seed, synthetic)
     steps_per_epoch = len(batch_slices(len(data.train_labels), batch))
     out: Dict = {"epochs": epochs, "lr": lr, "batch_size": batch, "dtype": "float64", "data": data.source,
                  "orders": ORDERS, "train_examples": len(data.train_labels), "runs": {}, "bias_grad_norm": {}}  # fmt: skip
@@ -569,7 +589,7 @@ def _plot_placement(result: Dict, path: str) -> None:
     for ax in (acc, grad):
         ax.set_xticks(epochs)
     fig.suptitle(f"BN before or after ReLU, and the bias before BN (torch, lr {result['lr']}, batch {result['batch_size']})")
-    _io.save_figure(fig, path)
+    _save(fig, path, result)
 
 
 # --- sync-vs-local ---------------------------------------------------------------------------------
@@ -579,7 +599,8 @@ REPLICAS = 8
 MODES = {"single device": (1, None), "sync BN": (REPLICAS, True), "local BN": (REPLICAS, False)}
 
 
-def sync_vs_local(quick: bool, data_dir: Optional[str] = None, seed: int = 0, backends: Sequence[str] = ("jax",)) -> Dict:
+def sync_vs_local(quick: bool, data_dir: Optional[str] = None, seed: int = 0, backends: Sequence[str] = ("jax",),
+                  synthetic: bool = False) -> Dict:
     """Small per-replica batches: LeNet-BN (bnref's BN, d2l's convention) trained data-parallel
     on 8 replicas with synchronized BN and with local BN (each replica normalizes its slice),
     and on one device with the whole global batch, for 4 ... 32 examples per replica, by
@@ -589,19 +610,20 @@ def sync_vs_local(quick: bool, data_dir: Optional[str] = None, seed: int = 0, ba
     epoch, and the largest difference of a step's global-batch loss from the single device's."""
     out: Dict = {"replicas": REPLICAS, "lr_rule": LR_RULE, "runs": {}}
     for backend in backends:
-        result = _replica_runs_subprocess(quick, data_dir, seed) if backend == "jax" else _replica_runs(quick, data_dir, seed, backend)
+        result = (_replica_runs_subprocess(quick, data_dir, seed, synthetic) if backend == "jax"
+                  else _replica_runs(quick, data_dir, seed, backend, synthetic))  # fmt: skip
         out["runs"][backend] = result.pop("runs")
         out.update(result)
     return out
 
 
-def _replica_runs(quick: bool, data_dir: Optional[str], seed: int, backend: str) -> Dict:
+def _replica_runs(quick: bool, data_dir: Optional[str], seed: int, backend: str, synthetic: bool = False) -> Dict:
     """The runs of :func:`sync_vs_local` for one backend, in this process (JAX needs
     :data:`REPLICAS` devices here already)."""
     from bnref.train import TrainConfig, train_and_evaluate
 
     per_replica, epochs, n_train, n_test = ((4,), 1, 512, 500) if quick else ((4, 8, 16, 32), 2, None, None)
-    data = _dataset(data_dir, n_train, n_test, seed)
+    data = _dataset(data_dir, n_train, n_test, seed, synthetic)
     runs: Dict = {}
     for p in per_replica:
         runs[str(p)] = {}
@@ -618,7 +640,7 @@ def _replica_runs(quick: bool, data_dir: Optional[str], seed: int, backend: str)
             "data": data.source, "train_examples": len(data.train_labels), "runs": runs}  # fmt: skip
 
 
-def _replica_runs_subprocess(quick: bool, data_dir: Optional[str], seed: int) -> Dict:
+def _replica_runs_subprocess(quick: bool, data_dir: Optional[str], seed: int, synthetic: bool = False) -> Dict:
     """:func:`_replica_runs` for JAX in a new Python process given :data:`REPLICAS` host devices
     (``--xla_force_host_platform_device_count`` takes effect only before JAX starts, and this
     process may have started it already); its numbers come back as JSON on stdout."""
@@ -629,8 +651,9 @@ def _replica_runs_subprocess(quick: bool, data_dir: Optional[str], seed: int) ->
             "from bnref.train import provide_host_devices\n"
             f"provide_host_devices({REPLICAS})\n"
             "from bnref import _io, experiments\n"
-            "print(_io.dumps(experiments._replica_runs(*json.loads(sys.argv[1]), 'jax')))\n")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps([quick, data_dir, seed])], capture_output=True,
+            "quick, data_dir, seed, synthetic = json.loads(sys.argv[1])\n"
+            "print(_io.dumps(experiments._replica_runs(quick, data_dir, seed, 'jax', synthetic)))\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([quick, data_dir, seed, synthetic])], capture_output=True,
                           text=True, timeout=600 if quick else 3600)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"the JAX sync-vs-local process failed (exit status {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -651,7 +674,7 @@ def _plot_sync_vs_local(result: Dict, path: str) -> None:
         _batch_axis(ax, p, f"examples per replica (global batch: {result['replicas']} x that)")
         ax.grid(True, alpha=0.4), ax.legend(fontsize="small")
     fig.suptitle(f"synchronized vs local BatchNorm, {result['replicas']} replicas, lr scaled with the global batch")
-    _io.save_figure(fig, path)
+    _save(fig, path, result)
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -669,13 +692,14 @@ class Experiment:
     backends: Tuple[str, ...]
     default: Tuple[str, ...]
     why: str = ""
+    uses_data: bool = True  # False: it trains nothing, and --data-dir / --synthetic mean nothing to it
 
 
 EXPERIMENTS: Dict[str, Experiment] = {
     "momentum-port": Experiment(momentum_port, _plot_momentum_port, (), ("torch", "jax"),
                                 "it ports a torch model to Flax, so it always runs both"),
     "fast-variance": Experiment(fast_variance, _plot_fast_variance, ("jax",), ("jax",),
-                                "it measures flax.linen's use_fast_variance"),
+                                "it measures flax.linen's use_fast_variance", uses_data=False),
     "bn-vs-none": Experiment(bn_vs_none, _plot_bn_vs_none, ("torch", "jax"), ("torch", "jax")),
     "batch-size": Experiment(batch_size, _plot_batch_size, ("jax",), ("jax",),
                              "it reads the running statistics out of the training state as values"),
@@ -690,8 +714,9 @@ EXPERIMENTS: Dict[str, Experiment] = {
 @dataclass(frozen=True)
 class ExperimentConfig:
     """What one ``python -m bnref.experiments`` run does: experiment ``name`` on ``backends``,
-    ``quick`` or full, on the data in ``data_dir`` (the synthetic stand-in when absent), writing
-    ``out/NAME.png`` and ``out/NAME.json``."""
+    ``quick`` or full, on Fashion-MNIST (from ``data_dir`` or the default places; missing files
+    are an error) or, with ``synthetic``, on the synthetic stand-in, writing ``out/NAME.png`` and
+    ``out/NAME.json``."""
 
     name: str
     out: str
@@ -699,6 +724,7 @@ class ExperimentConfig:
     backends: Tuple[str, ...] = ()
     data_dir: Optional[str] = None
     seed: int = 0
+    synthetic: bool = False
 
     @property
     def paths(self) -> Tuple[str, str]:
@@ -709,7 +735,7 @@ def run_experiment(config: ExperimentConfig) -> Dict:
     """Run the experiment, write its numbers (with the config) and its figure; returns the numbers."""
     exp = EXPERIMENTS[config.name]
     kwargs = {"backends": config.backends} if len(exp.backends) > 1 else {}
-    result = exp.run(config.quick, config.data_dir, config.seed, **kwargs)
+    result = exp.run(config.quick, config.data_dir, config.seed, synthetic=config.synthetic, **kwargs)
     png, js = config.paths
     _io.write_json(js, {"experiment": config.name, "quick": config.quick, "backends": list(config.backends), **result})
     exp.plot(result, png)
@@ -723,19 +749,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                    help="run on this backend only, where the experiment can (default: its own, see the docstring)")
     p.add_argument("--quick", action="store_true", help="little data, few steps (seconds; what the tests run)")
     p.add_argument("--out", required=True, help="directory for NAME.png and NAME.json")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (synthetic data if absent)")
+    _cli.add_data_options(p)
     args = p.parse_args(argv)
     exp = EXPERIMENTS[args.name]
     if args.backend is not None and args.backend not in exp.backends:
         p.error(f"--backend {args.backend}: {args.name} runs on {' and '.join(exp.default)} only: {exp.why}")
+    if not exp.uses_data and (args.data_dir is not None or args.synthetic):
+        p.error(f"{args.name} trains nothing and reads no data: it takes no --data-dir / --synthetic")
     config = ExperimentConfig(args.name, args.out, args.quick, (args.backend,) if args.backend else exp.default,
-                              args.data_dir)  # fmt: skip
+                              args.data_dir, synthetic=args.synthetic)  # fmt: skip
     try:
-        os.makedirs(config.out, exist_ok=True)
-        _io.check_output_paths(dict(zip(("figure", "numbers"), config.paths)), figures=("figure",))
-    except (OSError, ValueError) as e:
+        _io.check_output_paths(dict(zip(("figure", "numbers"), config.paths)), figures=("figure",),
+                               make_dirs=True)  # fmt: skip
+    except ValueError as e:
         p.error(str(e))
     print(config, flush=True)
+    if exp.uses_data:  # the data is checked before any work (the experiment reads it again, at its own size)
+        _cli.load_data(p, args, n_train=512, n_test=256, seed=config.seed)
+    os.makedirs(config.out, exist_ok=True)
     result = run_experiment(config)
     print("wrote {} and {}".format(*config.paths))
     return result

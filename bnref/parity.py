@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from bnref import _io, spec
+from bnref import _cli, _io, spec
 from bnref._cli import finite_positive_float, int_at_least, positive_int
 from bnref.testing import TOLERANCES, NotExpressible, compare, make_inputs, round_to, spec_run
 
@@ -202,17 +202,13 @@ def conventions_table() -> str:
 TRAJECTORY_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
-def _trajectory_batches(steps: int, batch_size: int, data_dir: Optional[str], seed: int):
-    """``steps`` batches (uint8 images (B, 28, 28), int64 labels (B,)): Fashion-MNIST's
-    training split when present, else ``bnref.data.synthetic``; example-level shuffling,
-    reshuffled at each pass, from one seeded NumPy generator so both frameworks get the
-    identical sequence."""
-    from bnref.data import real_or_synthetic
-
-    ds = real_or_synthetic(data_dir, n_train=max(batch_size * 4, 1024), n_test=16, seed=seed)
+def _trajectory_batches(steps: int, batch_size: int, ds, seed: int):
+    """``steps`` batches (uint8 images (B, 28, 28), int64 labels (B,)) from the training split
+    of ``ds`` (a ``bnref.data.FashionMNIST``); example-level shuffling, reshuffled at each
+    pass, from one seeded NumPy generator so both frameworks get the identical sequence."""
     images, labels = ds.train_images, ds.train_labels
     if len(images) < batch_size:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training examples")
+        raise ValueError(f"--batch-size {batch_size} exceeds the {len(images)} training examples of {ds.source}")
     rng = np.random.default_rng(seed)
     perm, pos = rng.permutation(len(images)), 0
     batches = []
@@ -225,6 +221,15 @@ def _trajectory_batches(steps: int, batch_size: int, data_dir: Optional[str], se
     return batches, ds.source
 
 
+def trajectory_data(data_dir: Optional[str] = None, synthetic: bool = False, batch_size: int = 256, seed: int = 0):
+    """The data :func:`trajectory` trains on: Fashion-MNIST (from ``data_dir`` or the default
+    places; missing files are an error), or with ``synthetic`` the synthetic stand-in, large
+    enough for 4 batches."""
+    from bnref.data import load_or_synthetic
+
+    return load_or_synthetic(data_dir, synthetic_data=synthetic, n_train=max(batch_size * 4, 1024), n_test=16, seed=seed)
+
+
 def trajectory(
     steps: int = 100,
     *,
@@ -235,6 +240,7 @@ def trajectory(
     data_dir: Optional[str] = None,
     seed: int = 0,
     replicas: Optional[int] = None,
+    data=None,
 ) -> Dict:
     """Train one LeNet-BN in both frameworks and compare them step by step.
 
@@ -244,6 +250,9 @@ def trajectory(
     losses, their difference, the max abs difference of all weights (Flax's converted back to
     torch layout) and of the running statistics. ``passed`` when the max loss difference is
     within :data:`TRAJECTORY_TOLERANCE`.
+
+    ``data``: a ``bnref.data.FashionMNIST`` to take the batches from (default:
+    :func:`trajectory_data` of ``data_dir``: Fashion-MNIST, an error when absent).
 
     ``replicas=R`` also trains the same model data-parallel from the same initial state on the
     same global batches, each split into R equal slices: torch DDP on R gloo processes and
@@ -276,7 +285,7 @@ def trajectory(
     from bnref.torch.models import LeNetBN as TorchLeNetBN
 
     conv = spec.preset(convention)
-    batches, source = _trajectory_batches(steps, batch_size, data_dir, seed)
+    batches, source = _trajectory_batches(steps, batch_size, data if data is not None else trajectory_data(data_dir), seed)
     tdtype = getattr(torch, dtype)
     cpu = torch.device("cpu")
     torch.manual_seed(seed)
@@ -544,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lr", type=finite_positive_float, default=1.0, help="trajectory: learning rate (finite, > 0)")
     p.add_argument("--batch-size", type=int_at_least(2), default=256, help="trajectory: batch size (>= 2)")
     p.add_argument("--convention", choices=sorted(spec.PRESETS), default="d2l", help="trajectory: BN convention")
-    p.add_argument("--data-dir", default=None, help="trajectory: Fashion-MNIST directory (synthetic batches if absent)")
+    _cli.add_data_options(p, "trajectory: ")
     p.add_argument("--replicas", type=int_at_least(2), default=None,
                    help="data parallel: spec vs bnref.torch SyncBatchNorm on R processes vs bnref.jax / flax.linen "
                         "with axis_name on R devices, for equal, unequal and empty shards")  # fmt: skip
@@ -566,8 +575,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.trajectory:
         dtype = (args.dtype or ["float32"])[-1]
+        ds = _cli.load_data(p, args, n_train=max(args.batch_size * 4, 1024), n_test=16, seed=0)
+        if len(ds.train_labels) < args.batch_size:
+            p.error(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training examples of {ds.source}")
         report = trajectory(args.steps, dtype=dtype, lr=args.lr, batch_size=args.batch_size,
-                            convention=args.convention, data_dir=args.data_dir, replicas=args.replicas)  # fmt: skip
+                            convention=args.convention, replicas=args.replicas, data=ds)  # fmt: skip
         print(_io.dumps(report) if args.json else format_trajectory(report))
         return 0 if report["passed"] else 1
     start = time.perf_counter()

@@ -39,8 +39,36 @@ def test_all_backends_write_one_combined_strict_json(tmp_path, monkeypatch, caps
     monkeypatch.setattr(torch_bench, "run", lambda args: ran.append("torch") or {"ratios": {"bnref/torch.nn": 0.95}})
     monkeypatch.setattr(jax_bench, "run", lambda args: ran.append("jax") or {"ratios": {"x": float("nan")}})
     out = tmp_path / "bench.json"
-    assert bench.main(["--backend", "all", "--json", str(out), "--steps", "3"]) == 0
+    assert bench.main(["--backend", "all", "--json", str(out), "--steps", "3", "--synthetic"]) == 0
     assert ran == ["torch", "jax"]
     saved = json.loads(out.read_text())  # one file, both backends (not the second overwriting the first)
     assert saved["torch"]["ratios"] == {"bnref/torch.nn": 0.95}
     assert saved["jax"]["ratios"] == {"x": None, "nonfinite": ["x"]}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data-dir", "{tmp}/typo"], "typo (data_dir argument) does not exist"),
+    (["--data-dir", "{tmp}/corrupt"], "bad magic number"),
+    (["--data-dir", "{tmp}/corrupt", "--synthetic"], "--synthetic and --data-dir exclude each other"),
+], ids=["typo", "corrupt", "both"])  # fmt: skip
+def test_bad_data_fails_before_any_measurement_and_is_never_replaced_by_synthetic_data(argv, message, tmp_path, capsys,
+                                                                                        monkeypatch):
+    import bnref.torch.bench as torch_bench
+    from bnref import data
+
+    corrupt = data.write_fashion_mnist(tmp_path / "corrupt", data.synthetic(64, 8))
+    (corrupt / data.FILES["train_images"]).write_bytes(b"not an IDX file at all")
+    monkeypatch.setattr(torch_bench, "run", lambda args: pytest.fail("measured despite bad data"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--backend", "torch", *[a.format(tmp=tmp_path) for a in argv]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_synthetic_data_is_used_only_when_asked_and_said(monkeypatch, capsys):
+    import bnref.torch.bench as torch_bench
+
+    seen = []
+    monkeypatch.setattr(torch_bench, "run", lambda args: seen.append(args.data.source) or {})
+    assert bench.main(["--backend", "torch", "--synthetic"]) == 0
+    assert seen == ["synthetic(seed=0)"] and "NOT Fashion-MNIST" in capsys.readouterr().out

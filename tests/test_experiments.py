@@ -4,11 +4,14 @@ import json
 
 import pytest
 
-from bnref import experiments
+from bnref import data, experiments
+
+#: the real Fashion-MNIST when present (as in CI), else the synthetic stand-in, asked for explicitly
+DATA = ["--data-dir", str(data.find_data_dir())] if data.find_data_dir() is not None else ["--synthetic"]
 
 
 def test_momentum_port_probe_finds_the_flipped_momentum_that_training_loss_hides(tmp_path, capsys):
-    result = experiments.main(["momentum-port", "--quick", "--out", str(tmp_path)])
+    result = experiments.main(["momentum-port", "--quick", "--out", str(tmp_path), *DATA])
     saved = json.loads((tmp_path / "momentum-port.json").read_text())
     assert saved["experiment"] == "momentum-port" and saved["quick"] is True
     assert (tmp_path / "momentum-port.png").read_bytes()[:4] == b"\x89PNG"
@@ -17,6 +20,11 @@ def test_momentum_port_probe_finds_the_flipped_momentum_that_training_loss_hides
     assert ratios["fixed (momentum=0.9)"] == pytest.approx(1.0, rel=1e-3)
     assert result["max_train_loss_difference"] == 0.0  # training mode never reads the running statistics
     assert len(result["eval_acc"]["naive (momentum=0.1)"]) == len(result["eval_steps"]) > 1
+    # Past the fixed port's EMA warm-up (its running statistics start at 0 / 1 and keep 0.9 of
+    # them per step), the fix is ahead: at b02e4a9 the quick run stopped at 40 steps and its
+    # figure showed the bug far ahead, the opposite of the full run's lesson.
+    naive, fixed = (result["eval_acc"][k] for k in ("naive (momentum=0.1)", "fixed (momentum=0.9)"))
+    assert result["eval_steps"][2] >= 50 and sum(fixed[2:]) >= sum(naive[2:]), (naive, fixed)
     assert "wrote" in capsys.readouterr().out
 
 
@@ -57,7 +65,7 @@ def test_a_backend_the_experiment_cannot_honour_is_a_clear_error(argv, message, 
 
 def _run(name, tmp_path, *argv):
     """``experiments.main`` on ``name --quick``; returns the numbers as written to NAME.json."""
-    experiments.main([name, "--quick", "--out", str(tmp_path), *argv])
+    experiments.main([name, "--quick", "--out", str(tmp_path), *DATA, *argv])
     assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / f"{name}.json").read_text())
     assert saved["experiment"] == name and saved["quick"] is True
@@ -131,3 +139,39 @@ def test_sync_bn_trains_like_one_device_and_local_bn_does_not(tmp_path):
         assert runs["sync BN"]["max_step_loss_diff"] < REPLICA_TOLERANCE["float32"]
         assert runs["local BN"]["max_step_loss_diff"] > 1e-2  # 4 examples per replica: other statistics
         assert len(runs["single device"]["test_acc"]) == result["epochs"]
+
+
+@pytest.mark.parametrize("where", ["empty", "typo", "corrupt"])
+def test_data_that_is_not_there_is_an_error_never_synthetic_data(where, tmp_path, capsys):
+    """On main at b02e4a9 an empty or mistyped --data-dir trained on synthetic data, exit 0, BN at
+    100% test accuracy, and only the JSON said so."""
+    d = tmp_path / where
+    if where == "empty":
+        d.mkdir()
+    elif where == "corrupt":
+        data.write_fashion_mnist(d, data.synthetic(64, 16))
+        (d / data.FILES["test_labels"]).write_bytes(b"\x1f\x8b broken")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["bn-vs-none", "--quick", "--out", str(out), "--data-dir", str(d)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(d) in err and "Traceback" not in err, err
+    assert "--synthetic runs on the synthetic stand-in instead" in err
+    assert not out.exists()  # nothing made, nothing written
+
+
+def test_synthetic_data_is_explicit_and_the_figure_says_so(tmp_path, capsys):
+    saved = _run_with(tmp_path, "momentum-port", "--synthetic")
+    assert saved["data"].startswith("synthetic(") and "NOT Fashion-MNIST" in capsys.readouterr().out
+    assert experiments._caption(saved).endswith("NOT Fashion-MNIST (--synthetic)")
+
+
+def test_an_experiment_without_data_refuses_data_options(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["fast-variance", "--quick", "--out", str(tmp_path), "--synthetic"])
+    assert e.value.code == 2 and "reads no data" in capsys.readouterr().err
+
+
+def _run_with(tmp_path, name, *argv):
+    experiments.main([name, "--quick", "--out", str(tmp_path), *argv])
+    return json.loads((tmp_path / f"{name}.json").read_text())

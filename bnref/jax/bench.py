@@ -85,16 +85,16 @@ class _FlaxExamplesLoop:
         float(np.mean(losses))  # the example reads its metrics at the end of the epoch
 
 
-def measure(steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: int = 0, log=print) -> Dict:
-    """Run the interleaved benchmark; returns examples/sec per variant (median and all rounds)."""
+def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: int = 0, log=print) -> Dict:
+    """Run the interleaved benchmark on the training split of ``ds`` (a ``bnref.data.FashionMNIST``;
+    at most the examples it needs); returns examples/sec per variant (median and all rounds)."""
     import jax
 
     from bnref.jax.train import device_name, resolve_device
 
     n = max(batch_size * max(steps, 2), min(60000, batch_size * 200))
-    from bnref.data import real_or_synthetic
-
-    ds = real_or_synthetic(n_train=n, n_test=2)
+    if len(ds.train_labels) < batch_size:
+        raise ValueError(f"{ds.source}: {len(ds.train_labels)} training examples, fewer than one batch of {batch_size}")
     X, y, source = ds.train_images[:n], ds.train_labels[:n], ds.source
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n).astype(np.int32)
@@ -149,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> Dict:
     """Measure, print the medians and the ratios; returns the measurements (for ``--json``)."""
-    res = measure(args.steps, args.rounds, args.batch_size, args.seed, log=lambda s: print(s, flush=True))
+    res = measure(args.data, args.steps, args.rounds, args.batch_size, args.seed, log=lambda s: print(s, flush=True))
     for name in VARIANTS:
         print(f"{name:>20}: {res['examples_per_sec'][name]:9.1f} examples/sec (median)")
     for name, value in res["ratios"].items():

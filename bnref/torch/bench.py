@@ -31,7 +31,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from bnref._cli import int_at_least, non_negative_float, positive_int
-from bnref.data import real_or_synthetic
 from bnref.torch import _seed
 from bnref.torch.train import _sync, load_tensors, make_model, resolve_device, train_batches
 
@@ -168,7 +167,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settle", type=non_negative_float, default=0.5,
                    help="seconds to wait after each seed round for its loader workers to go idle")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
-    p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     bad = set(args.variants) - set(VARIANTS)
@@ -195,7 +193,7 @@ def run(args: argparse.Namespace) -> Dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device
-    ds = real_or_synthetic(args.data_dir)  # throughput is the same on either
+    ds = args.data  # the dispatcher's (bnref.bench): Fashion-MNIST, or --synthetic; throughput is the same on either
     images, labels, source = ds.train_images, ds.train_labels, ds.source
     print(f"LeNet-BN training throughput: batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds "
           f"(interleaved), {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, data {source}",
