@@ -307,23 +307,24 @@ print(f"raised after {time.monotonic() - t0:.1f} s", flush=True)
     [
         (5, "none", r"ReplicaError: rank 1 of 2 did not answer \(pid (\d+) is stopped, state T\), killed; then rank 0 "
                     r"failed: .*"),
-        (60, "8", r"TimeoutError: ranks \[0, 1\] of 2 did not finish within 8 s \(rank 0: pid \d+ is running, state "
+        # a deadline well past the processes' start (seconds on a loaded 2-core machine): rank 1 is stopped by then
+        (120, "40", r"TimeoutError: ranks \[0, 1\] of 2 did not finish within 40 s \(rank 0: pid \d+ is running, state "
                   r"\w, killed; rank 1: pid (\d+) is stopped, state T, killed\)"),
     ],
     ids=["peer-collective-times-out", "launch-deadline"],
 )
-@limit(150)
+@limit(200)
 def test_a_stopped_rank_is_named_and_killed_and_the_launcher_exits(timeout_s, deadline_s, expected, run_logged):
     import re
 
     here = os.path.dirname(os.path.abspath(__file__))
-    proc = run_logged([sys.executable, "-c", STOPPED_RANK, here, str(timeout_s), deadline_s], timeout=120,
+    proc = run_logged([sys.executable, "-c", STOPPED_RANK, here, str(timeout_s), deadline_s], timeout=170,
                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]  # it exited: nothing left to join
     message, took = proc.stdout.strip().splitlines()[-2:]
     found = re.fullmatch(expected, message)
     assert found, message
-    assert float(took.split()[2]) < 60, took  # collective timeout or deadline + bounded waits, not forever
+    assert float(took.split()[2]) < 90, took  # collective timeout or deadline + bounded waits, not forever
     pid = int(found.group(1))  # the stopped one, killed and reaped by the launcher
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
 
