@@ -261,6 +261,9 @@ def _channel_axis(ndim: int, axis: int) -> int:
     """Normalize ``axis`` for an array of rank ``ndim`` (rank >= 2), or raise."""
     if ndim < 2:
         raise ValueError(f"x must have rank >= 2 (batch and channel axes), got rank {ndim}")
+    # One rule in the spec and both backends: a Python or NumPy integer (np.int64 from shape
+    # arithmetic is an index like any other), never a bool (True is not "axis 1"), a float or
+    # an array.
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise ValueError(f"axis must be an int, got {axis!r}")
     if not -ndim <= axis < ndim:

@@ -412,3 +412,60 @@ def test_rescaling_the_input_is_rescaling_eps():
     run = lambda x, eps: spec.batch_norm_train(x, g, b, np.zeros(3), np.ones(3), spec.Convention(0.9, eps, "biased"))[0]  # noqa: E731
     np.testing.assert_allclose(run(10.0 * x, 1e-3), run(x, 1e-5), rtol=1e-12)
     assert np.max(np.abs(run(10.0 * x, 1e-3) - run(x, 1e-3))) > 1e-2  # at eps 1e-3 and std 0.05 the scale matters
+
+
+# --- the axis rule, shared with both backends (tests/test_torch.py, tests/test_jax.py) --------
+
+AXIS_ACCEPTED = {"np.int64(1)": np.int64(1), "np.int32(-1)": np.int32(-1), "np.intp(1)": np.intp(1)}
+AXIS_REFUSED = {"True": True, "np.bool_(True)": np.bool_(True), "1.0": 1.0, "'1'": "1", "array(1)": np.array(1)}
+
+
+@pytest.mark.parametrize("name", sorted(AXIS_ACCEPTED))
+def test_axis_accepts_numpy_integers_like_an_int(name):
+    """One rule for the spec and both backends: a Python or NumPy integer (b02e4a9: the spec took
+    np.int64, both backends refused it)."""
+    axis = AXIS_ACCEPTED[name]
+    i = make_inputs((4, 3, 5) if int(axis) == 1 else (4, 5, 3), int(axis), seed=3)
+    args = (i["x"], i["gamma"], i["beta"], i["running_mean"], i["running_var"], "torch")
+    for got, want in zip(spec.batch_norm_train(*args, axis=axis), spec.batch_norm_train(*args, axis=int(axis))):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", sorted(AXIS_REFUSED))
+def test_axis_refuses_bools_floats_strings_and_arrays(name):
+    i = make_inputs((4, 3, 5), 1, seed=3)
+    with pytest.raises(ValueError, match="axis must be an int"):
+        spec.batch_norm_train(i["x"], None, None, None, None, "torch", axis=AXIS_REFUSED[name])
+
+
+# --- the synchronized backward, on its own terms -------------------------------------------------
+
+SYNC_SIZES = {"equal": (3, 3), "unequal": (4, 1, 2), "empty-shard": (2, 0, 3)}
+
+
+@pytest.mark.parametrize("sizes", SYNC_SIZES.values(), ids=SYNC_SIZES.keys())
+def test_sync_backward_matches_finite_differences_of_the_sync_forward(sizes):
+    """dgamma, dbeta and each shard's dx of sync_batch_norm_grad against central differences of
+    sum_r sum(y_r * dy_r) through sync_batch_norm_train. (Swapping dgamma and dbeta in its return
+    passed this file before: the sync functions were only tested in tests/test_distributed.py.)"""
+    rng = np.random.default_rng(11)
+    shards = [4.0 + (1 + np.arange(3)).reshape(1, 3, 1) * rng.standard_normal((n, 3, 2)) for n in sizes]
+    gamma, beta = 1.0 + 0.5 * rng.standard_normal(3), rng.standard_normal(3)
+    dys = [rng.standard_normal(s.shape) for s in shards]
+    conv = spec.TORCH
+
+    def loss(shards, gamma, beta):
+        ys, _, _ = spec.sync_batch_norm_train(shards, gamma, beta, None, None, conv)
+        return sum(float(np.sum(y * d)) for y, d in zip(ys, dys))
+
+    dxs, dgamma, dbeta = spec.sync_batch_norm_grad(shards, gamma, dys, conv)
+    np.testing.assert_allclose(dgamma, _central_difference(lambda a: loss(shards, a, beta), gamma), rtol=1e-6,
+                               atol=1e-7, err_msg="sync backward/dgamma")  # fmt: skip
+    np.testing.assert_allclose(dbeta, _central_difference(lambda a: loss(shards, gamma, a), beta), rtol=1e-6,
+                               atol=1e-7, err_msg="sync backward/dbeta")  # fmt: skip
+    for r, s in enumerate(shards):
+        def loss_r(a, r=r):
+            return loss([a if k == r else t for k, t in enumerate(shards)], gamma, beta)
+
+        np.testing.assert_allclose(dxs[r], _central_difference(loss_r, s), rtol=1e-5, atol=1e-7,
+                                   err_msg=f"sync backward/dx shard {r}")  # fmt: skip
