@@ -433,7 +433,7 @@ def two_runs(tmp_path_factory, tiny_fashion_dir):
               "--data-dir", str(tiny_fashion_dir)]  # fmt: skip
     train.main(["--backend", "torch", "--out", str(d / "t"), *common])
     train.main(["--backend", "jax", "--out", str(d / "j"), *common])
-    return d / "t", d / "j"
+    return d / "t", d / "j", tiny_fashion_dir
 
 
 def _edit_config(run, edit):
@@ -444,7 +444,7 @@ def _edit_config(run, edit):
     (run / "config.json").write_text(json.dumps(config))
 
 
-def _run_case(case, t, j, tmp):
+def _run_case(case, t, j, data_dir, tmp):
     """(argv, what the message must name, a phrase of the problem), on copies of the runs."""
     import shutil
 
@@ -452,7 +452,7 @@ def _run_case(case, t, j, tmp):
 
     tc, jc = tmp / "t", tmp / "j"
     shutil.copytree(t, tc), shutil.copytree(j, jc)
-    argv = [str(tc), str(jc), "-n", "16", "--synthetic"]
+    argv = [str(tc), str(jc), "-n", "16", "--data-dir", str(data_dir)]
     if case == "unknown config key":
         _edit_config(tc, lambda c: c["config"].update(warp_drive=True))
         return argv, str(tc / "config.json"), "unknown config key(s) warp_drive"
@@ -484,10 +484,10 @@ def _run_case(case, t, j, tmp):
         _edit_config(tc, lambda c: c["config"].update(bn="none"))  # LeNet without BN, its checkpoint with BN
         return argv, str(tc / CHECKPOINT), "not a checkpoint of this run's torch model"
     if case == "a data dir that does not exist":
-        return argv[:-1] + ["--data-dir", str(tmp / "typo")], f"--data-dir {tmp / 'typo'}: no such directory", "--synthetic"
+        return argv[:-2] + ["--data-dir", str(tmp / "typo")], f"--data-dir {tmp / 'typo'}: no such directory", "--synthetic"
     if case == "a data dir without the files":
         (tmp / "empty").mkdir()
-        return argv[:-1] + ["--data-dir", str(tmp / "empty")], f"--data-dir {tmp / 'empty'}", "does not hold the Fashion-MNIST"
+        return argv[:-2] + ["--data-dir", str(tmp / "empty")], f"--data-dir {tmp / 'empty'}", "does not hold the Fashion-MNIST"
     raise AssertionError(case)
 
 
@@ -508,7 +508,7 @@ def test_cli_bad_runs_and_data_dirs_are_exit_2_with_one_line_naming_the_file(cas
 
 
 def test_cli_synthetic_is_explicit_and_excludes_a_data_dir(two_runs, tiny_fashion_dir, capsys):
-    t, j = map(str, two_runs)
+    t, j = map(str, two_runs[:2])
     assert diagnose.main([t, j, "-n", "16", "--synthetic"]) == 0
     assert "No BatchNorm differences found." in capsys.readouterr().out
     assert diagnose.main([t, j, "-n", "16", "--data-dir", str(tiny_fashion_dir)]) == 0  # a directory that holds them
