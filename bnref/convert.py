@@ -50,8 +50,10 @@ single BN layer.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -66,6 +68,9 @@ __all__ = [
     "batch_norm_torch_to_flax",
     "batch_norm_flax_to_torch",
     "lenet_shapes",
+    "ConversionReport",
+    "LayerPair",
+    "CHECK_RTOL",
 ]
 
 CONVS = ("conv1", "conv2")
@@ -93,8 +98,45 @@ def lenet_shapes(bn: bool = True) -> Dict[str, tuple]:
 
 def _to_numpy(v) -> np.ndarray:
     if hasattr(v, "detach"):  # a torch tensor: copy to host without importing torch here
-        v = v.detach().cpu().numpy()
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; ml_dtypes' (JAX's) is the same bits
+            import ml_dtypes
+
+            return v.float().numpy().astype(ml_dtypes.bfloat16)  # exact: bf16 -> f32 -> bf16
+        v = v.numpy()
     return np.array(v)  # always a copy: the caller's arrays are never shared or modified
+
+
+def _is_float(dtype) -> bool:
+    """NumPy's floating types and ml_dtypes' (bfloat16, float8_*), which NumPy files under 'V'."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8", "float6", "float4"))
+
+
+def _check_values(key: str, a: np.ndarray, where: str, *, variance: bool = False) -> None:
+    """``ValueError`` unless ``a`` is floating and finite (and, for a variance, >= 0). An int64
+    weight or a string array is a corrupt checkpoint, not something to cast."""
+    if not _is_float(a.dtype):
+        raise ValueError(f"{where}: {key} has dtype {a.dtype}, expected a floating-point array")
+    v = a.astype(np.float64)
+    finite = np.isfinite(v)
+    if not finite.all():
+        i = np.unravel_index(int(np.argmin(finite)), v.shape) if v.ndim else ()
+        what = "NaN" if np.isnan(v[i]) else "inf"
+        raise ValueError(f"{where}: {key} holds {what} (at index {tuple(int(j) for j in i)}): the weights are corrupt")
+    if variance and v.size and v.min() < 0:
+        i = np.unravel_index(int(np.argmin(v)), v.shape)
+        raise ValueError(f"{where}: {key} holds a negative variance ({float(v[i]):.3g} at index "
+                         f"{tuple(int(j) for j in i)}): a running variance is >= 0, the state is corrupt")  # fmt: skip
+
+
+def _count(n, what: str, where: str) -> int:
+    """A ``num_batches_tracked``: an integer >= 0 (2.7 is refused, not truncated to 2)."""
+    a = _to_numpy(n)
+    ok = a.ndim == 0 and (a.dtype.kind in "iu" or (a.dtype.kind == "f" and np.isfinite(a) and float(a).is_integer()))
+    if not ok or a < 0:
+        raise ValueError(f"{where}: {what} is {n!r}, expected a count (an integer >= 0)")
+    return int(a)
 
 
 def _has_bn(keys) -> bool:
@@ -162,9 +204,13 @@ def _lenet_torch_to_flax(state_dict: Mapping) -> Dict[str, Dict]:
     extra_counters = [k for k in state_dict if k.endswith("num_batches_tracked") and k.split(".")[0] not in (BNS if bn else ())]
     if extra_counters:
         raise ValueError(f"{where}: unexpected key {extra_counters[0]!r}")
+    for k in state_dict:
+        if k.endswith("num_batches_tracked"):
+            _count(state_dict[k], repr(k), where)
     sd = {k: _to_numpy(state_dict[k]) for k in keys}
     for k in keys:
         _check_shape(k, sd[k], shapes[k], where)
+        _check_values(repr(k), sd[k], where, variance=k.endswith("running_var"))
     params, stats = {}, {}
     for name in CONVS:
         params[name] = {"kernel": conv_kernel_to_flax(sd[f"{name}.weight"]), "bias": sd[f"{name}.bias"]}
@@ -186,6 +232,7 @@ def _lenet_flax_to_torch(variables: Mapping, *, num_batches_tracked: int = 0, as
     ``as_torch=True`` the values are torch tensors, ready for ``load_state_dict``.
     """
     where = "flax_to_torch"
+    num_batches_tracked = _count(num_batches_tracked, "num_batches_tracked", where)
     if "params" not in variables:
         raise ValueError(f"{where}: missing collection 'params'")
     extra = sorted(set(variables) - {"params", "batch_stats"})
@@ -220,8 +267,10 @@ def _lenet_flax_to_torch(variables: Mapping, *, num_batches_tracked: int = 0, as
             o, i = shapes[f"{name}.weight"]
             _check_shape(f"params/{name}/kernel", k, (i, o), where)
             w = dense_kernel_to_torch(k, _FC1_PERM if name == "fc1" else None)
+        _check_values(f"params/{name}/kernel", k, where)
         b = _to_numpy(params[name]["bias"])
         _check_shape(f"params/{name}/bias", b, shapes[f"{name}.bias"], where)
+        _check_values(f"params/{name}/bias", b, where)
         out[f"{name}.weight"], out[f"{name}.bias"] = np.ascontiguousarray(w), b
     return _as_torch(out) if as_torch else out
 
@@ -245,6 +294,9 @@ def batch_norm_torch_to_flax(state_dict: Mapping, prefix: str = "") -> Dict[str,
     for field, a in arrays.items():
         if a.ndim != 1 or a.shape != channels:
             raise ValueError(f"{where}: {prefix + field!r} has shape {a.shape}, expected {channels} like {prefix}weight")
+        _check_values(repr(prefix + field), a, where, variance=field == "running_var")
+    if prefix + "num_batches_tracked" in state_dict:
+        _count(state_dict[prefix + "num_batches_tracked"], repr(prefix + "num_batches_tracked"), where)
     out = {"params": {}, "batch_stats": {}}
     for field, (collection, name) in names.items():
         out[collection][name] = arrays[field]
@@ -258,17 +310,22 @@ def batch_norm_flax_to_torch(
     state (``weight, bias, running_mean, running_var, num_batches_tracked`` under ``prefix``)."""
     where = "batch_norm_flax_to_torch"
     fields = (("params", "scale", "weight"), ("params", "bias", "bias"), ("batch_stats", "mean", "running_mean"), ("batch_stats", "var", "running_var"))
+    num_batches_tracked = _count(num_batches_tracked, "num_batches_tracked", where)
     out = OrderedDict()
     for collection, name, torch_name in fields:
+        key = "/".join(p for p in (collection, prefix.rstrip("."), name) if p)  # no '//' for a bare layer
         try:
             a = _to_numpy(variables[collection][name])
         except (KeyError, TypeError):
-            raise ValueError(f"{where}: missing {collection}/{prefix.rstrip('.') or 'layer'}/{name}") from None
+            raise ValueError(f"{where}: missing {key}") from None
         if a.ndim != 1 or (channels is not None and a.shape != (channels,)):
-            raise ValueError(f"{where}: {collection}/{prefix.rstrip('.')}/{name} has shape {a.shape}, expected ({channels},)")
+            expected = f"({channels},)" if channels is not None else "a vector (channels,)"
+            raise ValueError(f"{where}: {key} has shape {a.shape}, expected {expected}")
+        _check_values(key, a, where, variance=name == "var")
         out[prefix + torch_name] = a
     if len({a.shape for a in out.values()}) != 1:
-        raise ValueError(f"{where}: {prefix or 'layer'} arrays disagree in shape: {[a.shape for a in out.values()]}")
+        raise ValueError(f"{where}: {prefix.rstrip('.') or 'the layer'}'s arrays disagree in shape: "
+                         f"{[a.shape for a in out.values()]}")  # fmt: skip
     out[prefix + "num_batches_tracked"] = np.array(num_batches_tracked, dtype=np.int64)
     return out
 
@@ -296,8 +353,27 @@ def _as_torch(sd: "OrderedDict") -> "OrderedDict":
 # from the two models' activations on ``sample_input``; and the result is checked layer by
 # layer on ``sample_input`` (float64 where the models allow it).
 
-#: relative tolerance of the float64 layer-by-layer check (float32 models: ``CHECK_RTOL32``)
-CHECK_RTOL64, CHECK_RTOL32 = 1e-7, 1e-4
+#: relative tolerance of the layer-by-layer comparison, by the lowest precision the Flax model
+#: computes or keeps its weights in up to that layer: a float64 run agrees to rounding, a
+#: float32 one to ~1e3 ulps, and a half-precision port rounds every activation to 8 (bfloat16)
+#: or 11 (float16) bits, so its bound is set by that rounding compounded over a deep network.
+#: (Measured: a 17-layer residual CNN ported in float16 parts from torch's float64 by at most
+#: 2e-3 at any layer's input, in bfloat16 by 1.4e-2; a port that computes something else, by O(1).)
+CHECK_RTOL = {"float64": 1e-7, "float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+CHECK_RTOL64, CHECK_RTOL32 = CHECK_RTOL["float64"], CHECK_RTOL["float32"]
+
+
+def check_rtol(dtypes) -> float:
+    """The bound (relative to the largest value, see :func:`_rel_error`) for results computed
+    in ``dtypes``: that of the least precise one (``CHECK_RTOL``; another float: 10 ulps)."""
+    import ml_dtypes
+
+    rtol = CHECK_RTOL["float64"]
+    for dt in dtypes:
+        dt = np.dtype(dt)
+        if _is_float(dt):
+            rtol = max(rtol, CHECK_RTOL.get(dt.name, 10 * float(ml_dtypes.finfo(dt).eps)))
+    return rtol
 
 
 class Layer:
@@ -358,11 +434,12 @@ def channels_last(x: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, 1, -1) if x.ndim >= 3 else x
 
 
-def torch_layers(module, sample_input, *, train: bool = False, dtype=None) -> tuple:
+def torch_layers(module, sample_input, *, train: bool = False, dtype=None, where: str = "torch_layers") -> tuple:
     """Run a copy of ``module`` (``train()`` or ``eval()``, cast to ``dtype`` if given) on
     ``sample_input`` and return ``(layers, output, copy)``: every call of a supported layer in
     call order, with its input and output. Raises ``ValueError`` for a leaf module that holds
-    parameters or buffers but is not a supported layer (it would be silently left out)."""
+    parameters or buffers but is not a supported layer (it would be silently left out), and
+    for a sample the module cannot run on (torch's ``RuntimeError``, e.g. a wrong shape)."""
     import copy
 
     import torch
@@ -390,18 +467,24 @@ def torch_layers(module, sample_input, *, train: bool = False, dtype=None) -> tu
         handles.append(m.register_forward_hook(hook))
     try:
         x = torch.as_tensor(np.asarray(sample_input), dtype=dtype or next(net.parameters()).dtype)
-        out = net(x)
+        try:
+            out = net(x)
+        except RuntimeError as e:  # a shape the model cannot take: say which, in one line
+            raise ValueError(f"{where}: the torch module cannot run on sample_input of shape {tuple(x.shape)} "
+                             f"({_first_line(e)}): pass a batch in torch's layout, (N, C, H, W) / (N, C, L) / "
+                             "(N, F), with the channels and size the model takes") from None  # fmt: skip
     finally:
         for h in handles:
             h.remove()
     return layers, out.detach().cpu().numpy(), net
 
 
-def flax_layers(module, variables, sample_input, kwargs: Mapping, *, mutable=False) -> tuple:
+def flax_layers(module, variables, sample_input, kwargs: Mapping, *, mutable=False, where: str = "flax_layers") -> tuple:
     """Apply ``module`` to ``sample_input`` (already channels-last) with ``variables`` and
     ``kwargs`` and return ``(layers, output, updates)``: every call of a supported layer (Conv,
     Dense, flax.linen's and bnref's BatchNorm) in call order, with its input and output;
-    ``updates`` is ``{}`` unless ``mutable``."""
+    ``updates`` is ``{}`` unless ``mutable``. Flax's own errors for a layer that updates its
+    statistics without ``mutable`` or needs an rng come back as a one-line ``ValueError``."""
     import flax.linen as fnn
 
     layers = []
@@ -414,12 +497,38 @@ def flax_layers(module, variables, sample_input, kwargs: Mapping, *, mutable=Fal
             layers.append(Layer("flax", name, kind, context.module, np.asarray(args[0]), np.asarray(out)))
         return out
 
-    with fnn.intercept_methods(interceptor):
+    with fnn.intercept_methods(interceptor), _flax_errors(where, kwargs):
         if mutable:
             out, updates = module.apply(variables, sample_input, mutable=mutable, **kwargs)
         else:
             out, updates = module.apply(variables, sample_input, **kwargs), {}
     return layers, np.asarray(out), updates
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@contextlib.contextmanager
+def _flax_errors(where: str, kwargs: Mapping):
+    """Flax's errors for the two port mistakes a run exposes, as one-line ``ValueError``s that
+    say what to change."""
+    import flax.errors
+
+    try:
+        yield
+    except flax.errors.ModifyScopeVariableError as e:
+        m = re.search(r'in "/?([^"]*)"', str(e))
+        layer = m.group(1) if m else "?"
+        raise ValueError(f"{where}: Flax layer {layer!r} updates its batch_stats when called with {dict(kwargs)!r} "
+                         "(a BatchNorm with use_running_average=False fixed at construction?): tie it to the mode "
+                         "argument, use_running_average=not train, and pass that argument in eval_kwargs") from None  # fmt: skip
+    except flax.errors.InvalidRngError as e:
+        m = re.match(r'\s*(\S+) needs PRNG for "([^"]+)"', str(e))
+        layer, rng = (m.group(1), m.group(2)) if m else ("?", "?")
+        raise ValueError(f"{where}: Flax layer {layer!r} needs a {rng!r} rng when called with {dict(kwargs)!r} "
+                         "(an nn.Dropout with deterministic=False fixed?): the models are compared without "
+                         "randomness, so make it deterministic=not train and pass that argument in eval_kwargs") from None  # fmt: skip
 
 
 def match_layers(tlayers, flayers) -> list:
@@ -428,26 +537,33 @@ def match_layers(tlayers, flayers) -> list:
     on both sides by call order, when they are as many and of the same kinds in that order.
     Returns ``[(torch_layer, flax_layer), ...]`` in Flax call order; raises ``ValueError``
     listing what did not match."""
+    return _match_layers(tlayers, flayers)[0]
+
+
+def _match_layers(tlayers, flayers):
+    """:func:`match_layers` and, for each Flax layer name, how it was paired: ``"path"`` or
+    ``"call order"``."""
     tfirst = _first_calls(tlayers, "torch")
     ffirst = _first_calls(flayers, "flax")
     tby = {t.key: t for t in tfirst}
-    pairs = {}
+    pairs, by = {}, {}
     for f in ffirst:
         t = tby.get(f.key)
         if t is not None and t.kind == f.kind:
-            pairs[f.name] = t
+            pairs[f.name], by[f.name] = t, "path"
     matched_t = {t.name for t in pairs.values()}
     t_left = [t for t in tfirst if t.name not in matched_t]
     f_left = [f for f in ffirst if f.name not in pairs]
     if [t.kind for t in t_left] == [f.kind for f in f_left]:
         pairs.update({f.name: t for t, f in zip(t_left, f_left)})
+        by.update({f.name: "call order" for f in f_left})
     elif t_left or f_left:
         lines = ["torch_to_flax: these layers have no partner (paired by name, dots and slashes read as '_', "
                  "then by call order when the rest agree in number and kind):"]  # fmt: skip
         lines += [f"  {t.describe()}" for t in t_left] or ["  (every torch layer matched)"]
         lines += [f"  {f.describe()}" for f in f_left] or ["  (every Flax layer matched)"]
         raise ValueError("\n".join(lines))
-    return [(pairs[f.name], f) for f in ffirst]
+    return [(pairs[f.name], f) for f in ffirst], by
 
 
 def _first_calls(layers, framework):
@@ -461,24 +577,26 @@ def _first_calls(layers, framework):
     return first
 
 
-def infer_permutation(torch_in: np.ndarray, flax_in: np.ndarray, where: str) -> np.ndarray:
-    """The order ``P`` (``flax_in[:, j] == torch_in[:, P[j]]``) of a layer's flattened input,
-    among the flatten orders of every (C, S) factorization of its width (the identity
-    included), from the two models' activations on the sample input: the one that fits."""
-    n, f = torch_in.shape
-    candidates = {}
-    for c in range(1, f + 1):
-        if f % c == 0:
-            p = flatten_permutation(c, f)
-            candidates.setdefault(p.tobytes(), (c, p))
-    scale = float(np.max(np.abs(torch_in))) + 1.0
-    errors = sorted((float(np.max(np.abs(flax_in - torch_in[:, p]))) / scale, c, p) for c, p in candidates.values())
-    best, second = errors[0], (errors[1] if len(errors) > 1 else None)
-    if second is not None and second[0] <= max(best[0] * 10, 1e-12):
-        raise ValueError(f"{where}: the sample input does not decide the order of the layer's {f} inputs (flatten "
-                         f"orders with {best[1]} and {second[1]} channels fit it equally well): pass more, and more "
-                         "varied, examples")  # fmt: skip
-    return best[2]
+def _candidate_orders(width: int) -> list:
+    """``[(label, P)]``: every distinct flatten order of a ``width``-wide vector, one per
+    factorization C x S (``P`` as in :func:`flatten_permutation`), the identity first."""
+    out, seen = [], set()
+    for c in [width] + [c for c in range(1, width) if width % c == 0]:
+        p = flatten_permutation(c, width)
+        if p.tobytes() not in seen:
+            seen.add(p.tobytes())
+            out.append(("as is" if c == width else f"(C={c}, S={width // c})", p))
+    return out
+
+
+def _rel_error(a, b) -> float:
+    """``max|a - b| / (max|a| + 1)`` in float64; NaN when either holds a NaN (it never passes)."""
+    a, b = np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64)
+    if a.shape != b.shape:
+        return float("nan")
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b))) / (float(np.max(np.abs(a))) + 1.0)
 
 
 def _torch_params(t: Layer) -> Dict[str, np.ndarray]:
@@ -586,92 +704,298 @@ def check_sample(sample_input, where: str) -> np.ndarray:
     return x
 
 
-def _plan(torch_module, flax_module, sample_input, eval_kwargs, where: str):
-    """Pair the layers, infer each flattened input's order and convert ``torch_module``'s own
-    weights: ``(pairs, perms, variables, init)``: ``perms`` maps a Flax layer's name to its
-    input order (None: as is), ``variables`` is a float64 NumPy tree shaped like
-    ``flax_module``'s, ``init`` its abstract variables (shapes and dtypes)."""
-    import jax
+_BETWEEN = ("an activation (relu vs relu6?), pooling, a skip connection, a channel shuffle, a reshape, or the "
+            "layers' order?")  # fmt: skip
+_ITSELF = {
+    "conv": "padding: Flax's 'SAME' pads a stride-2 layer (0, 1), torch's padding=k//2 pads both sides; stride, "
+            "dilation, groups?",
+    "dense": "use_bias?",
+    "bn": "epsilon, axis, use_scale/use_bias, a mode not set by eval_kwargs? bnref.diagnose.bn_report compares BN "
+          "layers in detail",
+}  # fmt: skip
 
-    x = check_sample(sample_input, where)
+
+def _as_flax_order(a: np.ndarray, perm) -> np.ndarray:
+    """A torch activation in the layout its Flax partner has: channels-last, or a flat vector
+    read in the order ``perm``."""
+    return channels_last(a) if a.ndim >= 3 else (a if perm is None or a.ndim != 2 else a[:, perm])
+
+
+class _Walk:
+    """Compares the paired layers' inputs and outputs in Flax call order, on runs of both models,
+    each against the bound of the precision computed in up to there (:func:`check_rtol`).
+    Remembers the first layer whose output differs though its input agrees (``faulty``), so that
+    the first input that differs is blamed on that layer, or else on what lies between layers.
+    ``strict``: raise at the first difference; otherwise keep its message in ``first_diff``."""
+
+    def __init__(self, where: str, strict: bool, var_dtypes: Optional[Mapping] = None):
+        self.where, self.strict, self.var_dtypes = where, strict, dict(var_dtypes or {})
+        self.done = 0  # pairs[:done] compared
+        self.dtypes = {np.dtype(np.float64)}  # what the Flax layers before pairs[done] computed and kept in
+        self.faulty = None  # (torch layer, Flax layer, error)
+        self.first_diff = None
+        self.rtol = CHECK_RTOL["float64"]
+
+    def blame(self, between: str) -> str:
+        if self.faulty is not None:
+            t, f, err = self.faulty
+            return (f": the output of {_pair_where(t, f)} already differs (by {err:.2g}) though its input agrees, so "
+                    f"that layer is set up differently ({_ITSELF[t.kind]})")  # fmt: skip
+        return f", though every layer called before it agrees: {between}"
+
+    def differ(self, what: str, err: float, rtol: float, between: str) -> None:
+        msg = (f"{self.where}: {what} differs between the models by {err:.2g} (relative; the bound is {rtol:g}) on "
+               f"sample_input{self.blame(between)}")  # fmt: skip
+        if self.strict:
+            raise ValueError(msg)
+        if self.first_diff is None:
+            self.first_diff = msg
+
+    def run(self, pairs, flayers: Mapping, perms: Mapping, pending=()):
+        """Compare ``pairs[done:]`` on this Flax run (``flayers`` by name) up to the first Flax
+        layer named in ``pending``; return ``(torch layer, Flax layer, bound)`` for it, or None."""
+        for i in range(self.done, len(pairs)):
+            t, f = pairs[i][0], flayers[pairs[i][1].name]
+            dtypes = self.dtypes | {f.input.dtype}
+            rtol = check_rtol(dtypes)
+            if f.name in pending:
+                return t, f, rtol
+            perm = perms.get(f.name)
+            err = _rel_error(_as_flax_order(t.input, perm), f.input)
+            if not err <= rtol:
+                self.differ(f"the input of {_pair_where(t, f)}", err, rtol, f"something between them differs ({_BETWEEN})")
+            dtypes = dtypes | {f.output.dtype} | set(self.var_dtypes.get(f.name, ()))
+            out_err = _rel_error(_as_flax_order(t.output, perm if t.kind == "bn" else None), f.output)
+            if not out_err <= check_rtol(dtypes) and self.faulty is None and self.first_diff is None:
+                self.faulty = (t, f, out_err)
+            self.dtypes, self.done = dtypes, i + 1
+        return None
+
+    def output(self, tout: np.ndarray, fout: np.ndarray) -> None:
+        self.rtol = check_rtol(self.dtypes | {fout.dtype})
+        a = _as_flax_order(tout, None)
+        if a.shape != fout.shape:
+            raise ValueError(f"{self.where}: the output has shape {a.shape} in torch (channels-last) and {fout.shape} in "
+                             "Flax: the models differ after their last layer")  # fmt: skip
+        err = _rel_error(a, fout)
+        if not err <= self.rtol:
+            self.differ("the output", err, self.rtol, "something after the last layer differs (a final activation, "
+                        "pooling, a reshape?)")  # fmt: skip
+
+
+def _decide_order(t: Layer, f: Layer, pred: Optional[Layer], inherited, model_ndim: int, rtol: float, walk: _Walk,
+                  where: str):  # fmt: skip
+    """The order ``(P, label)`` of a flat input (``f.input[:, j] == t.input[:, P[j]]``), every
+    layer called before it agreeing (``walk``). With no flatten since the torch layer before it
+    (``pred``'s output, or the model's input, is already flat) the order is the one that layer
+    left (``inherited``; as is after a Linear); after a flatten, the one flatten order (over the
+    factorizations C x S of the width) that fits within ``rtol``. Each way it can fail has its
+    own message: all-zero inputs, several orders fit, none does."""
+    pair, width = _pair_where(t, f), t.input.shape[1]
+    flat_before = (pred.output.ndim == 2) if pred is not None else model_ndim == 2
+    cands = ([("as the layer before it left it", inherited)] if flat_before and inherited is not None else [])
+    cands += _candidate_orders(width)
+    errs = [(_rel_error(t.input[:, p], f.input), label, p) for label, p in cands]
+    fits, seen = [], set()
+    for e in errs:
+        if e[0] <= rtol and e[2].tobytes() not in seen:
+            seen.add(e[2].tobytes())
+            fits.append(e)
+    if flat_before and errs[0][0] <= rtol:  # no flatten in between: the order it came in, if it fits
+        return errs[0][2], errs[0][1]
+    if len(fits) == 1:
+        return fits[0][2], fits[0][1]
+    if fits:
+        if not np.any(t.input) and not np.any(f.input):
+            raise ValueError(f"{where}: {pair}: the layer's {width} inputs are zero on every example of sample_input "
+                             "(dead ReLUs?), so they cannot tell one flatten order from another: pass examples (or "
+                             "weights) that activate them")  # fmt: skip
+        dead = int(np.sum(~np.any(t.input != 0, axis=0)))
+        note = f"; {dead} of the inputs are zero on every example" if dead else ""
+        raise ValueError(f"{where}: {pair}: the sample input does not decide the order of the layer's {width} inputs "
+                         f"(the flatten orders {fits[0][1]} and {fits[1][1]} both fit{note}): pass more, and more "
+                         "varied, examples")  # fmt: skip
+    ranked = sorted(errs, key=lambda e: e[0])
+    decided = len(ranked) == 1 or ranked[0][0] * 10 < ranked[1][0]  # check=False: the clearly closest one
+    if walk.first_diff is None:
+        if flat_before:
+            walk.differ(f"the input of {pair}", errs[0][0], rtol, f"something between them differs ({_BETWEEN})")
+            return errs[0][2], errs[0][1]  # check=False: no flatten in between, so no other order to try
+        before = f"torch {pred.name!r}" if pred is not None else "the model's input"
+        msg = (f"{where}: {pair}: no flatten order fits the layer's {width} inputs on sample_input (the closest, "
+               f"{ranked[0][1]}, is off by {ranked[0][0]:.2g}; the bound is {rtol:g})"
+               + walk.blame(f"the models differ between {before} and it (pooling, an activation, a skip connection, "
+                            "a flatten of another layout?)"))  # fmt: skip
+        if walk.strict or not decided:
+            raise ValueError(msg)
+        walk.first_diff = msg
+    if decided:
+        return ranked[0][2], ranked[0][1]
+    # check=False, the models already differ below: the data cannot decide, so take the flatten of
+    # the torch layer before's map (C = its channels), when there is one; never a guess among the rest
+    c = pred.output.shape[1] if pred is not None and pred.output.ndim >= 3 else None
+    if c is not None and width % c == 0:
+        return flatten_permutation(c, width), f"(C={c}, S={width // c})"
+    raise ValueError(f"{walk.first_diff}; so the order of the inputs of {pair} cannot be found on it")
+
+
+def _check_mode_arguments(flax_module, eval_kwargs: Mapping, where: str) -> None:
+    """``ValueError`` before any work when ``flax_module.__call__`` cannot take ``eval_kwargs``
+    (its mode argument is not called ``train``, or it needs one)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(flax_module.__call__)
+    except (TypeError, ValueError):  # no signature to read: the run itself will tell
+        return
+    try:
+        sig.bind(None, **eval_kwargs)
+    except TypeError as e:
+        rest = [p for p in list(sig.parameters)[1:] if sig.parameters[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                                       inspect.Parameter.VAR_KEYWORD)]  # fmt: skip
+        on = {"deterministic", "use_running_average", "eval", "evaluate", "inference", "is_eval"}
+        hint = f"eval_kwargs={{{rest[0]!r}: {rest[0] in on}}}" if rest else "eval_kwargs={}"
+        raise ValueError(f"{where}: eval_kwargs={dict(eval_kwargs)!r} do not fit flax_module.__call__{sig} ({e}): "
+                         f"pass the module's own evaluation-mode arguments, e.g. {hint}") from None  # fmt: skip
+
+
+class LayerPair(NamedTuple):
+    """How one torch layer was paired with one Flax layer (see :class:`ConversionReport`)."""
+
+    torch: str  #: torch module path (``features.0``)
+    flax: str  #: Flax module path, ``/``-joined (``features_0``, ``Conv_0``)
+    kind: str  #: ``conv``, ``dense`` or ``bn``
+    paired_by: str  #: ``"path"`` (the names agree, dots and slashes read as ``_``) or ``"call order"``
+    input_order: str  #: ``"as is"``, or the torch flatten ``"(C=16, S=16)"`` read in Flax's order
+
+
+class ConversionReport(NamedTuple):
+    """What a conversion did (``torch_to_flax(..., report=True)`` returns it with the variables):
+    ``pairs``, one :class:`LayerPair` per Flax layer in its call order; ``rtol``, the bound the
+    models' outputs were compared with (by the Flax model's precision, ``CHECK_RTOL``);
+    ``checked``, whether ``check`` ran. ``str(report)`` is a table."""
+
+    pairs: tuple
+    rtol: float
+    checked: bool
+
+    def __str__(self) -> str:
+        w_t = max([len("torch")] + [len(p.torch) for p in self.pairs])
+        w_f = max([len("flax")] + [len(p.flax) for p in self.pairs])
+        lines = [f"{'torch':<{w_t}}  {'flax':<{w_f}}  kind   paired by   input order"]
+        lines += [f"{p.torch:<{w_t}}  {p.flax:<{w_f}}  {p.kind:<5}  {p.paired_by:<10}  {p.input_order}" for p in self.pairs]
+        lines.append(f"checked on sample_input to {self.rtol:g} (relative)" if self.checked else "not checked (check=False)")
+        return "\n".join(lines)
+
+
+def _plan(torch_module, flax_module, sample_input, eval_kwargs, where: str, strict: bool = True):
+    """Pair the layers, convert ``torch_module``'s own weights and compare the two models layer
+    by layer on ``sample_input`` (float64 where the models allow), finding each flattened
+    input's order only once everything called before it agrees: ``(pairs, perms, variables,
+    init, report_pairs)``: ``perms`` maps a Flax layer's name to its input order (None: as
+    is), ``variables`` is a float64 NumPy tree shaped like ``flax_module``'s, ``init`` its
+    abstract variables (shapes and dtypes). ``strict``: a difference anywhere is a
+    ``ValueError``; otherwise only one that leaves a flatten order undecided."""
+    import jax
     import torch
 
-    tlayers, _, _ = torch_layers(torch_module, x, train=False, dtype=torch.float64)
+    x = check_sample(sample_input, where)
+    _check_mode_arguments(flax_module, eval_kwargs, where)
+    tlayers, tout, _ = torch_layers(torch_module, x, train=False, dtype=torch.float64, where=where)
     xf = channels_last(x.astype(np.float64))
     with _x64():
-        init = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), xf, **eval_kwargs))
+        with _flax_errors(where, eval_kwargs):
+            init = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), xf, **eval_kwargs))
         shapes = jax.tree.map(lambda s: tuple(s.shape), dict(init))
         variables = jax.tree.map(lambda s: np.zeros(s.shape, np.float64), dict(init))
-        flayers, _, _ = flax_layers(flax_module, variables, xf, eval_kwargs)
-        pairs = match_layers(tlayers, flayers)
+        flayers, _, _ = flax_layers(flax_module, variables, xf, eval_kwargs, where=where)
+        pairs, by = _match_layers(tlayers, flayers)
         for t, f in pairs:  # the first layer whose input shapes differ is where the models part
             if channels_last(t.input).shape != f.input.shape:
                 raise ValueError(f"{where}: the input of {_pair_where(t, f)} has shape {channels_last(t.input).shape} "
                                  f"in torch (channels-last) and {f.input.shape} in Flax: the models differ before it "
                                  "(padding, stride, pooling, layer order?)")  # fmt: skip
-        perms, converted = {}, set()
-        for t, f in pairs:
-            perm = None
-            if t.input.ndim == 2 and t.kind in ("dense", "bn"):  # a flattened vector: find its order
-                # the layer's Flax input with the layers below it converted (shapes checked above)
-                fl, _, _ = flax_layers(flax_module, variables, xf, eval_kwargs)
-                f_in = next(g for g in fl if g.name == f.name).input
-                perm = infer_permutation(t.input, f_in, f"{where}: {_pair_where(t, f)}")
-                perm = None if np.array_equal(perm, np.arange(len(perm))) else perm
+        for t, _ in pairs:  # corrupt weights are named as such, not as a port that computes something else
+            for name, a in _torch_params(t).items():
+                _check_values(f"torch {t.name!r} {name}", a, where, variance=name == "running_var")
+        tfirst = _first_calls(tlayers, "torch")
+        pred = {t.name: (tfirst[i - 1] if i else None) for i, t in enumerate(tfirst)}
+        flax_of = {t.name: f.name for t, f in pairs}
+        needs_order = {f.name for t, f in pairs if t.input.ndim == 2 and t.kind in ("dense", "bn")}
+        perms, labels, converted = {}, {}, set()
+
+        def convert(t, f, perm):
             arrays = _layer_torch_to_flax(t, f, _torch_params(t), perm, _layer_variables(shapes, f.name))
             _set_layer(variables, f.name, arrays)
-            perms[f.name] = perm
             converted.update({f"{c}/{f.name}/{n}" if f.name else f"{c}/{n}" for c, d in arrays.items() for n in d})
+
+        for t, f in pairs:
+            if f.name not in needs_order:
+                convert(t, f, None)
+        walk = _Walk(where, strict)
+        while True:  # one run per flat input: what follows it depends on its order
+            fl, fout, _ = flax_layers(flax_module, variables, xf, eval_kwargs, where=where)
+            stop = walk.run(pairs, {g.name: g for g in fl}, perms, pending=needs_order - set(perms))
+            if stop is None:
+                walk.output(tout, fout)
+                break
+            t, f, rtol = stop
+            p = pred[t.name]
+            inherited = perms.get(flax_of[p.name]) if p is not None and p.kind == "bn" else None
+            perm, label = _decide_order(t, f, p, inherited, x.ndim, rtol, walk, where)
+            perm = None if np.array_equal(perm, np.arange(len(perm))) else perm
+            convert(t, f, perm)
+            perms[f.name], labels[f.name] = perm, ("as is" if perm is None else label)
         left = [p for p in _leaf_paths(shapes) if p not in converted]
         if left:
             raise ValueError(f"{where}: Flax variables that no supported layer holds: {', '.join(left)}")
-    return pairs, perms, variables, init
+    report_pairs = tuple(LayerPair(t.name, f.name, t.kind, by[f.name], labels.get(f.name, "as is")) for t, f in pairs)
+    return pairs, perms, variables, init, report_pairs
 
 
 def _check_same_function(torch_module, flax_module, variables, sample_input, eval_kwargs, perms: Mapping,
-                         where: str) -> None:  # fmt: skip
+                         where: str, init=None) -> float:  # fmt: skip
     """Run both models in eval mode on ``sample_input`` (float64 where the models allow) and
-    compare every paired layer's input (flattened ones in the order ``perms`` gives, as
-    :func:`_plan` found it) and the outputs; raise ``ValueError`` naming the first layer whose
-    input differs."""
+    compare every paired layer's input and output (flattened ones in the order ``perms`` gives,
+    as :func:`_plan` found it) and the models' outputs, each to the bound of the precision the
+    Flax model computes and (``init``: its abstract variables) stores its weights in; raise
+    ``ValueError`` naming the first layer that differs. Returns the bound at the output."""
     import jax
     import torch
 
     x = np.asarray(sample_input, np.float64)
-    tlayers, tout, _ = torch_layers(torch_module, x, train=False, dtype=torch.float64)
+    tlayers, tout, _ = torch_layers(torch_module, x, train=False, dtype=torch.float64, where=where)
     with _x64():
-        v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
-        flayers, fout, _ = flax_layers(flax_module, v64, channels_last(x), eval_kwargs)
-    rtol = CHECK_RTOL64 if all(f.input.dtype == np.float64 for f in flayers) else CHECK_RTOL32
-    checks = [(f"the input of {_pair_where(t, f)}", t.input, f.input, perms[f.name])
-              for t, f in match_layers(tlayers, flayers)]  # fmt: skip
-    checks.append(("the output", tout, fout, None))
-    for what, a, b, perm in checks:
-        a = channels_last(a) if a.ndim >= 3 else (a if perm is None else a[:, perm])
-        if a.shape != b.shape:
-            raise ValueError(f"{where}: {what}: shape {a.shape} (torch, channels-last) but {b.shape} (Flax)")
-        err = float(np.max(np.abs(a - b), initial=0.0)) / (float(np.max(np.abs(a), initial=0.0)) + 1.0)
-        if not err <= rtol:
-            raise ValueError(f"{where}: {what} differs between the models by {err:.2g} (relative) on sample_input: "
-                             "they compute different things before it (padding, stride, pooling, activation, eps, "
-                             "layer order?); bnref.diagnose.bn_report compares the BN layers")  # fmt: skip
+        v64 = jax.tree.map(lambda a: np.asarray(a).astype(np.float64), dict(variables))
+        flayers, fout, _ = flax_layers(flax_module, v64, channels_last(x), eval_kwargs, where=where)
+    var_dtypes = {}
+    if init is not None:
+        dtypes = jax.tree.map(lambda s: np.dtype(s.dtype), dict(init))
+        var_dtypes = {f.name: [d for c in _layer_variables(dtypes, f.name).values() for d in c.values()]
+                      for f in flayers}  # fmt: skip
+    walk = _Walk(where, strict=True, var_dtypes=var_dtypes)
+    walk.run(match_layers(tlayers, flayers), {f.name: f for f in flayers}, perms)
+    walk.output(tout, fout)
+    return walk.rtol
 
 
-def _torch_module_to_flax(torch_module, flax_module, sample_input, eval_kwargs=None, check=True) -> Dict:
+def _torch_module_to_flax(torch_module, flax_module, sample_input, eval_kwargs=None, check=True):
     import jax
 
     where = "torch_to_flax"
     eval_kwargs = {"train": False} if eval_kwargs is None else dict(eval_kwargs)
-    pairs, perms, variables, init = _plan(torch_module, flax_module, sample_input, eval_kwargs, where)
+    pairs, perms, variables, init, report_pairs = _plan(torch_module, flax_module, sample_input, eval_kwargs, where,
+                                                        strict=check)  # fmt: skip
     dtypes = jax.tree.map(lambda s: s.dtype, dict(init))
     result = jax.tree.map(lambda a, dt: np.asarray(a, dt), variables, dtypes)
+    rtol = float("nan")
     if check:
-        _check_same_function(torch_module, flax_module, result, sample_input, eval_kwargs, perms, where)
-    return result
+        rtol = _check_same_function(torch_module, flax_module, result, sample_input, eval_kwargs, perms, where, init)
+    return result, ConversionReport(report_pairs, rtol, bool(check))
 
 
 def _flax_module_to_torch(flax_module, variables, torch_module, sample_input, eval_kwargs=None, check=True,
-                          as_torch=True) -> "OrderedDict":  # fmt: skip
+                          as_torch=True):  # fmt: skip
     """The reverse: ``torch_module``'s ``state_dict`` with every paired layer's entries taken
     from the Flax ``variables`` (anything the Flax model lacks, e.g. ``num_batches_tracked``,
     is the torch module's own). The pairing and flatten orders are found by converting
@@ -683,7 +1007,8 @@ def _flax_module_to_torch(flax_module, variables, torch_module, sample_input, ev
     eval_kwargs = {"train": False} if eval_kwargs is None else dict(eval_kwargs)
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError(f"{where}: variables must be a mapping with a 'params' collection")
-    pairs, perms, _, init = _plan(torch_module, flax_module, sample_input, eval_kwargs, where)
+    pairs, perms, _, init, report_pairs = _plan(torch_module, flax_module, sample_input, eval_kwargs, where,
+                                                strict=check)  # fmt: skip
     shapes = jax.tree.map(lambda s: tuple(s.shape), dict(init))
     given = jax.tree.map(_to_numpy, dict(variables))
     have, want = set(_leaf_paths(given)), set(_leaf_paths(shapes))
@@ -697,9 +1022,10 @@ def _flax_module_to_torch(flax_module, variables, torch_module, sample_input, ev
             node_g, node_s = node_g[part], node_s[part]
         if tuple(node_g.shape) != tuple(node_s):
             raise ValueError(f"{where}: {p} has shape {tuple(node_g.shape)}, the Flax module makes {tuple(node_s)}")
+        _check_values(p, node_g, where, variance=p.startswith("batch_stats/") and p.endswith("/var"))
     sd = OrderedDict((k, v.detach().cpu().clone()) for k, v in torch_module.state_dict().items())
     for t, f in pairs:
-        perm = perms[f.name]
+        perm = perms[f.name] if f.name in perms else None
         lv = _layer_variables(given, f.name)
         params, stats = lv.get("params", {}), lv.get("batch_stats", {})
         prefix = f"{t.name}." if t.name else ""
@@ -715,18 +1041,20 @@ def _flax_module_to_torch(flax_module, variables, torch_module, sample_input, ev
         for name, a in new.items():
             if a is not None:
                 old = sd[prefix + name]
-                sd[prefix + name] = torch.from_numpy(np.ascontiguousarray(a)).to(old.dtype)
+                sd[prefix + name] = torch.from_numpy(np.ascontiguousarray(a).astype(np.float64)).to(old.dtype)
+    rtol = float("nan")
     if check:
         import copy
 
         probe = copy.deepcopy(torch_module)
         probe.load_state_dict(sd)
-        _check_same_function(probe, flax_module, given, sample_input, eval_kwargs, perms, where)
-    return sd if as_torch else OrderedDict((k, v.numpy()) for k, v in sd.items())
+        rtol = _check_same_function(probe, flax_module, given, sample_input, eval_kwargs, perms, where, init)
+    sd = sd if as_torch else OrderedDict((k, v.numpy()) for k, v in sd.items())
+    return sd, ConversionReport(report_pairs, rtol, bool(check))
 
 
 def torch_to_flax(torch_module, flax_module=None, sample_input=None, *, eval_kwargs: Optional[Mapping] = None,
-                  check: bool = True) -> Dict[str, Dict]:  # fmt: skip
+                  check: bool = True, report: bool = False):  # fmt: skip
     """PyTorch weights -> Flax variables, for any model made of the usual layers.
 
     ``torch_to_flax(torch_module, flax_module, sample_input)``: ``torch_module`` a
@@ -738,27 +1066,36 @@ def torch_to_flax(torch_module, flax_module=None, sample_input=None, *, eval_kwa
     x_channels_last, **eval_kwargs)`` (default ``train=False``) computes what ``torch_module``
     computes in ``eval()`` mode. Rules (see the module docstring): layers paired by path,
     then by call order; conv kernels OIHW -> HWIO; dense kernels transposed, their inputs
-    reordered where a flatten turned NCHW into NHWC order (found on ``sample_input``). With
-    ``check`` (default) both models are run on ``sample_input`` afterwards and a ``ValueError``
-    names the first layer whose input differs (float64: relative 1e-7). ``torch_module`` is
-    never modified.
+    reordered where a flatten turned NCHW into NHWC order (found on ``sample_input``, once
+    every layer called before agrees). The models are compared layer by layer on
+    ``sample_input`` as the weights convert, and with ``check`` (default) again with the
+    converted variables in their own dtypes: a ``ValueError`` names the first layer that
+    differs by more than the bound of the Flax model's precision (``CHECK_RTOL``: float64
+    1e-7, float32 1e-4, float16 2e-2, bfloat16 1e-1, relative to the largest value).
+    ``check=False`` converts despite a difference, except where it leaves a flatten order
+    undecided. With ``report=True`` returns ``(variables, ConversionReport)``: how each layer
+    was paired (path or call order) and its input order. ``torch_module`` is never modified.
 
     ``torch_to_flax(state_dict)``: bnref's LeNet-BN ``state_dict`` (the layers are known, no
     sample needed); the same layer rules, and a ``ValueError`` naming the first bad key.
     """
     if isinstance(torch_module, Mapping):
+        if report:
+            raise TypeError("torch_to_flax(state_dict) is LeNet-BN's, whose layers are known: report=True is for "
+                            "torch_to_flax(torch_module, flax_module, sample_input)")  # fmt: skip
         if flax_module is not None or sample_input is not None:
             raise TypeError("torch_to_flax(state_dict) is LeNet-BN's; for any other model pass the torch module, "
                             "the Flax module and sample_input")  # fmt: skip
         return _lenet_torch_to_flax(torch_module)
     if flax_module is None or sample_input is None:
         raise TypeError("torch_to_flax(torch_module, flax_module, sample_input): all three are needed")
-    return _torch_module_to_flax(torch_module, flax_module, sample_input, eval_kwargs, check)
+    variables, rep = _torch_module_to_flax(torch_module, flax_module, sample_input, eval_kwargs, check)
+    return (variables, rep) if report else variables
 
 
 def flax_to_torch(flax_module_or_variables, variables=None, torch_module=None, sample_input=None, *,
                   eval_kwargs: Optional[Mapping] = None, check: bool = True, num_batches_tracked: int = 0,
-                  as_torch: Optional[bool] = None) -> "OrderedDict":  # fmt: skip
+                  as_torch: Optional[bool] = None, report: bool = False):  # fmt: skip
     """Flax variables -> a PyTorch ``state_dict``, the reverse of :func:`torch_to_flax`.
 
     ``flax_to_torch(flax_module, variables, torch_module, sample_input)``: returns
@@ -766,7 +1103,8 @@ def flax_to_torch(flax_module_or_variables, variables=None, torch_module=None, s
     ``variables``, ready for ``torch_module.load_state_dict``; entries Flax has no counterpart
     for (``num_batches_tracked``) stay the torch module's. The pairing and flatten orders
     are found as in :func:`torch_to_flax`, from ``torch_module``'s own weights; with ``check``
-    the result is verified on ``sample_input`` layer by layer.
+    the result is verified on ``sample_input`` layer by layer; ``report=True`` returns
+    ``(state_dict, ConversionReport)``.
 
     ``flax_to_torch(variables)``: bnref's LeNet-BN variables -> its ``state_dict``
     (NumPy arrays, or torch tensors with ``as_torch=True``); ``num_batches_tracked`` is
@@ -774,6 +1112,9 @@ def flax_to_torch(flax_module_or_variables, variables=None, torch_module=None, s
     torch the identity).
     """
     if isinstance(flax_module_or_variables, Mapping):
+        if report:
+            raise TypeError("flax_to_torch(variables) is LeNet-BN's, whose layers are known: report=True is for "
+                            "flax_to_torch(flax_module, variables, torch_module, sample_input)")  # fmt: skip
         if variables is not None or torch_module is not None or sample_input is not None:
             raise TypeError("flax_to_torch(variables) is LeNet-BN's; for any other model pass the Flax module, "
                             "its variables, the torch module and sample_input")  # fmt: skip
@@ -781,5 +1122,6 @@ def flax_to_torch(flax_module_or_variables, variables=None, torch_module=None, s
                                     as_torch=bool(as_torch))  # fmt: skip
     if variables is None or torch_module is None or sample_input is None:
         raise TypeError("flax_to_torch(flax_module, variables, torch_module, sample_input): all four are needed")
-    return _flax_module_to_torch(flax_module_or_variables, variables, torch_module, sample_input, eval_kwargs, check,
-                                 as_torch=True if as_torch is None else as_torch)  # fmt: skip
+    sd, rep = _flax_module_to_torch(flax_module_or_variables, variables, torch_module, sample_input, eval_kwargs,
+                                    check, as_torch=True if as_torch is None else as_torch)  # fmt: skip
+    return (sd, rep) if report else sd
