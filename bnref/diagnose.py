@@ -436,12 +436,13 @@ def bn_report(torch_module, flax_module, flax_variables: Mapping, sample_input, 
     for side, outputs in (("torch", (t_out_train, t_out_eval)), ("flax", (f_out_train, f_out_eval))):
         if any(f.kind == "nonfinite" and f.message.startswith(_label(side)) for f in findings):
             continue  # already traced to a BN layer
+        model = "the torch model" if side == "torch" else "the Flax model"
         for call, out in zip(("training", "evaluation"), outputs):
             if k := _count_nonfinite(out):
-                findings.append(Finding("nonfinite", "(output)", "(output)", f"the {'torch' if side == 'torch' else 'Flax'} model's output in the "
-                                        f"{call} call holds {k} non-finite value(s) (NaN or inf) although every BN "
-                                        "layer's input and output are finite: a layer above the last BN layer (or its "
-                                        "weights) produces them"))  # fmt: skip
+                findings.append(Finding("nonfinite", "(output)", "(output)", f"{model}'s output in the {call} call holds "
+                                        f"{k} non-finite value(s) (NaN or inf) although every BN layer's input and "
+                                        "output are finite: a layer above the last BN layer (or its weights) produces "
+                                        "them"))  # fmt: skip
                 break
     return Report(layers, findings, notes)
 
