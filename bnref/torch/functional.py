@@ -126,9 +126,11 @@ def _finite_channel_mean(t: Tensor, ax: int) -> Tensor:
     (4096, C, L) or (N, C, 4096); torch.nn accumulates in float64 on the CPU and stays
     finite). Overflow is rare and shows as a non-finite mean, so the fast mean is kept and
     only a non-finite one is recomputed by :func:`_scaled_channel_mean`. On the CPU one host
-    read of the (C,) mean decides (measured: no measurable cost at LeNet's shapes); elsewhere
-    a host read would stall the device queue, so the scaled mean is computed and selected
-    with ``torch.where`` (no sync). Input that holds inf or NaN has a non-finite mean either way.
+    read of the (C,) mean decides: ~2.5 us per forward (measured, torch 2.13, one thread: the
+    fast forward at (256, 84) 30.5 -> 33.1 us; forward + backward 1-5% slower at LeNet's four
+    BN shapes, the most at (256, 84)). Elsewhere a host read would stall the device queue, so
+    the scaled mean is computed and selected with ``torch.where`` (no sync; one extra pass).
+    Input that holds inf or NaN has a non-finite mean either way, and its output stays NaN.
     """
     mean = _channel_mean(t, ax)  # (C,)
     if t.device.type == "cpu":
