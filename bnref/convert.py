@@ -17,14 +17,24 @@ parameters may sit between them (activations, pooling, dropout, flatten). The ru
    ``(out, in)`` <-> kernels ``(in, out)``; ``weight``/``bias`` <-> ``scale``/``bias``;
    ``running_mean``/``running_var`` <-> ``batch_stats`` ``mean``/``var``; ``num_batches_tracked``
    has no Flax counterpart (dropped; kept from the torch module on the way back).
-3. **Flatten order.** torch flattens a (C, H, W) map as ``c*HW + s``, Flax an (H, W, C) one as
-   ``s*C + c``. For every layer fed a flat vector (a Linear, a BatchNorm1d), the order is the
-   one flatten order (over every factorization C x S of the width, the identity included)
-   under which the two models' inputs to that layer agree on ``sample_input``.
-4. **Check.** With ``check=True`` (default) both models are run again on ``sample_input``,
-   float64 where they allow it, and every paired layer's input and the output must agree
-   (relative 1e-7; 1e-4 for a model fixed to float32); otherwise ``ValueError`` names the
-   first layer where they part (padding, stride, eps, ...).
+3. **Layer by layer, then flatten order.** torch flattens a (C, H, W) map as ``c*HW + s``, Flax
+   an (H, W, C) one as ``s*C + c``. The layers whose inputs are maps convert first; then both
+   models run (float64 where they allow it) and every pair's input and output are compared in
+   Flax call order, each to the bound of the precision the Flax model computes in up to there.
+   A layer fed a flat vector (a Linear, a BatchNorm1d) gets its order only once everything
+   called before it agrees: the order the layer before it left when no flatten lies between,
+   otherwise the one flatten order (over every factorization C x S of the width) under which
+   the two inputs agree. A difference is named where the models part: at the layer whose
+   output differs though its input agrees (padding, stride, eps, ...), or between layers
+   (activation, pooling, skip connection, channel shuffle); "no flatten order fits",
+   "inputs all zero" and "the sample does not decide" are their own messages.
+4. **Check.** With ``check=True`` (default) the variables are checked once more in their own
+   dtypes; the bound is ``CHECK_RTOL`` of the least precise dtype the Flax model computes or
+   stores in (float64 1e-7, float32 1e-4, float16 2e-2, bfloat16 1e-1, relative to the
+   largest value). ``check=False`` converts despite a difference, taking, below a difference,
+   the flatten of the previous layer's map, but never an order the sample cannot decide.
+   Corrupt state (NaN/inf, a negative running variance, non-float arrays) is refused by name;
+   ``report=True`` also returns a :class:`ConversionReport` (pairing, input orders, bound).
 
 bnref's own LeNet-BN also converts without a sample, from its ``state_dict``:
 
@@ -40,10 +50,11 @@ PyTorch (``bnref.torch.LeNetBN``, NCHW)             Flax (``bnref.jax.LeNetBN``,
 
 with ``fc1``'s inputs in the flatten order of rule 3 for its (16, 4, 4) map. Both directions
 validate the whole input first (every key present, no extra key, every shape right) and
-raise ``ValueError`` naming the first bad key, so nothing is ever half converted. Inputs are
-never modified. Keys are the same for bnref's BN layers and for torch.nn's / flax.linen's
-(``bn="builtin"``); :func:`batch_norm_torch_to_flax` / :func:`batch_norm_flax_to_torch` do a
-single BN layer.
+raise ``ValueError`` naming the first bad key (or value: non-float, NaN/inf, a negative
+running variance, a ``num_batches_tracked`` that is not an integer >= 0), so nothing is ever
+half converted. Inputs are never modified. Keys are the same for bnref's BN layers and for
+torch.nn's / flax.linen's (``bn="builtin"``); :func:`batch_norm_torch_to_flax` /
+:func:`batch_norm_flax_to_torch` do a single BN layer.
 
 ``import bnref.convert`` imports NumPy only; the model paths import torch and JAX when called.
 """
@@ -53,7 +64,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, NamedTuple, Optional
+from typing import Dict, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -350,8 +361,9 @@ def _as_torch(sd: "OrderedDict") -> "OrderedDict":
 # channels-last for Flax) to list their layers in call order; layers are paired by module
 # path, what remains by call order; each pair's weights change layout; the input order of every
 # layer fed a flattened vector (a Linear, or a BatchNorm1d, after an NCHW flatten) is inferred
-# from the two models' activations on ``sample_input``; and the result is checked layer by
-# layer on ``sample_input`` (float64 where the models allow it).
+# from the two models' activations on ``sample_input`` once every layer called before it agrees
+# (so a port that computes something else is named where it parts, not at its head); and the
+# result is checked layer by layer on ``sample_input`` (float64 where the models allow it).
 
 #: relative tolerance of the layer-by-layer comparison, by the lowest precision the Flax model
 #: computes or keeps its weights in up to that layer: a float64 run agrees to rounding, a

@@ -535,13 +535,11 @@ def test_check_false_converts_a_port_that_differs_below_a_pooled_head(case):
     np.testing.assert_array_equal(variables["params"][report.pairs[-1].flax]["kernel"], fc.weight.detach().numpy().T)
 
 
-@pytest.mark.parametrize("name", sorted(WRONG_PORTS))
+@pytest.mark.parametrize("name", sorted(set(WRONG_PORTS) - {"dead ReLUs before the flatten"}))  # no right port
 def test_the_right_ports_of_the_wrong_port_cases_convert(name):
     """The positive control: each case's torch model against a correct port converts."""
     make_torch, _, shape, _ = WRONG_PORTS[name]
     right = {_minimal_torch: FlaxMinimal, _blocks_torch: FlaxBlocks, _flatten_head: FlaxFlattenHead}
-    if name == "dead ReLUs before the flatten":
-        pytest.skip("no sample decides a flatten fed only zeros")
     if name == "square Linears swapped":
         tm, fm = TorchSquareLinears().eval(), FlaxSquareLinears()
     else:
