@@ -73,16 +73,16 @@ def add_data_options(p: argparse.ArgumentParser, what: str = "") -> None:
                    "instead of Fashion-MNIST (figures drawn on it say so)")  # fmt: skip
 
 
-def load_data(p: argparse.ArgumentParser, args: argparse.Namespace, **sizes):
+def load_data(p: argparse.ArgumentParser, args: argparse.Namespace, file=None, **sizes):
     """The data :func:`add_data_options` asked for (``sizes``: the synthetic stand-in's ``n_train``,
     ``n_test``, ``seed``); a problem with it (not found, a typo'd directory, a corrupt or
-    unreadable file) is argparse's error, exit status 2, before any work. Says on stdout what it
-    uses."""
+    unreadable file) is argparse's error, exit status 2, before any work. Says what it uses, on
+    ``file`` (default stdout; stderr where stdout is JSON for machines)."""
     from bnref import data
 
     try:
         ds = data.load_or_synthetic(args.data_dir, synthetic_data=args.synthetic, **sizes)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e) + ("" if args.synthetic else "\n(--synthetic runs on the synthetic stand-in instead)"))
-    print(f"data: {data.describe_source(ds)}", flush=True)
+    print(f"data: {data.describe_source(ds)}", file=file, flush=True)
     return ds

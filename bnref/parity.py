@@ -575,7 +575,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.trajectory:
         dtype = (args.dtype or ["float32"])[-1]
-        ds = _cli.load_data(p, args, n_train=max(args.batch_size * 4, 1024), n_test=16, seed=0)
+        ds = _cli.load_data(p, args, file=sys.stderr if args.json else None, n_train=max(args.batch_size * 4, 1024),
+                            n_test=16, seed=0)  # fmt: skip
         if len(ds.train_labels) < args.batch_size:
             p.error(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training examples of {ds.source}")
         report = trajectory(args.steps, dtype=dtype, lr=args.lr, batch_size=args.batch_size,

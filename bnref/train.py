@@ -26,6 +26,7 @@ import numpy as np
 
 from bnref import _io, spec
 from bnref._cli import MAX_SEED, finite_positive_float, positive_int, seed
+from bnref._torchrun import ReplicaError
 
 BACKENDS = ("jax", "torch")
 BN_CHOICES = ("bnref", "builtin", "none")
@@ -375,7 +376,10 @@ def parse_command(argv: Optional[Sequence[str]] = None):
             args = dataclasses.asdict(run.resumed_config(typed, args))
         except (ValueError, OSError) as e:
             p.error(str(e))
-    launched = launched_world()
+    try:
+        launched = launched_world()
+    except ValueError as e:
+        p.error(str(e))
     if launched is not None and args["replicas"] not in (None, launched):
         p.error(f"--replicas {args['replicas']} contradicts the launcher's WORLD_SIZE={launched}")
     args["replicas"] = args["replicas"] or launched or args["num_processes"]
@@ -388,6 +392,7 @@ def parse_command(argv: Optional[Sequence[str]] = None):
             provide_host_devices(config.replicas // config.num_processes)  # on a CPU: this process's share
         backend = importlib.import_module(f"bnref.{config.backend}.train")
         if config.num_processes > 1:
+            backend.check_coordinator(config)  # a port in use made JAX segfault; process 0 checks it first
             print(f"process {config.process_id} of {config.num_processes}: joining at {config.coordinator} "
                   f"(JAX aborts the process if the others have not joined within {config.join_timeout_s} s)",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -542,30 +547,29 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         except NonFiniteLoss as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
+        except ReplicaError as e:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # names the rank that failed first, and how
+            raise SystemExit(1) from None
     finally:
         if run is not None:
             run.release()
 
 
 def launched_world() -> Optional[int]:
-    """``WORLD_SIZE`` when this process was started by torchrun (or a launcher like it), else None."""
-    import os
+    """``WORLD_SIZE`` when this process was started by torchrun (or a launcher like it), else None;
+    ``ValueError`` for a partial or malformed launch environment (``bnref._torchrun``)."""
+    from bnref._torchrun import torchrun_env
 
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        try:
-            return int(os.environ["WORLD_SIZE"])
-        except ValueError:
-            return None
-    return None
+    env = torchrun_env()
+    return None if env is None else env["world"]
 
 
 def launched_rank() -> Optional[int]:
     """``RANK`` under torchrun, else None."""
-    import os
+    from bnref._torchrun import torchrun_env
 
-    if launched_world() is None:
-        return None
-    return int(os.environ["RANK"])
+    env = torchrun_env()
+    return None if env is None else env["rank"]
 
 
 def speaks(config: TrainConfig) -> bool:

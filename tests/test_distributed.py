@@ -367,9 +367,10 @@ def test_cli_a_killed_replica_is_named_with_its_exit_code(tiny_fashion_dir, time
         finally:
             proc.kill()
             proc.wait(timeout=30)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "rank 1 of 2 died: killed by SIGKILL (exit code -9)" in err, err[-3000:]
-    assert "rank 0 of 2" not in err, err[-3000:]
+    assert "rank 0 of 2" not in err and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: rank 1 of 2 died"), err[-3000:]  # one line, last
 
 
 # --- torchrun's environment: one reader, and a partial launch is an error -----------------------------------

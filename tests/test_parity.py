@@ -168,3 +168,20 @@ def test_replica_trajectories_fail_on_a_non_finite_synchronized_run(monkeypatch,
     assert rep["passed"] is (bad_run == "torch_local")
     text = "\n".join(parity._format_replicas(rep, rows, 1))
     assert "NaN or infinite at step 2" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "1000000", "--synthetic"], "--batch-size 1000000 exceeds the 4000000 training examples"),
+    (["--data-dir", "{tmp}/typo"], "typo (data_dir argument) does not exist"),
+    (["--data-dir", "{tmp}/corrupt"], "bad magic number"),
+], ids=["batch-past-the-data", "typo", "corrupt"])  # fmt: skip
+def test_trajectory_bad_data_is_one_line_exit_2_before_training(argv, message, tmp_path, capsys):
+    """At b02e4a9 each was a traceback (and a typo'd --data-dir trained on synthetic batches)."""
+    from bnref import data
+
+    corrupt = data.write_fashion_mnist(tmp_path / "corrupt", data.synthetic(64, 8))
+    (corrupt / data.FILES["train_labels"]).write_bytes(b"\x00\x00\x00\x00 not labels")
+    with pytest.raises(SystemExit) as e:
+        parity.main(["--trajectory", "--steps", "1", *[a.format(tmp=tmp_path) for a in argv]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err

@@ -371,3 +371,28 @@ def test_compare_names_the_file_and_line_of_a_damaged_run(damage, message, run_c
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_a_jax_run_refuses_a_torch_checkpoint_and_another_layout(tiny_fashion_dir, tmp_path, capsys):
+    run = tmp_path / "jax-run"
+    train.main(_cli("jax", tiny_fashion_dir, "--epochs", "1", "--out", str(run)))
+    torch_run = tmp_path / "torch-run"
+    train.main(_cli("torch", tiny_fashion_dir, "--epochs", "1", "--out", str(torch_run)))
+    good = (run / "checkpoint").read_bytes()
+    (run / "checkpoint").write_bytes((torch_run / "checkpoint").read_bytes())
+    capsys.readouterr()
+    resume = ["--resume", str(run), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        train.main(resume)
+    assert e.value.code == 2 and "not a readable JAX checkpoint" in capsys.readouterr().err
+    (run / "checkpoint").write_bytes(good)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["config"]["bn"] = "none"
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as e:
+        train.main(resume)
+    assert e.value.code == 2 and "does not fit this run's model (--bn none" in capsys.readouterr().err
+    cfg["config"]["bn"] = "bnref"
+    (run / "config.json").write_text(json.dumps(cfg))
+    train.main(resume)  # the real one resumes
+    assert [m["epoch"] for m in runs.read_metrics(str(run))] == [1, 2]
