@@ -174,18 +174,21 @@ def format_table(results: Sequence[CellResult]) -> str:
     widths[-1] = 0  # last column is not padded
     line = lambda cols: "  ".join(str(c).ljust(w) for c, w in zip(cols, widths)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths[:-1]] + ["------"])] + [line(r) for r in rows]
-    tol = ", ".join(f"{d}: rtol {TOLERANCES[d].rtol:g}, atol {TOLERANCES[d].atol:g}" for d in DTYPES)
-    out.append(f"cells: max abs err / max rel err over {STEPS} training steps and 1 eval step; tolerances {tol}")
+    tol = ", ".join(f"{d} {TOLERANCES[d].atol:g} + {TOLERANCES[d].rtol:g}" for d in DTYPES)
+    out.append(f"cells: max abs err / max rel err over {STEPS} training steps and 1 eval step, rel err = |err| / "
+               "max(|expected|, atol)")  # fmt: skip
+    out.append(f"pass: every element's |err| <= atol + rtol * |expected| (atol + rtol: {tol}), so an element near 0 "
+               "may show a rel err above rtol and pass; no NaN or inf passes")  # fmt: skip
     return "\n".join(out)
 
 
 def conventions_table() -> str:
     """The README's conventions table, generated from ``bnref.spec.PRESETS``.
 
-    ``decay`` and the Flax/Keras/d2l-zh ``momentum`` are the same number (both weight the old
+    ``decay`` and the Flax/Keras/d2l-zh v2/d2l-en 0.17 ``momentum`` are the same number (both weight the old
     value), so they share one column; PyTorch's ``momentum`` is ``1 - decay``."""
     lines = [
-        "| preset | decay (weight of the old value) = Flax/Keras/d2l-zh `momentum` | PyTorch `momentum` = 1 - decay (and d2l-en's) | eps | running variance | torch.nn can express | flax.linen can express |",
+        "| preset | decay (weight of the old value) = Flax/Keras/d2l-zh v2/d2l-en 0.17 `momentum` | PyTorch `momentum` = 1 - decay (and d2l-en 1.x's) | eps | running variance | torch.nn can express | flax.linen can express |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, c in spec.PRESETS.items():

@@ -46,7 +46,10 @@ Running statistics (training mode only), with ``decay`` the weight of the OLD va
     s2 = sigma2 * n / (n - 1)    if convention.running_var == "unbiased"  (Bessel)
 
 PyTorch's ``momentum`` is ``1 - decay`` (weight of the NEW batch, default 0.1);
-Flax's, Keras's and d2l's ``momentum`` is ``decay`` itself (default 0.99 / 0.99 / 0.9).
+Flax's and Keras's ``momentum`` is ``decay`` itself (default 0.99 / 0.99). d2l's depends on
+the edition: d2l-zh v2 and d2l-en 0.17 (the seed: ``momentum * moving + (1 - momentum) * mean``,
+called with 0.9) use ``momentum = decay``; d2l-en 1.x (``(1 - momentum) * moving + momentum *
+mean``, called with 0.1) uses PyTorch's ``momentum = 1 - decay``. The same decay 0.9 either way.
 Only torch.nn feeds the unbiased variance into the running average.
 
 Forward (evaluation mode) uses the running statistics and changes nothing::
@@ -156,7 +159,8 @@ class Convention:
       decay: weight kept from the OLD running value, in [0, 1]:
         ``running = decay * running + (1 - decay) * batch``. This is the only word
         bnref uses for it; each backend translates at its edge (PyTorch
-        ``momentum = 1 - decay``; Flax/Keras/d2l ``momentum = decay``). ``decay=0``
+        and d2l-en 1.x ``momentum = 1 - decay``; Flax, Keras, d2l-zh v2 and d2l-en 0.17
+        ``momentum = decay``). ``decay=0``
         makes the running statistics equal the last batch's.
       eps: added to the variance before the square root, >= 0.
       running_var: which batch variance enters the running average:
@@ -194,7 +198,8 @@ class Convention:
 
     @classmethod
     def from_flax(cls, momentum: float = 0.99, eps: float = 1e-5, running_var: RunningVar = "biased") -> "Convention":
-        """From Flax's / Keras's / d2l's ``momentum`` (weight of the OLD value): ``decay = momentum``."""
+        """From Flax's / Keras's / d2l-zh v2's and d2l-en 0.17's ``momentum`` (weight of the OLD
+        value): ``decay = momentum``. (d2l-en 1.x's ``momentum`` is PyTorch's: :meth:`from_torch`.)"""
         return cls(decay=float(momentum), eps=eps, running_var=running_var)
 
     @property
@@ -213,7 +218,8 @@ class Convention:
         return dataclasses.replace(self, **changes)
 
 
-#: The seed: d2l's from-scratch ``batch_norm`` (momentum 0.9 on the old value, biased).
+#: The seed: d2l's from-scratch ``batch_norm`` (decay 0.9, biased): d2l-zh v2 / d2l-en 0.17 call it
+#: with ``momentum=0.9`` on the old value, d2l-en 1.x with ``momentum=0.1`` on the new batch.
 D2L = Convention(decay=0.9, eps=1e-5, running_var="biased")
 #: torch.nn.BatchNorm{1,2,3}d defaults: momentum=0.1 on the new batch, unbiased running var.
 TORCH = Convention(decay=0.9, eps=1e-5, running_var="unbiased")

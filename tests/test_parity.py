@@ -185,3 +185,20 @@ def test_trajectory_bad_data_is_one_line_exit_2_before_training(argv, message, t
         parity.main(["--trajectory", "--steps", "1", *[a.format(tmp=tmp_path) for a in argv]])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_the_table_footer_states_the_criterion_compare_applies():
+    """At b02e4a9 the footer said "rtol 0.0001, atol 2e-05" next to float32 cells showing a relative
+    error of 1.2e-3 marked pass: the criterion is atol + rtol * |expected| per element."""
+    from bnref import testing
+
+    footer = parity.format_table([]).splitlines()[-1]
+    assert "|err| <= atol + rtol * |expected|" in footer
+    for dtype, tol in testing.TOLERANCES.items():
+        if dtype in parity.DTYPES:
+            assert f"{dtype} {tol.atol:g} + {tol.rtol:g}" in footer
+    # An element near zero: a relative error above rtol that the criterion passes, as the footer says.
+    tol = testing.TOLERANCES["float32"]
+    cell = testing.compare({"y": np.array([1e-5 + 1.5e-5], np.float32)}, {"y": np.array([1e-5])}, context="c",
+                           dtype="float32")[0]  # fmt: skip
+    assert cell.passed and cell.max_rel > tol.rtol

@@ -125,3 +125,41 @@ def test_relative_links_to_pages_and_code_resolve(page):
         if "://" in target or not path.endswith((".md", ".py")):
             continue
         assert (page.parent / path).exists(), f"{page.name} links {target}, which does not exist"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation but hyphens and
+    underscores dropped, spaces to hyphens (``## Data parallelism`` -> ``data-parallelism``)."""
+    text = re.sub(r"`([^`]*)`", r"\1", heading.strip()).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(text: str) -> set:
+    seen, out = {}, set()
+    body = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # no headings inside code blocks
+    for m in re.finditer(r"^#{1,6} (.+?)\s*$", body, flags=re.M):
+        slug = github_anchor(m.group(1))
+        n = seen.get(slug, 0)
+        out.add(slug if n == 0 else f"{slug}-{n}")  # repeats get -1, -2, ...
+        seen[slug] = n + 1
+    return out
+
+
+def test_github_anchor_follows_githubs_rule():
+    assert github_anchor("Data parallelism") == "data-parallelism"
+    assert github_anchor("bn-vs-none: does BN converge faster?") == "bn-vs-none-does-bn-converge-faster"
+    assert github_anchor("Moving weights: `bnref.convert`") == "moving-weights-bnrefconvert"
+    assert _anchors("# A\n## A\n```\n# not a heading\n```\n") == {"a", "a-1"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_anchor_link_resolves(page):
+    """At b02e4a9 the README linked #data-parallelism, a heading it did not have."""
+    for target in _LINK.findall(page.read_text()):
+        if "://" in target or "#" not in target:
+            continue
+        path, anchor = target.split("#", 1)
+        linked = page if not path else page.parent / path
+        if linked.suffix != ".md":
+            continue
+        assert anchor in _anchors(linked.read_text()), f"{page.name} links {target}: {linked.name} has no such heading"

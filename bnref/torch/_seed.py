@@ -1,7 +1,9 @@
 """The seed's own PyTorch code, kept only as the benchmark's baseline. Do not use it.
 
-A faithful copy of d2l.ai's chapter "Batch Normalization" (d2l v0.17, PyTorch tab): its
-from-scratch ``batch_norm`` (mode from ``torch.is_grad_enabled()``, running statistics as
+A faithful copy of d2l.ai's chapter "Batch Normalization" (d2l-en v0.17, PyTorch tab; d2l-zh
+v2 has the same code): its from-scratch ``batch_norm`` (``momentum`` weighting the OLD value,
+called with 0.9: decay 0.9; d2l-en 1.x rewrote it with ``momentum`` weighting the new batch,
+called with 0.1: the same decay) (mode from ``torch.is_grad_enabled()``, running statistics as
 plain attributes, so missing from ``state_dict``), its ``BatchNorm`` module, the same
 LeNet as an ``nn.Sequential``, and the body of ``d2l.train_ch6``'s loop over a
 ``torch.utils.data.DataLoader`` (``shuffle=True``, ``num_workers=get_dataloader_workers()``
