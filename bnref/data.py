@@ -185,7 +185,7 @@ def synthetic(n_train: int = 512, n_test: int = 256, seed: int = 0) -> FashionMN
 def load_or_synthetic(data_dir: str | os.PathLike | None = None, *, synthetic_data: bool = False,
                       n_train: int = 60000, n_test: int = 10000, seed: int = 0) -> FashionMNIST:
     """What a tool's ``--data-dir DIR`` / ``--synthetic`` asks for: :func:`synthetic` of the given
-    sizes when ``synthetic_data`` (an explicit choice), else Fashion-MNIST as
+    sizes (at most Fashion-MNIST's 60000 / 10000) when ``synthetic_data`` (an explicit choice), else Fashion-MNIST as
     :func:`load_fashion_mnist` finds it, never downloading. Missing or corrupt files are an error
     (:class:`DataNotFoundError` / ``ValueError``), never a silent switch to synthetic data: a
     figure drawn on the stand-in looks like a result (BN at 100% test accuracy). ``.source``
@@ -193,7 +193,9 @@ def load_or_synthetic(data_dir: str | os.PathLike | None = None, *, synthetic_da
     if synthetic_data:
         if data_dir is not None:
             raise ValueError("--synthetic and --data-dir exclude each other: the synthetic stand-in reads no files")
-        return synthetic(n_train, n_test, seed)
+        # Fashion-MNIST's sizes at most: the stand-in stands in for it (and a size derived from a
+        # huge --batch-size would allocate gigabytes before any check could refuse the batch).
+        return synthetic(min(n_train, 60000), min(n_test, 10000), seed)
     return load_fashion_mnist(data_dir, download=False)
 
 

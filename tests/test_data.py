@@ -605,6 +605,8 @@ def test_load_or_synthetic_is_synthetic_only_when_asked(tmp_path, monkeypatch):
         data.load_or_synthetic(n_train=40, n_test=20, seed=5)  # no files: an error, never a silent stand-in
     chosen = data.load_or_synthetic(synthetic_data=True, n_train=40, n_test=20, seed=5)
     assert chosen.source == "synthetic(seed=5)" and len(chosen.train_images) == 40
+    huge = data.load_or_synthetic(synthetic_data=True, n_train=4_000_000, n_test=10**6)  # once allocated 25 GB
+    assert (len(huge.train_labels), len(huge.test_labels)) == (60000, 10000)
     found = data.write_fashion_mnist(tmp_path / "d", data.synthetic(30, 10))
     assert data.load_or_synthetic(found).source == str(found)
     with pytest.raises(ValueError, match="--synthetic and --data-dir exclude each other"):

@@ -171,7 +171,7 @@ def test_replica_trajectories_fail_on_a_non_finite_synchronized_run(monkeypatch,
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--batch-size", "1000000", "--synthetic"], "--batch-size 1000000 exceeds the 4000000 training examples"),
+    (["--batch-size", "1000000", "--synthetic"], "--batch-size 1000000 exceeds the 60000 training examples"),
     (["--data-dir", "{tmp}/typo"], "typo (data_dir argument) does not exist"),
     (["--data-dir", "{tmp}/corrupt"], "bad magic number"),
 ], ids=["batch-past-the-data", "typo", "corrupt"])  # fmt: skip
