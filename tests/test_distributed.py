@@ -370,7 +370,8 @@ def test_cli_a_killed_replica_is_named_with_its_exit_code(tiny_fashion_dir, time
     assert proc.returncode == 1
     assert "rank 1 of 2 died: killed by SIGKILL (exit code -9)" in err, err[-3000:]
     assert "rank 0 of 2" not in err and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith("error: rank 1 of 2 died"), err[-3000:]  # one line, last
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1 of 2 died"), err[-3000:]  # one line
 
 
 # --- torchrun's environment: one reader, and a partial launch is an error -----------------------------------
