@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
-__all__ = ["atomic_write_bytes", "check_output_paths", "strict_json", "write_json", "new_figure", "save_figure",
-           "FIGURE_SUFFIXES"]
+__all__ = ["atomic_write_bytes", "check_output_paths", "nearest_existing", "strict_json", "write_json", "new_figure",
+           "save_figure", "FIGURE_SUFFIXES"]
 
 #: what matplotlib's Agg backend writes (``FigureCanvasAgg.get_supported_filetypes()``)
 FIGURE_SUFFIXES = (".eps", ".jpeg", ".jpg", ".pdf", ".pgf", ".png", ".ps", ".raw", ".rgba", ".svg", ".svgz",
@@ -51,8 +51,7 @@ def check_output_paths(paths: Dict[str, Optional[str]], figures: Iterable[str] =
             raise ValueError(f"{option} {path!r} is a directory, not a file name")
         parent = p.parent if str(p.parent) else Path(".")
         if make_dirs:
-            while not parent.exists() and parent != parent.parent:
-                parent = parent.parent
+            parent = nearest_existing(parent)
         if not parent.is_dir():
             what = "is not a directory" if parent.exists() else "does not exist"
             raise ValueError(f"{option} {path!r}: {str(parent)!r} {what}")
@@ -66,6 +65,15 @@ def check_output_paths(paths: Dict[str, Optional[str]], figures: Iterable[str] =
         if key in seen:
             raise ValueError(f"{option} and {seen[key]} name the same file {path!r}")
         seen[key] = option
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` itself or its nearest ancestor that exists: where ``mkdir -p path`` would start,
+    so the directory that must be writable for it to succeed."""
+    p = Path(path).expanduser()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

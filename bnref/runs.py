@@ -79,9 +79,7 @@ def check_new_run_dir(path: str) -> None:
         return
     if os.path.lexists(p):
         raise ValueError(f"{path} exists and is not a directory")
-    parent = os.path.dirname(p)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = str(_io.nearest_existing(os.path.dirname(p)))
     if not os.path.isdir(parent):
         raise ValueError(f"{path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
