@@ -402,7 +402,10 @@ def parse_command(argv: Optional[Sequence[str]] = None):
         if config.backend == "jax" and config.replicas > 1:
             backend.replica_devices(config)
         if options["resume"] is not None:  # a checkpoint that cannot resume this run fails here, not after loading data
-            backend.check_checkpoint(options["resume"].checkpoint, config, options["resume"].run_id)
+            done = backend.check_checkpoint(options["resume"].checkpoint, config, options["resume"].run_id)
+            if done >= config.epochs:
+                raise ValueError(f"--resume {options['resume'].path}: its checkpoint is at epoch {done}, so --epochs "
+                                 f"{config.epochs} leaves nothing to train (give a larger --epochs)")  # fmt: skip
     except ValueError as e:
         p.error(str(e))
     if options["out"] is not None:

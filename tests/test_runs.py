@@ -396,3 +396,12 @@ def test_a_jax_run_refuses_a_torch_checkpoint_and_another_layout(tiny_fashion_di
     (run / "config.json").write_text(json.dumps(cfg))
     train.main(resume)  # the real one resumes
     assert [m["epoch"] for m in runs.read_metrics(str(run))] == [1, 2]
+
+
+def test_resuming_a_run_to_an_epoch_it_has_passed_is_an_error_not_a_silent_no_op(run_copy, tiny_fashion_dir, capsys):
+    before = _state(run_copy)
+    for epochs in (["--epochs", "1"], []):  # the run's own target (1) is reached too
+        with pytest.raises(SystemExit) as e:
+            train.main(["--resume", str(run_copy), "--data-dir", str(tiny_fashion_dir), *epochs])
+        assert e.value.code == 2 and "checkpoint is at epoch 1, so --epochs 1 leaves nothing to train" in capsys.readouterr().err
+    assert _state(run_copy) == before
