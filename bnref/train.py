@@ -536,6 +536,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         if run is not None:
             run.resuming, run.readonly = True, not speaks(config)
             say(f"resuming {run.path}", flush=True)
+            if run.saved.get("data_sha256") is None:  # written before runs recorded their data
+                say(f"note: {run.config_file} records no digest of its data (an older bnref wrote it): that this is "
+                    "the data it trained on is not checked", file=sys.stderr, flush=True)  # fmt: skip
         elif not options["no_out"] and speaks(config):  # the other processes of a run neither log nor checkpoint
             path = options["out"] or runs.default_run_dir(config)
             try:

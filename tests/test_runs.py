@@ -405,3 +405,13 @@ def test_resuming_a_run_to_an_epoch_it_has_passed_is_an_error_not_a_silent_no_op
             train.main(["--resume", str(run_copy), "--data-dir", str(tiny_fashion_dir), *epochs])
         assert e.value.code == 2 and "checkpoint is at epoch 1, so --epochs 1 leaves nothing to train" in capsys.readouterr().err
     assert _state(run_copy) == before
+
+
+def test_a_run_without_a_data_digest_resumes_and_says_its_data_is_not_checked(run_copy, tiny_fashion_dir, capsys):
+    cfg = run_copy / "config.json"
+    saved = json.loads(cfg.read_text())
+    del saved["data_sha256"]  # as an older bnref wrote it
+    cfg.write_text(json.dumps(saved))
+    train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), "--no-progress"])
+    assert "records no digest of its data" in capsys.readouterr().err
+    assert [m["epoch"] for m in runs.read_metrics(str(run_copy))] == [1, 2]
