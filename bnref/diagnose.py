@@ -488,8 +488,8 @@ def _factory(spec_: str, what: str, base: type, base_name: str):
 
 
 def _run_config(run):
-    """The run's :class:`bnref.train.TrainConfig`; ``ValueError`` naming its config.json."""
-    from bnref.train import TrainConfig
+    """The run's :class:`bnref.config.TrainConfig`; ``ValueError`` naming its config.json."""
+    from bnref.config import TrainConfig
 
     where = run.config_file
     try:

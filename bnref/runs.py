@@ -2,7 +2,7 @@
 
 A run directory holds:
 
-- ``config.json``: the :class:`bnref.train.TrainConfig`, the command line, the data used, and the
+- ``config.json``: the :class:`bnref.config.TrainConfig`, the command line, the data used, and the
   versions of Python, NumPy, bnref and the backend's frameworks: what it takes to rerun it;
 - ``metrics.jsonl``: one JSON object per finished epoch, appended and flushed (and fsynced) as
   the epoch ends;
@@ -247,7 +247,7 @@ class RunDir:
         ``typed``: the options the user actually typed; each one outside :data:`RESUMABLE` must
         equal the run's, else ``ValueError`` naming it (a resumed run trains the same model the
         same way; an option typed with its default value is compared too)."""
-        from bnref.train import TrainConfig
+        from bnref.config import TrainConfig
 
         saved = self.saved_config()
         for key, value in typed.items():

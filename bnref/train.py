@@ -9,6 +9,7 @@ flags, the data, the per-epoch line and the optional plot, so both backends beha
 Defaults are the seed's (d2l, "Batch Normalization"): lr 1.0, batch 256, 10 epochs, SGD,
 cross-entropy, the from-scratch BN with d2l's running-average convention (decay 0.9,
 biased running variance), so the torch and JAX runs train the same network the same way.
+The config is :mod:`bnref.config`'s and the schedule :mod:`bnref.schedule`'s.
 """
 
 from __future__ import annotations
@@ -16,194 +17,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import math
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
-
-import numpy as np
+from typing import Callable, Dict, List, Optional, Sequence
 
 from bnref import _io, spec
 from bnref._cli import MAX_SEED, finite_positive_float, positive_int, seed
 from bnref._torchrun import ReplicaError
-
-BACKENDS = ("jax", "torch")
-BN_CHOICES = ("bnref", "builtin", "none")
-#: the metrics that measure time, not training: two runs of the same training differ only in these
-TIMING_KEYS = ("examples_per_sec", "compile_seconds", "wall_seconds", "precise_seconds")
-PRECISE_VARIANTS = ("population", "batch_average")  # as bnref.torch.precise / bnref.jax.precise (no framework import here)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on.
-
-    ``bn``: ``"bnref"`` (the from-scratch layer), ``"builtin"`` (torch.nn.BatchNorm /
-    flax.linen.BatchNorm: the seed's "concise" version) or ``"none"`` (plain LeNet).
-    ``convention``: a ``bnref.spec.PRESETS`` name for the BN layers' running statistics.
-    ``train_limit`` / ``test_limit``: use only the first N examples (quick runs, tests).
-    ``plot`` / ``json``: files rewritten (atomically) after every epoch, so a crash or Ctrl-C
-    keeps the epochs already done.
-    ``replicas`` / ``sync_bn``: data parallelism (see the backends' ``fit``).
-    ``precise_bn``: after every epoch, recompute the BN statistics with the weights fixed over
-    ``precise_batches`` training batches (default: all), ``precise_variant`` ("population" or
-    "batch_average", see ``bnref.spec``), and evaluate with them; the EMA is evaluated too and
-    training goes on from the EMA, so the run trains exactly as without the flag.
-    ``coordinator`` / ``num_processes`` / ``process_id``: this process's part of a multi-process
-    JAX run (``jax.distributed.initialize``'s arguments); ``replicas`` then counts the devices of
-    all processes (default: one per process).
-    """
-
-    backend: str = "jax"
-    epochs: int = 10
-    lr: float = 1.0
-    batch_size: int = 256
-    seed: int = 0
-    device: str = "auto"
-    bn: str = "bnref"
-    convention: str = "d2l"
-    data_dir: Optional[str] = None
-    download: bool = True
-    train_limit: Optional[int] = None
-    test_limit: Optional[int] = None
-    progress: bool = True
-    plot: Optional[str] = None
-    json: Optional[str] = None
-    replicas: int = 1
-    sync_bn: Optional[bool] = None
-    coordinator: Optional[str] = None
-    num_processes: int = 1
-    process_id: int = 0
-    join_timeout_s: int = 120
-    precise_bn: bool = False
-    precise_batches: Optional[int] = None
-    precise_variant: str = "population"
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.bn not in BN_CHOICES:
-            raise ValueError(f"bn must be one of {BN_CHOICES}, got {self.bn!r}")
-        spec.preset(self.convention)  # raises ValueError naming the choices
-        # A BatchNorm layer in training needs two values per channel: batches (and the training
-        # set) of at least 2 examples, unless there is no BN at all.
-        smallest = 1 if self.bn == "none" else 2
-        for name, minimum in (("epochs", 1), ("batch_size", smallest), ("train_limit", smallest), ("test_limit", 1)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-                why = " (BatchNorm needs two values per channel in training)" if minimum == 2 else ""
-                raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
-        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
-            raise ValueError(f"replicas must be an int >= 1, got {self.replicas!r}")
-        self._check_processes()
-        self._check_precise()
-        if self.sync_bn is None:  # synchronized BN by default whenever there are several replicas
-            object.__setattr__(self, "sync_bn", self.replicas > 1)
-        if self.batch_size % self.replicas:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by replicas {self.replicas}: "
-                             "each replica takes an equal slice of every global batch")  # fmt: skip
-        local = self.batch_size // self.replicas
-        if self.bn != "none" and not self.sync_bn and local < 2:
-            raise ValueError(f"each replica's slice of a batch is {local} example(s); unsynchronized BatchNorm "
-                             "needs at least 2 (use --sync-bn or a larger --batch-size)")  # fmt: skip
-
-    def _check_precise(self) -> None:
-        k = self.precise_batches
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"precise_batches must be an int >= 1, got {k!r}")
-        if self.precise_variant not in PRECISE_VARIANTS:
-            raise ValueError(f"precise_variant must be one of {PRECISE_VARIANTS}, got {self.precise_variant!r}")
-        if not self.precise_bn:
-            if k is not None:
-                raise ValueError("precise_batches needs precise_bn (--precise-bn)")
-            return
-        if self.bn == "none":
-            raise ValueError("precise BN recomputes BatchNorm statistics; --bn none has none")
-
-    def _check_processes(self) -> None:
-        n, pid = self.num_processes, self.process_id
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_processes must be an int >= 1, got {n!r}")
-        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < n:
-            raise ValueError(f"process_id must be an int in [0, num_processes={n}), got {pid!r}")
-        t = self.join_timeout_s
-        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-            raise ValueError(f"join_timeout_s must be an int >= 1 (seconds), got {t!r}")
-        if n == 1:
-            if self.coordinator is not None:
-                raise ValueError("a coordinator address needs num_processes >= 2")
-            return
-        if self.backend != "jax":
-            raise ValueError("num_processes is the JAX backend's multi-process runtime; torch runs several "
-                             "processes with --replicas R or under torchrun")  # fmt: skip
-        host, _, port = (self.coordinator or "").rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"coordinator must be HOST:PORT (process 0's address), got {self.coordinator!r}")
-        if self.replicas % n:
-            raise ValueError(f"replicas {self.replicas} must be a multiple of num_processes {n}: every process "
-                             "brings the same number of devices")  # fmt: skip
-
-    def check_outputs(self) -> None:
-        """Raise ``ValueError`` if ``plot`` or ``json`` cannot be written (see ``bnref._io``);
-        run before any work, so that a bad path never costs a training run."""
-        _io.check_output_paths({"--plot": self.plot, "--json": self.json}, figures=("--plot",))
-
-    @property
-    def bn_convention(self) -> spec.Convention:
-        return spec.preset(self.convention)
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of the ``n`` training examples in ``epoch`` (1-based): example-level
-    shuffling from NumPy, so both backends see the same order for the same seed."""
-    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
-
-
-def batch_slices(n: int, batch_size: int) -> List[Tuple[int, int]]:
-    """``(start, size)`` of each training batch of an epoch of ``n`` shuffled examples.
-
-    Full batches only, as Flax's examples do: the remainder (96 of Fashion-MNIST's 60000 at
-    batch 256) is left out of that epoch. Kept, it is the epoch's last step, taken at lr 1.0
-    on a small batch whose statistics also make up 10% of the running average (decay 0.9)
-    right before evaluation: measured, the JAX run's test accuracy fell from 0.831 to 0.731
-    on that one step. The order is reshuffled every epoch, so every example is trained on.
-    With fewer than ``batch_size`` examples, one batch of all of them (at least 2: training
-    BatchNorm needs two values per channel).
-    """
-    if n < 2:
-        raise ValueError(f"training needs at least 2 examples, got {n}")
-    if n < batch_size:
-        return [(0, n)]
-    return [(i * batch_size, batch_size) for i in range(n // batch_size)]
-
-
-def epoch_metrics(config: TrainConfig, epoch: int, loss_sum: float, correct: float, seen: int, seconds: float,
-                  test_acc: float, device: str, test_acc_precise: Optional[float] = None,
-                  precise_seconds: Optional[float] = None) -> Dict:
-    """One epoch's metrics, as every backend reports them (the keys :func:`format_epoch` reads):
-    mean training loss and train-mode accuracy over the ``seen`` examples, eval-mode test
-    accuracy, and training examples per second. With precise BN, ``test_acc`` is given with the
-    running averages (EMA) and ``test_acc_precise`` with the recomputed statistics: the metrics
-    carry both as ``test_acc_ema`` / ``test_acc_precise``, and ``test_acc`` is the precise one
-    (what the run evaluates with); ``precise_seconds`` is what recomputing them took."""
-    m = {
-        "epoch": epoch,
-        "epochs": config.epochs,
-        "loss": loss_sum / seen,
-        "train_acc": correct / seen,
-        "test_acc": test_acc,
-        "examples_per_sec": seen / seconds,
-        "device": device,
-    }
-    if test_acc_precise is not None:
-        m.update(test_acc=test_acc_precise, test_acc_ema=test_acc, test_acc_precise=test_acc_precise,
-                 precise_seconds=precise_seconds)
-    return m
+# The config and the schedule live in the leaves below this CLI (the backends import them from
+# there); their names stay importable from here for the code and tests that know them here.
+from bnref.config import BACKENDS, BN_CHOICES, PRECISE_VARIANTS, TIMING_KEYS, TrainConfig  # noqa: F401
+from bnref.schedule import (NonFiniteLoss, batch_slices, check_finite_loss, epoch_metrics,  # noqa: F401
+                            epoch_permutation, precise_batch_indices)
 
 
 def format_epoch(m: Dict) -> str:
@@ -253,26 +78,6 @@ def check_data(config: TrainConfig, data) -> None:
         if config.precise_batches > available:
             raise ValueError(f"--precise-batches {config.precise_batches}: the training split has {available} "
                              f"batch(es) of {config.batch_size}")  # fmt: skip
-
-
-def precise_batch_indices(config: TrainConfig, perm: np.ndarray) -> List[np.ndarray]:
-    """The training examples precise BN goes over after an epoch: the first ``precise_batches``
-    (default all) of the epoch's full batches, in the epoch's order ``perm``."""
-    slices = batch_slices(len(perm), config.batch_size)[: config.precise_batches]
-    return [perm[start : start + size] for start, size in slices]
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite: the run stops (its last checkpoint stays)."""
-
-
-def check_finite_loss(epoch: int, step_losses: Sequence[float]) -> None:
-    """Raise :class:`NonFiniteLoss` naming the epoch and the step (1-based, within the epoch) of
-    the first NaN or infinite batch loss of an epoch, before anything of that epoch is saved."""
-    for step, loss in enumerate(step_losses, start=1):
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"epoch {epoch}, step {step}: the training loss is {loss}; the run stops here "
-                                f"(the checkpoint of epoch {epoch - 1} is kept; a smaller --lr may help)")  # fmt: skip
 
 
 def train_and_evaluate(

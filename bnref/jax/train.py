@@ -12,13 +12,13 @@ benchmark) can drive the same steps:
 - :func:`eval_step` ``(state, X) -> logits`` with ``train=False`` (running statistics).
 
 :func:`fit` keeps the whole dataset on the device (float32 in [0, 1], NHWC), shuffles
-*examples* each epoch with ``bnref.train.epoch_permutation`` (NumPy, the same order as the
+*examples* each epoch with ``bnref.schedule.epoch_permutation`` (NumPy, the same order as the
 torch backend's), and gathers each batch on
 the device inside the jitted step from the permutation, so the loop does no per-sample
 Python work, moves no data to the device and never waits for it: loss and accuracy are
 accumulated on the device and read once per epoch. Same seed, same data -> same history.
 
-Batches are ``bnref.train.batch_slices``: full batches only (one compiled step shape); the
+Batches are ``bnref.schedule.batch_slices``: full batches only (one compiled step shape); the
 remainder of an epoch is left out, and why is said there.
 """
 
@@ -36,7 +36,7 @@ import optax
 from flax.training import train_state
 
 from bnref.jax.models import LeNetBN
-from bnref.train import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
+from bnref.schedule import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
 __all__ = [
     "TrainState",
@@ -342,7 +342,7 @@ def _precise_test_acc(config, model, state: TrainState, X_train, perm: np.ndarra
     (:func:`bnref.jax.precise_batch_stats`); ``state`` keeps its running averages, so training
     goes on exactly as without precise BN."""
     from bnref.jax.precise import precise_batch_stats
-    from bnref.train import precise_batch_indices
+    from bnref.schedule import precise_batch_indices
 
     batches = [X_train[i] for i in precise_batch_indices(config, perm)]  # on the device, or on the host
     stats = precise_batch_stats(model, {"params": state.params, "batch_stats": state.batch_stats}, batches,

@@ -42,7 +42,7 @@ class _BnrefLoop:
     """bnref's training loop (the code ``fit`` runs) with the given BN."""
 
     def __init__(self, bn: str, images, labels, batch_size: int, device: torch.device):
-        from bnref.train import TrainConfig
+        from bnref.config import TrainConfig
 
         self.model = make_model(TrainConfig(backend="torch", bn=bn)).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1.0)

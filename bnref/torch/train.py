@@ -6,8 +6,8 @@
 
 The hot loop does no per-example Python work: the whole dataset is put on the training
 device once as float tensors ``(N, 1, 28, 28)`` scaled to [0, 1]; each epoch takes one
-example-level permutation (``bnref.train.epoch_permutation``: NumPy, the same order as the
-JAX backend's) and each batch is an index slice of it (``bnref.train.batch_slices``: full
+example-level permutation (``bnref.schedule.epoch_permutation``: NumPy, the same order as the
+JAX backend's) and each batch is an index slice of it (``bnref.schedule.batch_slices``: full
 batches only, and why). Loss and accuracy are accumulated on the device, so nothing waits for the
 device inside an epoch (no ``.item()`` per step). Same seed, same device: same curve.
 """
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bnref.torch.models import LeNetBN
-from bnref.train import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
+from bnref.schedule import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
 __all__ = ["fit", "resolve_device", "device_name", "make_model", "load_tensors", "train_step", "train_batches", "evaluate",
            "data_parallel"]
@@ -152,7 +152,7 @@ def _sync(device: torch.device) -> None:
 
 
 def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
-    """Train LeNet-BN per ``config`` (a ``bnref.train.TrainConfig``) on ``data`` (a
+    """Train LeNet-BN per ``config`` (a ``bnref.config.TrainConfig``) on ``data`` (a
     ``bnref.data.FashionMNIST``); returns one metrics dict per epoch, each also passed to
     ``on_epoch`` as soon as it exists.
 
@@ -346,7 +346,7 @@ def _precise_test_acc(config, model, X_train, perm, X_test, y_test) -> float:
     (:func:`bnref.torch.precise_bn`); the running averages are put back afterwards, so training
     goes on exactly as without precise BN."""
     from bnref.torch.precise import precise_bn
-    from bnref.train import precise_batch_indices
+    from bnref.schedule import precise_batch_indices
 
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     idx = precise_batch_indices(config, perm.cpu().numpy())

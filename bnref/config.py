@@ -1,0 +1,146 @@
+"""What a training run is: :class:`TrainConfig` (every choice a run depends on, validated when
+it is made) and the choices it takes.
+
+A leaf of bnref's layers: it imports no framework and nothing above it (the backends, run
+directories, experiments, diagnose and the CLI ``bnref.train`` import it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from bnref import _io, spec
+from bnref._cli import MAX_SEED
+
+__all__ = ["BACKENDS", "BN_CHOICES", "PRECISE_VARIANTS", "TIMING_KEYS", "TrainConfig"]
+
+BACKENDS = ("jax", "torch")
+BN_CHOICES = ("bnref", "builtin", "none")
+#: the metrics that measure time, not training: two runs of the same training differ only in these
+TIMING_KEYS = ("examples_per_sec", "compile_seconds", "wall_seconds", "precise_seconds")
+PRECISE_VARIANTS = ("population", "batch_average")  # as bnref.torch.precise / bnref.jax.precise (no framework import here)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on.
+
+    ``bn``: ``"bnref"`` (the from-scratch layer), ``"builtin"`` (torch.nn.BatchNorm /
+    flax.linen.BatchNorm: the seed's "concise" version) or ``"none"`` (plain LeNet).
+    ``convention``: a ``bnref.spec.PRESETS`` name for the BN layers' running statistics.
+    ``train_limit`` / ``test_limit``: use only the first N examples (quick runs, tests).
+    ``plot`` / ``json``: files rewritten (atomically) after every epoch, so a crash or Ctrl-C
+    keeps the epochs already done.
+    ``replicas`` / ``sync_bn``: data parallelism (see the backends' ``fit``).
+    ``precise_bn``: after every epoch, recompute the BN statistics with the weights fixed over
+    ``precise_batches`` training batches (default: all), ``precise_variant`` ("population" or
+    "batch_average", see ``bnref.spec``), and evaluate with them; the EMA is evaluated too and
+    training goes on from the EMA, so the run trains exactly as without the flag.
+    ``coordinator`` / ``num_processes`` / ``process_id``: this process's part of a multi-process
+    JAX run (``jax.distributed.initialize``'s arguments); ``replicas`` then counts the devices of
+    all processes (default: one per process).
+    """
+
+    backend: str = "jax"
+    epochs: int = 10
+    lr: float = 1.0
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    bn: str = "bnref"
+    convention: str = "d2l"
+    data_dir: Optional[str] = None
+    download: bool = True
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    progress: bool = True
+    plot: Optional[str] = None
+    json: Optional[str] = None
+    replicas: int = 1
+    sync_bn: Optional[bool] = None
+    coordinator: Optional[str] = None
+    num_processes: int = 1
+    process_id: int = 0
+    join_timeout_s: int = 120
+    precise_bn: bool = False
+    precise_batches: Optional[int] = None
+    precise_variant: str = "population"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.bn not in BN_CHOICES:
+            raise ValueError(f"bn must be one of {BN_CHOICES}, got {self.bn!r}")
+        spec.preset(self.convention)  # raises ValueError naming the choices
+        # A BatchNorm layer in training needs two values per channel: batches (and the training
+        # set) of at least 2 examples, unless there is no BN at all.
+        smallest = 1 if self.bn == "none" else 2
+        for name, minimum in (("epochs", 1), ("batch_size", smallest), ("train_limit", smallest), ("test_limit", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                why = " (BatchNorm needs two values per channel in training)" if minimum == 2 else ""
+                raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ValueError(f"replicas must be an int >= 1, got {self.replicas!r}")
+        self._check_processes()
+        self._check_precise()
+        if self.sync_bn is None:  # synchronized BN by default whenever there are several replicas
+            object.__setattr__(self, "sync_bn", self.replicas > 1)
+        if self.batch_size % self.replicas:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by replicas {self.replicas}: "
+                             "each replica takes an equal slice of every global batch")  # fmt: skip
+        local = self.batch_size // self.replicas
+        if self.bn != "none" and not self.sync_bn and local < 2:
+            raise ValueError(f"each replica's slice of a batch is {local} example(s); unsynchronized BatchNorm "
+                             "needs at least 2 (use --sync-bn or a larger --batch-size)")  # fmt: skip
+
+    def _check_precise(self) -> None:
+        k = self.precise_batches
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"precise_batches must be an int >= 1, got {k!r}")
+        if self.precise_variant not in PRECISE_VARIANTS:
+            raise ValueError(f"precise_variant must be one of {PRECISE_VARIANTS}, got {self.precise_variant!r}")
+        if not self.precise_bn:
+            if k is not None:
+                raise ValueError("precise_batches needs precise_bn (--precise-bn)")
+            return
+        if self.bn == "none":
+            raise ValueError("precise BN recomputes BatchNorm statistics; --bn none has none")
+
+    def _check_processes(self) -> None:
+        n, pid = self.num_processes, self.process_id
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_processes must be an int >= 1, got {n!r}")
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < n:
+            raise ValueError(f"process_id must be an int in [0, num_processes={n}), got {pid!r}")
+        t = self.join_timeout_s
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"join_timeout_s must be an int >= 1 (seconds), got {t!r}")
+        if n == 1:
+            if self.coordinator is not None:
+                raise ValueError("a coordinator address needs num_processes >= 2")
+            return
+        if self.backend != "jax":
+            raise ValueError("num_processes is the JAX backend's multi-process runtime; torch runs several "
+                             "processes with --replicas R or under torchrun")  # fmt: skip
+        host, _, port = (self.coordinator or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"coordinator must be HOST:PORT (process 0's address), got {self.coordinator!r}")
+        if self.replicas % n:
+            raise ValueError(f"replicas {self.replicas} must be a multiple of num_processes {n}: every process "
+                             "brings the same number of devices")  # fmt: skip
+
+    def check_outputs(self) -> None:
+        """Raise ``ValueError`` if ``plot`` or ``json`` cannot be written (see ``bnref._io``);
+        run before any work, so that a bad path never costs a training run."""
+        _io.check_output_paths({"--plot": self.plot, "--json": self.json}, figures=("--plot",))
+
+    @property
+    def bn_convention(self) -> spec.Convention:
+        return spec.preset(self.convention)
