@@ -20,7 +20,7 @@ BACKENDS = ("jax", "torch")
 BN_CHOICES = ("bnref", "builtin", "none")
 #: the metrics that measure time, not training: two runs of the same training differ only in these
 TIMING_KEYS = ("examples_per_sec", "compile_seconds", "wall_seconds", "precise_seconds")
-PRECISE_VARIANTS = ("population", "batch_average")  # as bnref.torch.precise / bnref.jax.precise (no framework import here)
+PRECISE_VARIANTS = spec.PRECISE_VARIANTS  # the spec's names, as bnref.torch.precise / bnref.jax.precise
 
 
 @dataclass(frozen=True)

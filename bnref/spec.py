@@ -144,6 +144,7 @@ __all__ = [
     "sync_batch_norm_grad",
     "local_batch_norm_train",
     "batch_average_stats",
+    "PRECISE_VARIANTS",
     "population_stats",
 ]
 
@@ -229,6 +230,10 @@ FLAX = Convention(decay=0.99, eps=1e-5, running_var="biased")
 KERAS = Convention(decay=0.99, eps=1e-3, running_var="biased")
 
 PRESETS = {"d2l": D2L, "torch": TORCH, "flax": FLAX, "keras": KERAS}
+
+#: the two ways of recomputing BN statistics with the weights fixed (:func:`population_stats`,
+#: :func:`batch_average_stats`), by the names every backend and the CLI use
+PRECISE_VARIANTS = ("population", "batch_average")
 
 
 def preset(name: str) -> Convention:

@@ -293,3 +293,12 @@ def test_config_and_schedule_import_no_framework():
             "print(sorted(m for m in ('torch', 'jax', 'flax', 'matplotlib') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_one_progress_bar_helper_is_off_unless_asked():
+    from bnref import _progress
+
+    items = [1, 2, 3]
+    assert _progress.bar(items, "x", False) is items  # no tqdm at all when off
+    shown = _progress.bar(items, "epoch 1/1", True)
+    assert list(shown) == items and getattr(shown, "desc", None) == "epoch 1/1"

@@ -19,12 +19,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from bnref import spec
+from bnref.config import BN_CHOICES  # the one list of choices (re-exported here)
 from bnref.jax.functional import resolve_convention
 from bnref.jax.layers import BatchNorm
 
 __all__ = ["LeNetBN", "BN_CHOICES"]
-
-BN_CHOICES = ("bnref", "builtin", "none")
 
 
 class LeNetBN(nn.Module):

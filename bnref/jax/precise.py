@@ -34,12 +34,13 @@ import jax
 import jax.numpy as jnp
 
 from bnref import spec
+from bnref._progress import bar
 from bnref.jax.layers import BatchNorm as BnrefBatchNorm
 
 __all__ = ["VARIANTS", "precise_batch_stats"]
 
 #: the variants, the default first
-VARIANTS = ("population", "batch_average")
+VARIANTS = spec.PRECISE_VARIANTS
 _BN_TYPES = (nn.BatchNorm, BnrefBatchNorm)
 
 
@@ -96,14 +97,6 @@ def _inputs(batch, k: int):
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise ValueError(f"precise_batch_stats: {where} is an array of {x.dtype}, not numbers; {_ACCEPTED}")
     return jnp.asarray(x)
-
-
-def _bar(batches, desc: str, progress: bool):
-    if not progress:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, desc=desc, leave=False, unit="batch", disable=None)
 
 
 def _host(moments):
@@ -190,7 +183,7 @@ def _batch_average(run, variables, batches, progress):
     modules = _layers(run, variables, _inputs(batches[0], 0))
     step = jax.jit(lambda v, x: run(v, x)[0])
     sums: Dict = {}
-    for k, batch in enumerate(_bar(batches, "precise BN (batch average)", progress)):
+    for k, batch in enumerate(bar(batches, "precise BN (batch average)", progress)):
         for path, moments in step(variables, _inputs(batch, k)).items():
             n, mean, m2 = _host(moments)
             if n < 2:
@@ -211,8 +204,8 @@ def _population(run, variables, batches, progress):
         # Only this layer's moments are returned: XLA drops everything above it.
         measure = jax.jit(lambda v, x, path=path: run(v, x)[0][path])
         current = {**variables, "batch_stats": stats}
-        bar = _bar(batches, f"precise BN (layer {k}/{len(modules)}: {'/'.join(path)})", progress)
-        moments = [_host(measure(current, _inputs(batch, j))) for j, batch in enumerate(bar)]
+        shown = bar(batches, f"precise BN (layer {k}/{len(modules)}: {'/'.join(path)})", progress)
+        moments = [_host(measure(current, _inputs(batch, j))) for j, batch in enumerate(shown)]
         total = sum(n for n, _, _ in moments)
         if total < 2:  # one value per feature has no variance: a var of exactly 0 would be made up
             raise ValueError(f"layer {'/'.join(path)} got {total} value(s) per feature over all batches; a population "

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from bnref._progress import bar
 from bnref.jax.models import LeNetBN
 from bnref.schedule import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
@@ -212,11 +213,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     for epoch in range(first, config.epochs + 1):
         perm = jax.device_put(epoch_permutation(config.seed, epoch, n), device)  # (N,) example order
         totals = jax.device_put(jnp.zeros(2, jnp.float32), device)  # loss sum, number correct
-        steps = batches
-        if config.progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="batch", disable=None)  # None: off when not a terminal
+        steps = bar(batches, f"epoch {epoch}/{config.epochs}", config.progress)
         t0 = time.perf_counter()
         losses = []
         for start, size in steps:  # equal sizes: one compiled step

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from bnref import spec
+from bnref.config import BN_CHOICES  # the one list of choices (re-exported here)
 from bnref.torch.functional import resolve_convention
 from bnref.torch.layers import BatchNorm1d, BatchNorm2d
 
 __all__ = ["LeNetBN", "BN_CHOICES"]
-
-BN_CHOICES = ("bnref", "builtin", "none")
 
 
 def _make_bn(kind: str, dims: int, channels: int, convention: spec.Convention) -> nn.Module:

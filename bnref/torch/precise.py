@@ -36,11 +36,12 @@ import torch
 from torch import nn
 
 from bnref import spec
+from bnref._progress import bar
 
 __all__ = ["VARIANTS", "precise_bn", "bn_layers"]
 
 #: the variants, the default first
-VARIANTS = ("population", "batch_average")
+VARIANTS = spec.PRECISE_VARIANTS
 
 
 def bn_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -93,14 +94,6 @@ def _channel_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
 def _unbiased(m: nn.Module) -> bool:
     """Whether the layer feeds the unbiased batch variance into its running average."""
     return getattr(m, "_running_var_estimator", "unbiased") == "unbiased"  # torch.nn's layers: always
-
-
-def _bar(batches, desc: str, progress: bool):
-    if not progress:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, desc=desc, leave=False, unit="batch", disable=None)
 
 
 @torch.no_grad()
@@ -188,7 +181,7 @@ def _batch_average(model, layers, batches, feed, progress):
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
     try:
         model.train()
-        for k, batch in enumerate(_bar(batches, "precise BN (batch average)", progress)):
+        for k, batch in enumerate(bar(batches, "precise BN (batch average)", progress)):
             calls.clear()
             model(feed(batch, k))
     finally:
@@ -212,7 +205,7 @@ def _population(model, layers, batches, feed, progress):
 
         handle = m.register_forward_pre_hook(pre)
         try:
-            for j, batch in enumerate(_bar(batches, f"precise BN (layer {k}/{len(order)}: {name})", progress)):
+            for j, batch in enumerate(bar(batches, f"precise BN (layer {k}/{len(order)}: {name})", progress)):
                 try:
                     model(feed(batch, j))
                 except _Stop:

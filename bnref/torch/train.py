@@ -275,7 +275,7 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
     its slice alone and DDP copies rank 0's running statistics to the others at every forward
     (``broadcast_buffers=True``, torch's default), which evaluation then uses. Metrics are
     summed over replicas; only rank 0 calls ``on_epoch``."""
-    from tqdm.auto import tqdm
+    from bnref._progress import bar
 
     model = make_model(config).to(device)
     model, net = data_parallel(model, device, config.sync_bn) if world > 1 else (model, model)
@@ -296,10 +296,9 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
             perm = torch.from_numpy(epoch_permutation(config.seed, epoch, n)).long().to(device)  # (N,) example order
             _sync(device)
             t0 = time.perf_counter()
-            show = None if (config.progress and rank == 0) else True
-            bar = tqdm(starts, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=show)
+            steps = bar(starts, f"epoch {epoch}/{config.epochs}", config.progress and rank == 0)
             losses = []
-            loss_sum, correct, seen = train_batches(net, optimizer, X_train, y_train, perm, bar, min(local, n), losses)
+            loss_sum, correct, seen = train_batches(net, optimizer, X_train, y_train, perm, steps, min(local, n), losses)
             totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device)])
             step_losses = torch.stack(losses).double()  # (steps,) this replica's mean loss per step
             if world > 1:
