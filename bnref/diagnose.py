@@ -487,29 +487,6 @@ def _factory(spec_: str, what: str, base: type, base_name: str):
     return model
 
 
-def _run_config(run):
-    """The run's :class:`bnref.config.TrainConfig`; ``ValueError`` naming its config.json."""
-    from bnref.config import TrainConfig
-
-    where = run.config_file
-    try:
-        saved = run.saved_config()
-    except KeyError as e:
-        raise ValueError(f"{where}: has no {e} entry: not a bnref run's config.json") from None
-    except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON (JSONDecodeError is a ValueError), not a dict
-        raise ValueError(f"{where}: cannot be read as a bnref run's config ({_first_line(e)})") from None
-    if not isinstance(saved, Mapping):
-        raise ValueError(f"{where}: its 'config' is a {type(saved).__name__}, not an object of settings")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(str(k) for k in saved if k not in known)
-    if unknown:
-        raise ValueError(f"{where}: unknown config key(s) {', '.join(unknown)} (not a run of this bnref version)")
-    try:
-        return TrainConfig(**saved)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {_one_line(e)}") from None
-
-
 def _load_run(path: str, backend: str):
     """A bnref run directory (or its checkpoint file) -> (module, weights, checkpoint path) of
     ``backend``; ``ValueError`` naming the file for anything that is not such a run."""
@@ -521,7 +498,7 @@ def _load_run(path: str, backend: str):
         raise ValueError(f"{path}: no such run directory or checkpoint")
     run_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."
     run = runs.RunDir.open(run_dir)
-    config = _run_config(run)
+    config = run.train_config()
     if config.backend != backend:
         raise ValueError(f"{run_dir} is a {config.backend} run; a {backend} run goes here")
     checkpoint = run.require_checkpoint()
@@ -560,21 +537,18 @@ def _sample_from_data(n: int, data_dir: Optional[str], synthetic: bool, seed: in
 
     from bnref import data
 
-    if synthetic:
-        d = data.synthetic(n_train=2, n_test=n, seed=seed)
-    else:
-        try:
-            d = data.load_fashion_mnist(data_dir, download=False)
-        except FileNotFoundError:  # DataNotFoundError: its several lines, said in one
-            if data_dir is not None:
-                state = "no such directory" if not os.path.isdir(data_dir) else "does not hold the Fashion-MNIST files"
-                raise ValueError(f"--data-dir {data_dir}: {state} ({', '.join(data.FILES.values())}); or pass "
-                                 "--synthetic for the synthetic stand-in") from None  # fmt: skip
-            looked = ", ".join(str(p) for p in data.candidate_dirs())
-            raise ValueError(f"no Fashion-MNIST files found (looked in {looked}): pass --data-dir DIR, set "
-                             "BNREF_DATA_DIR, or pass --synthetic for the synthetic stand-in") from None  # fmt: skip
-        except ValueError as e:  # a corrupt file: the message names it
-            raise ValueError(_one_line(e)) from None
+    try:
+        d = data.load_or_synthetic(data_dir, synthetic_data=synthetic, n_train=2, n_test=n, seed=seed)
+    except FileNotFoundError:  # DataNotFoundError: its several lines, said in one
+        if data_dir is not None:
+            state = "no such directory" if not os.path.isdir(data_dir) else "does not hold the Fashion-MNIST files"
+            raise ValueError(f"--data-dir {data_dir}: {state} ({', '.join(data.FILES.values())}); or pass "
+                             "--synthetic for the synthetic stand-in") from None  # fmt: skip
+        looked = ", ".join(str(p) for p in data.candidate_dirs())
+        raise ValueError(f"no Fashion-MNIST files found (looked in {looked}): pass --data-dir DIR, set "
+                         "BNREF_DATA_DIR, or pass --synthetic for the synthetic stand-in") from None  # fmt: skip
+    except ValueError as e:  # a corrupt file: the message names it
+        raise ValueError(_one_line(e)) from None
     if n > len(d.test_images):
         raise ValueError(f"-n {n}: {d.source} has only {len(d.test_images)} test images")
     rng = np.random.default_rng(seed)

@@ -29,6 +29,7 @@ import time
 from typing import Dict, List, Sequence
 
 from bnref import _io
+from bnref.config import TrainConfig
 
 __all__ = ["RUNS_DIR_ENV", "CHECKPOINT", "RunDir", "default_run_dir", "check_new_run_dir", "check_run_id",
            "read_metrics", "plot_curves", "compare"]
@@ -215,8 +216,7 @@ class RunDir:
         run = cls(path)
         if not os.path.isfile(run.config_file):
             raise ValueError(f"{path} is not a run directory: it has no config.json")
-        run._saved = run._read_config()
-        run.run_id = run._saved.get("run_id")
+        run.run_id = run.saved.get("run_id")  # reads and checks config.json
         return run
 
     def _read_config(self) -> Dict:
@@ -247,22 +247,24 @@ class RunDir:
         ``typed``: the options the user actually typed; each one outside :data:`RESUMABLE` must
         equal the run's, else ``ValueError`` naming it (a resumed run trains the same model the
         same way; an option typed with its default value is compared too)."""
-        from bnref.config import TrainConfig
-
         saved = self.saved_config()
         for key, value in typed.items():
             if key in RESUMABLE or value == saved.get(key, value):
                 continue
             raise ValueError(f"--resume {self.path}: {key} was {saved[key]!r} in that run, not {value!r}; "
                              "only " + ", ".join(RESUMABLE) + " may change")  # fmt: skip
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(saved) - known)
+        # --epochs untyped: the run's own target (a killed run continues to where it was headed)
+        return self.train_config(**{k: given[k] for k in RESUMABLE if k != "epochs" or k in typed})
+
+    def train_config(self, **changes) -> TrainConfig:
+        """The run's :class:`bnref.config.TrainConfig`, with ``changes`` applied; ``ValueError``
+        naming ``config.json`` for a key this bnref does not know or a value it refuses."""
+        saved = self.saved_config()
+        unknown = sorted(str(k) for k in set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
         if unknown:
             raise ValueError(f"{self.config_file}: unknown config key(s) {', '.join(unknown)}: not a run of this bnref")
-        # --epochs untyped: the run's own target (a killed run continues to where it was headed)
-        merged = {**saved, **{k: given[k] for k in RESUMABLE if k != "epochs" or k in typed}}
         try:
-            return TrainConfig(**merged)
+            return TrainConfig(**{**saved, **changes})
         except (TypeError, ValueError) as e:
             raise ValueError(f"{self.config_file}: {e}") from None
 
