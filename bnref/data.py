@@ -70,6 +70,7 @@ __all__ = [
     "decompressed_sha256",
     "download",
     "find_data_dir",
+    "is_synthetic",
     "load_fashion_mnist",
     "load_or_synthetic",
     "main",
@@ -180,6 +181,12 @@ def synthetic(n_train: int = 512, n_test: int = 256, seed: int = 0) -> FashionMN
             images[labels == k, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7] = 230
         splits += [images, labels]
     return FashionMNIST(*splits, source=f"synthetic(seed={seed})")
+
+
+def is_synthetic(source: str) -> bool:
+    """Whether ``source`` (a ``FashionMNIST.source``, or one recorded in a run's or experiment's
+    JSON) names :func:`synthetic` data."""
+    return str(source).startswith("synthetic(")
 
 
 def load_or_synthetic(data_dir: str | os.PathLike | None = None, *, synthetic_data: bool = False,
@@ -735,7 +742,7 @@ def describe_source(data: FashionMNIST) -> str:
         False: "NOT the Fashion-MNIST release: its SHA-256 differs (used as given)",
         None: "not checked against the release",
     }[data.release]
-    if data.source.startswith("synthetic("):
+    if is_synthetic(data.source):
         verdict = "NOT Fashion-MNIST: bnref.data.synthetic, the stand-in asked for with --synthetic"
     return f"{data.source} ({verdict}; {len(data.train_labels)} train / {len(data.test_labels)} test)"
 

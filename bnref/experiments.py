@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from bnref import _cli, _io, spec
+from bnref.data import is_synthetic
 
 __all__ = ["EXPERIMENTS", "Experiment", "ExperimentConfig", "run_experiment", "scaled_lr", "momentum_port", "fast_variance",
            "bn_vs_none", "batch_size", "eval_stats", "placement", "sync_vs_local", "main"]
@@ -198,17 +199,15 @@ def _save(fig, path: str, result: Dict) -> None:
     """Write an experiment's figure with the data it was drawn on in a caption, so a figure
     of the synthetic stand-in can never pass for one of Fashion-MNIST."""
     if "data" in result:
-        synthetic = str(result["data"]).startswith("synthetic(")
         fig.text(0.5, 0.003, _caption(result), ha="center", va="bottom", fontsize="small",
-                 color="red" if synthetic else "gray")  # fmt: skip
+                 color="red" if is_synthetic(result["data"]) else "gray")  # fmt: skip
         _io.save_figure(fig, path, rect=(0, 0.045, 1, 1))
     else:
         _io.save_figure(fig, path)
 
 
 def _caption(result: Dict) -> str:
-    synthetic = str(result["data"]).startswith("synthetic(")
-    return f"data: {result['data']}" + (" - NOT Fashion-MNIST (--synthetic)" if synthetic else "")
+    return f"data: {result['data']}" + (" - NOT Fashion-MNIST (--synthetic)" if is_synthetic(result["data"]) else "")
 
 
 def _curves(history: Sequence[Dict], keys: Sequence[str] = ("loss", "train_acc", "test_acc")) -> Dict[str, list]:
