@@ -230,7 +230,12 @@ def trajectory_data(data_dir: Optional[str] = None, synthetic: bool = False, bat
     enough for 4 batches."""
     from bnref.data import load_or_synthetic
 
-    return load_or_synthetic(data_dir, synthetic_data=synthetic, n_train=max(batch_size * 4, 1024), n_test=16, seed=seed)
+    return load_or_synthetic(data_dir, synthetic_data=synthetic, **_stand_in_sizes(batch_size, seed))
+
+
+def _stand_in_sizes(batch_size: int, seed: int) -> Dict:
+    """The synthetic stand-in's sizes for a trajectory at ``batch_size``: 4 batches (at least 1024)."""
+    return {"n_train": max(batch_size * 4, 1024), "n_test": 16, "seed": seed}
 
 
 def trajectory(
@@ -578,8 +583,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.trajectory:
         dtype = (args.dtype or ["float32"])[-1]
-        ds = _cli.load_data(p, args, file=sys.stderr if args.json else None, n_train=max(args.batch_size * 4, 1024),
-                            n_test=16, seed=0)  # fmt: skip
+        ds = _cli.load_data(p, args, file=sys.stderr if args.json else None, **_stand_in_sizes(args.batch_size, 0))
         if len(ds.train_labels) < args.batch_size:
             p.error(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training examples of {ds.source}")
         report = trajectory(args.steps, dtype=dtype, lr=args.lr, batch_size=args.batch_size,
