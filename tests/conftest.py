@@ -4,6 +4,7 @@
 - On a GPU, TF32 matmuls/convolutions are switched off so float32 means float32.
 - ``tiny_fashion_dir``: ``bnref.data.synthetic`` written as the four IDX files with bnref's
   own writers, for training smoke tests that run the real CLI.
+- ``corrupt_fashion_dir``: those files with the training images corrupted (tools' error paths).
 - ``real_fashion_dir``: the true dataset when present (Debian's dataset-fashion-mnist, or
   $BNREF_DATA_DIR), else the test is skipped with the reason.
 """
@@ -38,6 +39,17 @@ def tiny_fashion_dir(tmp_path_factory):
     from bnref import data
 
     return data.write_fashion_mnist(tmp_path_factory.mktemp("tiny-fashion-mnist"), data.synthetic(512, 256))
+
+
+@pytest.fixture
+def corrupt_fashion_dir(tmp_path):
+    """``tmp_path/corrupt``: the four files, the training images replaced by bytes that are not
+    IDX (a bad magic number), for the tools' "corrupt --data-dir" tests."""
+    from bnref import data
+
+    d = data.write_fashion_mnist(tmp_path / "corrupt", data.synthetic(64, 16))
+    (d / data.FILES["train_images"]).write_bytes(b"not an IDX file at all")
+    return d
 
 
 @pytest.fixture(scope="session")

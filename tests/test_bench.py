@@ -52,12 +52,9 @@ def test_all_backends_write_one_combined_strict_json(tmp_path, monkeypatch, caps
     (["--data-dir", "{tmp}/corrupt", "--synthetic"], "--synthetic and --data-dir exclude each other"),
 ], ids=["typo", "corrupt", "both"])  # fmt: skip
 def test_bad_data_fails_before_any_measurement_and_is_never_replaced_by_synthetic_data(argv, message, tmp_path, capsys,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, corrupt_fashion_dir):
     import bnref.torch.bench as torch_bench
-    from bnref import data
 
-    corrupt = data.write_fashion_mnist(tmp_path / "corrupt", data.synthetic(64, 8))
-    (corrupt / data.FILES["train_images"]).write_bytes(b"not an IDX file at all")
     monkeypatch.setattr(torch_bench, "run", lambda args: pytest.fail("measured despite bad data"))
     with pytest.raises(SystemExit) as e:
         bench.main(["--backend", "torch", *[a.format(tmp=tmp_path) for a in argv]])

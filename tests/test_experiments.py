@@ -142,15 +142,12 @@ def test_sync_bn_trains_like_one_device_and_local_bn_does_not(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["empty", "typo", "corrupt"])
-def test_data_that_is_not_there_is_an_error_never_synthetic_data(where, tmp_path, capsys):
+def test_data_that_is_not_there_is_an_error_never_synthetic_data(where, tmp_path, capsys, corrupt_fashion_dir):
     """On main at b02e4a9 an empty or mistyped --data-dir trained on synthetic data, exit 0, BN at
     100% test accuracy, and only the JSON said so."""
-    d = tmp_path / where
+    d = corrupt_fashion_dir if where == "corrupt" else tmp_path / where
     if where == "empty":
         d.mkdir()
-    elif where == "corrupt":
-        data.write_fashion_mnist(d, data.synthetic(64, 16))
-        (d / data.FILES["test_labels"]).write_bytes(b"\x1f\x8b broken")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         experiments.main(["bn-vs-none", "--quick", "--out", str(out), "--data-dir", str(d)])

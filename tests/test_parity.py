@@ -175,12 +175,8 @@ def test_replica_trajectories_fail_on_a_non_finite_synchronized_run(monkeypatch,
     (["--data-dir", "{tmp}/typo"], "typo (data_dir argument) does not exist"),
     (["--data-dir", "{tmp}/corrupt"], "bad magic number"),
 ], ids=["batch-past-the-data", "typo", "corrupt"])  # fmt: skip
-def test_trajectory_bad_data_is_one_line_exit_2_before_training(argv, message, tmp_path, capsys):
+def test_trajectory_bad_data_is_one_line_exit_2_before_training(argv, message, tmp_path, capsys, corrupt_fashion_dir):
     """At b02e4a9 each was a traceback (and a typo'd --data-dir trained on synthetic batches)."""
-    from bnref import data
-
-    corrupt = data.write_fashion_mnist(tmp_path / "corrupt", data.synthetic(64, 8))
-    (corrupt / data.FILES["train_labels"]).write_bytes(b"\x00\x00\x00\x00 not labels")
     with pytest.raises(SystemExit) as e:
         parity.main(["--trajectory", "--steps", "1", *[a.format(tmp=tmp_path) for a in argv]])
     err = capsys.readouterr().err
