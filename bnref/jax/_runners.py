@@ -10,27 +10,21 @@ Flax's ``batch_stats``; float64 for float64) and then cast to ``dtype`` for the 
 for half types the reported error includes that final rounding. ``gamma``/``beta`` (and so
 ``dgamma``/``dbeta``) are in ``dtype``.
 
-float64 needs x64: each runner enables it for its own duration with the ``jax.enable_x64``
+float64 needs x64: each runner enables it for its own duration with the ``bnref.jax.compat.x64``
 context manager (never globally: the rest of a test session trains in float32).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
 
 from bnref import spec
+from bnref.jax.compat import x64
 from bnref.testing import NotExpressible
 
 __all__ = ["run_functional", "run_layer", "run_builtin", "RUNNERS"]
-
-
-def _x64(dtype: str):
-    import jax
-
-    return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
 
 
 def _prepare(inputs, dtype: str):
@@ -52,7 +46,7 @@ def _run(forward, inputs, dtype, train):
     """``forward(x, gamma, beta, rm, rv) -> (y, new_rm, new_rv)``, jitted with its gradients."""
     import jax
 
-    with _x64(dtype):
+    with x64(dtype == "float64"):
         x, gamma, beta, rm, rv, dy = _prepare(inputs, dtype)
         if not train:
             y, nrm, nrv = jax.jit(forward)(x, gamma, beta, rm, rv)
@@ -142,7 +136,7 @@ def run_axis_name(shards, dys, gamma, beta, running_mean, running_var, conventio
     devices = jax.devices("cpu")
     if len(devices) < replicas:
         raise NotExpressible(f"needs {replicas} JAX devices, this process has {len(devices)}")
-    with _x64(dtype):
+    with x64(dtype == "float64"):
         jdt = jnp.dtype(dtype)
         sdt = jnp.promote_types(jdt, jnp.float32)
         if builtin:
@@ -211,7 +205,7 @@ def run_shard_map_trajectory(variables, batches, lr: float, dtype: str, conventi
     if len(devices) < replicas:
         raise ValueError(f"{replicas} replicas need {replicas} JAX CPU devices; this process has {len(devices)} "
                          "(set XLA_FLAGS=--xla_force_host_platform_device_count before JAX starts)")  # fmt: skip
-    with _x64(dtype):
+    with x64(dtype == "float64"):
         jdt = jnp.dtype(dtype)
         mesh = Mesh(np.array(devices[:replicas]), (jtrain.AXIS,))
         model = LeNetBN(bn="bnref", convention=convention, dtype=jdt, param_dtype=jdt,
