@@ -198,7 +198,7 @@ def run_shard_map_trajectory(variables, batches, lr: float, dtype: str, conventi
     import optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from bnref.jax import train as jtrain
+    from bnref.jax import distributed, train as jtrain
     from bnref.jax.models import LeNetBN
 
     devices = jax.devices("cpu")
@@ -207,16 +207,15 @@ def run_shard_map_trajectory(variables, batches, lr: float, dtype: str, conventi
                          "(set XLA_FLAGS=--xla_force_host_platform_device_count before JAX starts)")  # fmt: skip
     with x64(dtype == "float64"):
         jdt = jnp.dtype(dtype)
-        mesh = Mesh(np.array(devices[:replicas]), (jtrain.AXIS,))
+        mesh = Mesh(np.array(devices[:replicas]), (distributed.AXIS,))
         model = LeNetBN(bn="bnref", convention=convention, dtype=jdt, param_dtype=jdt,
-                        axis_name=jtrain.AXIS if sync_bn else None)  # fmt: skip
+                        axis_name=distributed.AXIS if sync_bn else None)  # fmt: skip
         cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jdt), tree)  # noqa: E731
         state = jtrain.TrainState.create(apply_fn=model.apply, params=cast(variables["params"]),
                                          batch_stats=cast(variables["batch_stats"]), tx=optax.sgd(lr))  # fmt: skip
-        params, opt_state, stats = jtrain.replicate_state(state, mesh, sync_bn)
-        sharded, replicated = NamedSharding(mesh, P(jtrain.AXIS)), NamedSharding(mesh, P())
+        (params, opt_state, stats), step = distributed.data_parallel(state, model, mesh, len(batches[0][0]), sync_bn)
+        sharded, replicated = NamedSharding(mesh, P(distributed.AXIS)), NamedSharding(mesh, P())
         totals = jax.device_put(jnp.zeros(2, jdt), replicated)
-        step = jtrain.data_parallel_step(model, state.tx, mesh, len(batches[0][0]), sync_bn)
         losses = []
         for images, labels in batches:
             X = jax.device_put(jnp.asarray(jtrain.prepare_images(images), jdt), sharded)

@@ -165,7 +165,7 @@ def _trajectory_worker(rank, world, send, state, batches, lr, dtype, convention,
     consecutive slices. Rank 0 returns, per run, the global batch's mean loss per step and the
     final state (running statistics: rank 0's, which DDP gives every replica at each forward when
     BN is not synchronized)."""
-    from bnref.torch import train as ttrain
+    from bnref.torch import distributed, train as ttrain
     from bnref.torch.models import LeNetBN
 
     cpu = torch.device("cpu")
@@ -173,7 +173,7 @@ def _trajectory_worker(rank, world, send, state, batches, lr, dtype, convention,
     for sync_bn in modes:
         model = LeNetBN(bn="bnref", convention=convention).to(_DTYPES[dtype])
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-        model, net = ttrain.data_parallel(model, cpu, sync_bn)
+        model, net = distributed.data_parallel(model, cpu, sync_bn)
         optimizer = torch.optim.SGD(net.parameters(), lr=lr)
         losses = []
         for images, labels in batches:

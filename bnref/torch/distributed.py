@@ -8,6 +8,9 @@
   names the rank that caused it (a survivor's "connection reset by peer" is a symptom, not the
   cause): a dead peer never leaves the rest waiting in a collective, and no wait of the
   launcher's is unbounded, its exit included.
+- :func:`data_parallel`: a model made data parallel for one replica (DDP around it, its BN
+  layers made :class:`bnref.torch.SyncBatchNorm`); the JAX twin is
+  ``bnref.jax.distributed.data_parallel``.
 - :func:`torchrun_env` reads the environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``,
   ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), refusing a partial one;
   :func:`init_from_env` joins that group.
@@ -30,7 +33,8 @@ from bnref._torchrun import ReplicaError, torchrun_env  # noqa: F401 - framework
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "ReplicaError", "launch", "torchrun_env", "init_from_env", "backend_for", "free_port"]
+__all__ = ["DEFAULT_TIMEOUT_S", "ReplicaError", "launch", "torchrun_env", "init_from_env", "backend_for", "free_port",
+           "data_parallel"]
 
 #: seconds a collective may wait for its peers before the run fails
 DEFAULT_TIMEOUT_S = 120.0
@@ -55,6 +59,21 @@ def init_from_env(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         raise RuntimeError("not launched by torchrun: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set")
     dist.init_process_group(backend, init_method="env://", rank=env["rank"], world_size=env["world"],
                             timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device, sync_bn: bool):
+    """``(model, net)`` for one replica of the current process group: ``model`` with every BN
+    layer converted to :class:`bnref.torch.SyncBatchNorm` when ``sync_bn`` (state and
+    conventions kept), and ``net``, that model wrapped in ``DistributedDataParallel`` (the one to
+    train; ``model`` is the one whose state to read). The JAX twin is
+    ``bnref.jax.distributed.data_parallel``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bnref.torch.sync import SyncBatchNorm
+
+    if sync_bn:
+        model = SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _entry(rank, world, port, backend, timeout_s, worker, args, results, threads):
