@@ -1,16 +1,23 @@
 """argparse value types shared by bnref's commands: a bad value is argparse's one-line error
-(``error: argument --lr: ...``, exit status 2) before any work starts."""
+(``error: argument --lr: ...``, exit status 2) before any work starts; and :func:`first_line`,
+how a framework's paragraphs of error become one line of bnref's."""
 
 from __future__ import annotations
 
 import argparse
 import math
 
-__all__ = ["add_data_options", "finite_positive_float", "int_at_least", "load_data", "non_negative_float", "positive_int",
+__all__ = ["add_data_options", "finite_positive_float", "first_line", "int_at_least", "load_data", "non_negative_float", "positive_int",
            "seed"]
 
 #: largest seed every RNG bnref seeds accepts (NumPy's SeedSequence, torch, jax.random.key)
 MAX_SEED = 2**32 - 1
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message``: a framework's error often runs to paragraphs."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _int(text: str) -> int:

@@ -1,7 +1,8 @@
 """What a training run is: :class:`TrainConfig` (every choice a run depends on, validated when
 it is made) and the choices it takes.
 
-A leaf of bnref's layers: it imports no framework and nothing above it (the backends, run
+A leaf of bnref's layers: it imports no framework and nothing above it (the backend registry
+``bnref.backends`` is beside it) (the backends, run
 directories, experiments, diagnose and the CLI ``bnref.train`` import it).
 """
 
@@ -11,12 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from bnref import _io, spec
+from bnref import _io, backends, spec
 from bnref._cli import MAX_SEED
 
 __all__ = ["BACKENDS", "BN_CHOICES", "PRECISE_VARIANTS", "TIMING_KEYS", "TrainConfig"]
 
-BACKENDS = ("jax", "torch")
+BACKENDS = backends.NAMES  # the registry's, bnref.backends
 BN_CHOICES = ("bnref", "builtin", "none")
 #: the metrics that measure time, not training: two runs of the same training differ only in these
 TIMING_KEYS = ("examples_per_sec", "compile_seconds", "wall_seconds", "precise_seconds")
@@ -69,8 +70,7 @@ class TrainConfig:
     precise_variant: str = "population"
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        backends.get(self.backend)  # raises ValueError naming the choices
         if self.bn not in BN_CHOICES:
             raise ValueError(f"bn must be one of {BN_CHOICES}, got {self.bn!r}")
         spec.preset(self.convention)  # raises ValueError naming the choices
@@ -126,9 +126,12 @@ class TrainConfig:
             if self.coordinator is not None:
                 raise ValueError("a coordinator address needs num_processes >= 2")
             return
-        if self.backend != "jax":
-            raise ValueError("num_processes is the JAX backend's multi-process runtime; torch runs several "
-                             "processes with --replicas R or under torchrun")  # fmt: skip
+        runtime = backends.get(self.backend).processes
+        if runtime != "coordinator":
+            also = " or under torchrun" if runtime == "torchrun" else ""
+            owners = "/".join(b.title for b in backends.REGISTRY.values() if b.processes == "coordinator")
+            raise ValueError(f"num_processes is the {owners} backend's multi-process runtime; {self.backend} runs "
+                             f"several processes with --replicas R{also}")  # fmt: skip
         host, _, port = (self.coordinator or "").rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"coordinator must be HOST:PORT (process 0's address), got {self.coordinator!r}")

@@ -53,7 +53,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from bnref import spec
+from bnref import _cli, spec
 
 __all__ = ["Finding", "LayerComparison", "Report", "bn_report", "main"]
 
@@ -454,12 +454,6 @@ def bn_report(torch_module, flax_module, flax_variables: Mapping, sample_input, 
 # status 2, before the report starts. Exit status 1 means findings, and only that.
 
 
-def _first_line(e: BaseException) -> str:
-    """``Type: first line of the message``: a framework's error often runs to paragraphs."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def _one_line(message: str) -> str:
     return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
@@ -472,7 +466,7 @@ def _factory(spec_: str, what: str, base: type, base_name: str):
     try:
         module = importlib.import_module(mod)
     except Exception as e:  # ImportError, or whatever the module raises while importing
-        raise ValueError(f"{what} {spec_}: cannot import {mod} ({_first_line(e)})") from None
+        raise ValueError(f"{what} {spec_}: cannot import {mod} ({_cli.first_line(e)})") from None
     fn = getattr(module, attr, None)
     if fn is None:
         raise ValueError(f"{what} {spec_}: module {mod} has no {attr!r}")
@@ -481,7 +475,7 @@ def _factory(spec_: str, what: str, base: type, base_name: str):
     try:
         model = fn()
     except Exception as e:
-        raise ValueError(f"{what} {spec_}: {attr}() raised {_first_line(e)}") from None
+        raise ValueError(f"{what} {spec_}: {attr}() raised {_cli.first_line(e)}") from None
     if not isinstance(model, base):
         raise ValueError(f"{what} {spec_}: {attr}() returned a {type(model).__name__}, not a {base_name}")
     return model
@@ -502,25 +496,10 @@ def _load_run(path: str, backend: str):
     if config.backend != backend:
         raise ValueError(f"{run_dir} is a {config.backend} run; a {backend} run goes here")
     checkpoint = run.require_checkpoint()
-    if backend == "torch":
-        import torch
+    from bnref import backends
 
-        from bnref.torch.train import load_checkpoint, make_model
-
-        model = make_model(config)
-        try:
-            load_checkpoint(checkpoint, model, None, torch.device("cpu"))
-        except Exception as e:  # corrupt, hostile (weights_only refuses it), another format, another model
-            raise ValueError(f"{checkpoint}: not a checkpoint of this run's torch model ({_first_line(e)})") from None
-        return model.eval(), None, checkpoint
-    from bnref.jax.train import checkpoint_variables, make_model
-
-    local_stats = config.replicas > 1 and not config.sync_bn  # one set of statistics per device
-    try:
-        variables = checkpoint_variables(checkpoint, per_device_stats=local_stats)
-    except Exception as e:  # corrupt or truncated msgpack, another format, another structure
-        raise ValueError(f"{checkpoint}: not a checkpoint of this run's Flax model ({_first_line(e)})") from None
-    return make_model(config), _check_variables(variables, checkpoint), checkpoint
+    model, variables = backends.load(backend).load_run(config, checkpoint)
+    return model, (None if variables is None else _check_variables(variables, checkpoint)), checkpoint
 
 
 def _check_variables(variables, where: str):
@@ -579,7 +558,7 @@ def _torch_state(path: str):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, another format, or objects weights_only refuses to build
         raise ValueError(f"{path}: not a torch.save'd state_dict that loads with weights_only=True "
-                         f"({_first_line(e)})") from None  # fmt: skip
+                         f"({_cli.first_line(e)})") from None  # fmt: skip
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):  # a training checkpoint
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
@@ -600,7 +579,7 @@ def _flax_variables(path: str):
     try:
         variables = serialization.msgpack_restore(raw)
     except Exception as e:  # truncated, extra data, not msgpack at all, nesting too deep
-        raise ValueError(f"{path}: not a flax.serialization msgpack file ({_first_line(e)})") from None
+        raise ValueError(f"{path}: not a flax.serialization msgpack file ({_cli.first_line(e)})") from None
     return _check_variables(variables, path)
 
 
@@ -639,13 +618,13 @@ def _check_models_run(tm, fm, variables, x, torch_file: str, flax_file: str) -> 
             net(torch.as_tensor(x, dtype=dtype))
     except Exception as e:
         raise ValueError(f"{torch_file}: the torch model fails on a sample batch of shape {x.shape} "
-                         f"({_first_line(e)})") from None  # fmt: skip
+                         f"({_cli.first_line(e)})") from None  # fmt: skip
     xf = channels_last(x)
     try:
         fm.apply(variables, xf, train=False)
     except Exception as e:
         raise ValueError(f"{flax_file}: the Flax model with these variables fails on a sample batch of shape "
-                         f"{xf.shape} ({_first_line(e)})") from None  # fmt: skip
+                         f"{xf.shape} ({_cli.first_line(e)})") from None  # fmt: skip
 
 
 def _inputs(args):
@@ -662,8 +641,6 @@ def _inputs(args):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from bnref import _cli
-
     p = argparse.ArgumentParser(
         prog="python -m bnref.diagnose",
         description="Compare the BatchNorm layers of a PyTorch model and its Flax port, from two checkpoints.",

@@ -1,10 +1,11 @@
 """Train LeNet-BN on Fashion-MNIST with either backend: ``python -m bnref.train --backend jax``.
 
-A thin CLI over :func:`train_and_evaluate` (the shape of Flax's ``examples/*/main.py``):
-``main(argv)`` parses the flags into a frozen :class:`TrainConfig`, prints it, and calls
-:func:`train_and_evaluate`, which tests call directly too. Each backend provides
-``bnref.<backend>.train.fit(config, data, on_epoch) -> list[dict]``; this module owns the
-flags, the data, the per-epoch line and the optional plot, so both backends behave alike.
+A thin CLI over :func:`bnref.training.train_and_evaluate` (the shape of Flax's
+``examples/*/main.py``): ``main(argv)`` parses the flags into a frozen :class:`TrainConfig`,
+prints it, and calls it. The top floor of bnref's layers: it imports everything it needs
+(the config, the registry ``bnref.backends``, run directories, the training library) and
+nothing imports it. The backend is the registry's; this module owns the flags, the run
+directory's creation, resumption and lock, and which process speaks.
 
 Defaults are the seed's (d2l, "Batch Normalization"): lr 1.0, batch 256, 10 epochs, SGD,
 cross-entropy, the from-scratch BN with d2l's running-average convention (decay 0.9,
@@ -16,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from bnref import _io, spec
+from bnref import _io, backends, spec
 from bnref._cli import MAX_SEED, finite_positive_float, positive_int, seed
 from bnref._torchrun import ReplicaError
 # The config and the schedule live in the leaves below this CLI (the backends import them from
@@ -29,123 +29,8 @@ from bnref._torchrun import ReplicaError
 from bnref.config import BACKENDS, BN_CHOICES, PRECISE_VARIANTS, TIMING_KEYS, TrainConfig  # noqa: F401
 from bnref.schedule import (NonFiniteLoss, batch_slices, check_finite_loss, epoch_metrics,  # noqa: F401
                             epoch_permutation, precise_batch_indices)
-
-
-def format_epoch(m: Dict) -> str:
-    """One line per epoch in d2l's wording, e.g.
-    ``epoch 3/10: loss 0.402, train acc 0.855, test acc 0.752, 13290.1 examples/sec on cpu``;
-    with precise BN, ``test acc 0.861 (precise; EMA 0.829)``."""
-    test = f"test acc {m['test_acc']:.3f}"
-    if "test_acc_precise" in m:
-        test += f" (precise; EMA {m['test_acc_ema']:.3f})"
-    return (
-        f"epoch {m['epoch']}/{m['epochs']}: loss {m['loss']:.3f}, train acc {m['train_acc']:.3f}, "
-        f"{test}, {m['examples_per_sec']:.1f} examples/sec on {m['device']}"
-    )
-
-
-def load_data(config: TrainConfig):
-    """Fashion-MNIST as NumPy arrays, cut to the configured limits; ``ValueError`` when a split
-    is too small to train or evaluate on."""
-    from bnref import data as data_mod
-
-    ds = data_mod.load_fashion_mnist(config.data_dir, download=config.download)
-    if config.train_limit is not None or config.test_limit is not None:
-        ds = dataclasses.replace(
-            ds,
-            train_images=ds.train_images[: config.train_limit],
-            train_labels=ds.train_labels[: config.train_limit],
-            test_images=ds.test_images[: config.test_limit],
-            test_labels=ds.test_labels[: config.test_limit],
-        )
-    check_data(config, ds)
-    return ds
-
-
-def check_data(config: TrainConfig, data) -> None:
-    """Raise ``ValueError`` if ``data`` cannot be trained (fewer than 2 examples with BN, 1
-    without) or evaluated on (an empty test split), before any work."""
-    need = 1 if config.bn == "none" else 2
-    if config.replicas > 1:
-        need = config.batch_size  # every replica takes its slice of full global batches
-    if len(data.train_labels) < need:
-        raise ValueError(f"{data.source}: the training split has {len(data.train_labels)} example(s); "
-                         f"training needs at least {need}")  # fmt: skip
-    if len(data.test_labels) == 0:
-        raise ValueError(f"{data.source}: the test split is empty; evaluation needs at least 1 example")
-    if config.precise_batches is not None:
-        available = len(batch_slices(len(data.train_labels), config.batch_size))
-        if config.precise_batches > available:
-            raise ValueError(f"--precise-batches {config.precise_batches}: the training split has {available} "
-                             f"batch(es) of {config.batch_size}")  # fmt: skip
-
-
-def train_and_evaluate(
-    config: TrainConfig, data=None, on_epoch: Optional[Callable[[Dict], None]] = None, run=None
-) -> List[Dict]:
-    """Train and evaluate; returns the per-epoch metrics (dicts with ``epoch``, ``epochs``,
-    ``loss``, ``train_acc``, ``test_acc``, ``examples_per_sec``, ``device``).
-
-    ``data`` (a ``bnref.data.FashionMNIST``) defaults to :func:`load_data`. ``on_epoch`` is
-    called with each epoch's metrics as soon as they exist (the CLI prints them). The output
-    paths are checked before anything else; ``config.plot`` and ``config.json`` are rewritten
-    atomically after every epoch (strict JSON: a NaN metric is written as null and named
-    under "nonfinite").
-
-    ``run``: a :class:`bnref.runs.RunDir` to log to (``metrics.jsonl``, ``curves.png``) and
-    checkpoint into after every epoch, or to resume from (``run.resuming``); the returned
-    metrics then include the epochs before the resume.
-    """
-    config.check_outputs()
-    if data is None:
-        data = load_data(config)
-    else:
-        check_data(config, data)
-    backend = importlib.import_module(f"bnref.{config.backend}.train")
-    history: List[Dict] = run.history if run is not None else []
-
-    started = time.perf_counter()
-
-    def epoch_done(m: Dict) -> None:
-        m["wall_seconds"] = time.perf_counter() - started  # since this process started training
-        history.append(m)
-        if run is not None:
-            from bnref import runs
-
-            run.log_epoch(m)
-            runs.plot_curves(history, run.curves, title=figure_title(config))
-        if config.json:
-            _io.write_json(config.json, {"config": dataclasses.asdict(config), "data": data.source, "history": history})
-        if config.plot:
-            plot_history(history, config.plot, title=figure_title(config))
-        if on_epoch is not None:
-            on_epoch(m)
-
-    backend.fit(config, data, epoch_done, run=run)
-    return history
-
-
-def figure_title(config: TrainConfig) -> str:
-    """What the figure shows: the network actually trained (no "BN" without BN layers)."""
-    bn = {"bnref": f"bnref BN, {config.convention}", "builtin": "framework BN", "none": "no BN"}[config.bn]
-    return f"LeNet ({bn}, {config.backend})"
-
-
-def plot_history(history: Sequence[Dict], path: str, title: str = "") -> None:
-    """Save d2l's training figure (loss, train acc, test acc per epoch) to ``path``, atomically.
-
-    Markers on every point, so the first epoch's single point is visible too.
-    """
-    epochs = [m["epoch"] for m in history]
-    fig, ax = _io.new_figure(size=(5, 3.5))
-    for key, style in (("loss", "o-"), ("train_acc", "s--"), ("test_acc", "^-.")):
-        ax.plot(epochs, [m[key] for m in history], style, label=key.replace("_", " "))
-    ax.set_xlabel("epoch")
-    ax.set_xticks(epochs)
-    ax.set_title(title)
-    ax.grid(True)
-    ax.legend()
-    _io.save_figure(fig, path)
+# The library this CLI runs (bnref.training), importable from here too, as the tests know it.
+from bnref.training import check_data, figure_title, format_epoch, load_data, plot_history, train_and_evaluate  # noqa: F401
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
@@ -188,24 +73,16 @@ def parse_command(argv: Optional[Sequence[str]] = None):
     if launched is not None and args["replicas"] not in (None, launched):
         p.error(f"--replicas {args['replicas']} contradicts the launcher's WORLD_SIZE={launched}")
     args["replicas"] = args["replicas"] or launched or args["num_processes"]
-    if launched is not None and args["backend"] != "torch":
-        p.error("a torchrun launch trains with --backend torch")
+    if launched is not None and backends.get(args["backend"]).processes != "torchrun":
+        torchrun = [name for name, b in backends.REGISTRY.items() if b.processes == "torchrun"]
+        p.error(f"a torchrun launch trains with --backend {' or '.join(torchrun)}")
     try:
         config = TrainConfig(**args)
         config.check_outputs()
-        if config.backend == "jax" and config.replicas > 1:
-            provide_host_devices(config.replicas // config.num_processes)  # on a CPU: this process's share
-        backend = importlib.import_module(f"bnref.{config.backend}.train")
-        if config.num_processes > 1:
-            backend.check_coordinator(config)  # a port in use made JAX segfault; process 0 checks it first
-            print(f"process {config.process_id} of {config.num_processes}: joining at {config.coordinator} "
-                  f"(JAX aborts the process if the others have not joined within {config.join_timeout_s} s)",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            backend.join_processes(config)
-        device = backend.device_name(backend.resolve_device(config.device))
-        options["device"] = device if config.replicas == 1 else f"{config.replicas} x {device}"
-        if config.backend == "jax" and config.replicas > 1:
-            backend.replica_devices(config)
+        registered = backends.get(config.backend)
+        registered.before_start(config)  # e.g. XLA's host devices, which JAX reads when it starts
+        backend = registered.load()
+        options["device"] = backend.prepare(config)  # processes joined, devices checked
         if options["resume"] is not None:  # a checkpoint that cannot resume this run fails here, not after loading data
             done = backend.check_checkpoint(options["resume"].checkpoint, config, options["resume"].run_id)
             if done >= config.epochs:
@@ -296,17 +173,6 @@ def _compare_options(p, options, args) -> Dict:
     except ValueError as e:
         p.error(str(e))
     return {**options, "figure": figure}
-
-
-def provide_host_devices(count: int) -> None:
-    """Ask XLA for ``count`` CPU devices (``--xla_force_host_platform_device_count``), which only
-    works before JAX initializes: a no-op once it has (``replica_devices`` then says so)."""
-    import os
-
-    if "jax" in sys.modules:
-        return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:

@@ -3,8 +3,8 @@
 Examples/second of one LeNet-BN SGD step loop, for four variants measured in interleaved
 rounds in ONE process (only ratios measured side by side mean anything on a shared CPU):
 
-- ``bnref BN``: bnref.jax.BatchNorm (two-pass variance), bnref's loop (:func:`bnref.jax.train.fit`'s
-  step: data on the device, batches gathered inside the jitted step, no per-step sync);
+- ``bnref BN``: bnref.jax.BatchNorm (two-pass variance), bnref's loop (:func:`bnref.jax.train.train_steps`,
+  what fit runs: data on the device, batches gathered inside the jitted step, no per-step sync);
 - ``flax BN``: flax.linen.BatchNorm as users get it (``use_fast_variance=True``), bnref's loop;
 - ``no BN``: plain LeNet, bnref's loop;
 - ``flax-examples loop``: flax.linen.BatchNorm again, driven like flax/examples/mnist's
@@ -20,6 +20,7 @@ flax BN; target >= 2).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from typing import Dict, List, Optional, Sequence
@@ -32,31 +33,23 @@ VARIANTS = ("bnref BN", "flax BN", "no BN", "flax-examples loop")
 
 
 class _OnDeviceLoop:
-    """bnref's loop: the dataset and the permutation live on the device."""
+    """bnref's loop (the code ``fit`` runs: ``train_steps``): the dataset and the permutation
+    live on the device, epoch after epoch in bnref's example order."""
 
-    def __init__(self, bn, X, y, perm, batch_size, lr, seed):
+    def __init__(self, bn, X, y, batch_size, lr, seed):
         import jax
-        import jax.numpy as jnp
 
         from bnref.jax import train as T
         from bnref.jax.models import LeNetBN
 
-        self.T, self.jnp = T, jnp
-        self.X, self.y = jax.device_put(T.prepare_images(X)), jax.device_put(np.asarray(y, np.int32))
-        self.perm = jax.device_put(perm)
-        self.steps_per_epoch = len(perm) // batch_size
-        self.batch_size = batch_size
-        self.state = T.create_train_state(LeNetBN(bn=bn), jax.random.key(seed), lr, self.X[:1])
-        self.i = 0
+        X, y = jax.device_put(T.prepare_images(X)), jax.device_put(np.asarray(y, np.int32))
+        state = T.create_train_state(LeNetBN(bn=bn), jax.random.key(seed), lr, X[:1])
+        self.steps = T.train_steps(state, X, y, seed=seed, batch_size=batch_size, epochs=itertools.count(1))
 
     def run(self, steps: int) -> None:
-        totals = self.jnp.zeros(2, self.jnp.float32)
-        for _ in range(steps):
-            self.state, totals, _ = self.T._fit_step(
-                self.state, totals, self.X, self.y, self.perm, self.i % self.steps_per_epoch, batch_size=self.batch_size
-            )
-            self.i += 1
-        np.asarray(totals)  # one sync at the end, as fit() does once per epoch
+        for s in itertools.islice(self.steps, steps):
+            pass
+        np.asarray(s.totals)  # one sync at the end, as fit() does once per epoch
 
 
 class _FlaxExamplesLoop:
@@ -99,9 +92,9 @@ def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: i
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n).astype(np.int32)
     runners = {
-        "bnref BN": _OnDeviceLoop("bnref", X, y, perm, batch_size, 0.1, seed),
-        "flax BN": _OnDeviceLoop("builtin", X, y, perm, batch_size, 0.1, seed),
-        "no BN": _OnDeviceLoop("none", X, y, perm, batch_size, 0.1, seed),
+        "bnref BN": _OnDeviceLoop("bnref", X, y, batch_size, 0.1, seed),
+        "flax BN": _OnDeviceLoop("builtin", X, y, batch_size, 0.1, seed),
+        "no BN": _OnDeviceLoop("none", X, y, batch_size, 0.1, seed),
         "flax-examples loop": _FlaxExamplesLoop("builtin", X, y, perm, batch_size, 0.1, seed),
     }
     device = device_name(resolve_device("auto"))

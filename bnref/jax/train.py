@@ -9,7 +9,9 @@ benchmark) can drive the same steps:
 - :func:`train_step` ``(state, X, y) -> (state, loss, correct)``: one jitted SGD step that
   applies the model with ``mutable=["batch_stats"]`` and returns the updated statistics in
   the new state (the state's buffers are donated);
-- :func:`eval_step` ``(state, X) -> logits`` with ``train=False`` (running statistics).
+- :func:`eval_step` ``(state, X) -> logits`` with ``train=False`` (running statistics);
+- :func:`train_steps`: the training loop itself, one :class:`Step` per SGD step, which
+  :func:`fit`, the experiments and the benchmark iterate.
 
 :func:`fit` keeps the whole dataset on the device (float32 in [0, 1], NHWC), shuffles
 *examples* each epoch with ``bnref.schedule.epoch_permutation`` (NumPy, the same order as the
@@ -24,9 +26,10 @@ remainder of an epoch is left out, and why is said there.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List
 
 import numpy as np
 
@@ -36,6 +39,7 @@ import optax
 from flax.training import train_state
 
 from bnref._progress import bar
+from bnref.jax import distributed
 from bnref.jax.models import LeNetBN
 from bnref.schedule import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
@@ -49,11 +53,7 @@ __all__ = [
     "train_step",
     "eval_step",
     "fit",
-    "replica_devices",
-    "join_processes",
-    "check_coordinator",
-    "replicate_state",
-    "data_parallel_step",
+    "train_steps",
 ]
 
 
@@ -155,6 +155,47 @@ def _fit_step(state: TrainState, totals, X_all, y_all, perm, i, *, batch_size: i
     return state, totals + jnp.stack([loss * batch_size, correct.astype(jnp.float32)]), loss
 
 
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One SGD step of :func:`train_steps`: step ``step`` of ``steps`` (1-based) of ``epoch``.
+
+    ``state``: the state after the step; ``loss``: the batch's mean loss; ``totals``: the
+    epoch's (loss sum, number correct) so far; ``perm``: the epoch's example order (N,). All on
+    the device, unread (no sync). ``state`` and ``totals`` are donated to the next step: use them
+    before advancing the iterator (or copy them)."""
+
+    epoch: int
+    step: int
+    steps: int
+    state: Any
+    loss: Any
+    totals: Any
+    perm: Any
+
+
+def train_steps(state: TrainState, X, y, *, seed: int, batch_size: int, epochs: Iterable[int], device=None,
+                step_fn=None) -> Iterator[Step]:
+    """The training loop :func:`fit` runs, one :class:`Step` per SGD step: for each epoch of
+    ``epochs`` (1-based numbers; ``itertools.count(1)`` for as many as wanted), the examples of
+    ``X`` (N, 28, 28, 1), ``y`` (N,) int32 in ``bnref.schedule.epoch_permutation(seed, epoch, N)``'s
+    order, in the full batches of ``batch_slices(N, batch_size)``, each gathered on the device
+    inside the jitted step. The arrays stay where they are (put them on the device first); the
+    permutation and the totals are put on ``device`` (default: JAX's).
+
+    ``step_fn``: the step to run, ``step_fn(state, totals, X, y, perm, i)`` (default: the jitted
+    :func:`_fit_step` at the batch size; :func:`fit` passes it compiled ahead of time)."""
+    n = int(X.shape[0])
+    slices = batch_slices(n, batch_size)
+    size = slices[0][1]  # equal sizes: one compiled step
+    step_fn = step_fn or functools.partial(_fit_step, batch_size=size)
+    for epoch in epochs:
+        perm = jax.device_put(epoch_permutation(seed, epoch, n), device)  # (N,) example order
+        totals = jax.device_put(jnp.zeros(2, jnp.float32), device)  # loss sum, number correct
+        for k, (start, _) in enumerate(slices, start=1):
+            state, totals, loss = step_fn(state, totals, X, y, perm, start // size)
+            yield Step(epoch, k, len(slices), state, loss, totals, perm)
+
+
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def _count_correct(state: TrainState, X_all, y_all, start, *, batch_size: int):
     X = jax.lax.dynamic_slice_in_dim(X_all, start, batch_size)
@@ -184,7 +225,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     ahead of the first epoch: ``compile_seconds`` (epoch 1) is that time, and
     ``examples_per_sec`` excludes it."""
     if config.replicas > 1:
-        join_processes(config)  # a no-op unless this is one process of several (and has not joined yet)
+        distributed.join_processes(config)  # a no-op unless this is one process of several (and has not joined yet)
         return _fit_replicated(config, data, on_epoch, run)
     device = resolve_device(config.device)
     model = make_model(config)
@@ -211,15 +252,14 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     compile_seconds = time.perf_counter() - t_compile
     history = []
     for epoch in range(first, config.epochs + 1):
-        perm = jax.device_put(epoch_permutation(config.seed, epoch, n), device)  # (N,) example order
-        totals = jax.device_put(jnp.zeros(2, jnp.float32), device)  # loss sum, number correct
-        steps = bar(batches, f"epoch {epoch}/{config.epochs}", config.progress)
+        steps = train_steps(state, X_train, y_train, seed=config.seed, batch_size=config.batch_size, epochs=(epoch,),
+                            device=device, step_fn=step)  # fmt: skip
         t0 = time.perf_counter()
         losses = []
-        for start, size in steps:  # equal sizes: one compiled step
-            state, totals, loss = step(state, totals, X_train, y_train, perm, start // size)
-            losses.append(loss)
-        loss_sum, correct = (float(v) for v in np.asarray(totals))  # the one sync per epoch
+        for s in bar(steps, f"epoch {epoch}/{config.epochs}", config.progress, total=len(batches)):
+            losses.append(s.loss)
+        state, perm = s.state, s.perm
+        loss_sum, correct = (float(v) for v in np.asarray(s.totals))  # the one sync per epoch
         seconds = time.perf_counter() - t0
         precise, t1 = None, time.perf_counter()
         if config.precise_bn:
@@ -347,140 +387,6 @@ def _precise_test_acc(config, model, state: TrainState, X_train, perm: np.ndarra
     return evaluate(state.replace(batch_stats=stats), X_test, y_test)
 
 
-AXIS = "batch"  # the mesh axis replicas are laid out along
-
-def check_coordinator(config) -> None:
-    """Process 0 of a multi-process run: ``ValueError`` if the ``--coordinator`` port cannot be
-    listened on (another program has it), checked before JAX is asked to.
-
-    Process 0 runs JAX's coordination service, which listens on every interface at that port
-    (``[::]:PORT``); when that fails, JAX 0.10 crashes the process (SIGSEGV, within a second)
-    instead of raising. The other processes connect to the port: for them it being taken is
-    the point, and there is nothing to check. (A port taken between this check and JAX's bind
-    still crashes; that window is milliseconds.)"""
-    if config.num_processes == 1 or config.process_id != 0:
-        return
-    import errno
-    import socket
-
-    port = int(config.coordinator.rpartition(":")[2])
-    # As JAX binds: every interface, IPv6 with IPv4 mapped; IPv4 alone where the host has no IPv6.
-    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-        try:
-            s = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:  # no such address family here
-            continue
-        with s:
-            # SO_REUSEADDR as gRPC sets it: a port whose earlier connections linger in TIME_WAIT
-            # is free for JAX, so it must be free here; one somebody listens on is refused anyway.
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            try:
-                s.bind((address, port))
-                return
-            except OSError as e:
-                if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                    why = "is already in use" if e.errno == errno.EADDRINUSE else "needs privileges to listen on"
-                    raise ValueError(f"--coordinator {config.coordinator}: port {port} {why}; process 0 listens "
-                                     "there (pick a free port for the whole run)") from None  # fmt: skip
-                # another error (IPv6 present but unusable): try IPv4, as JAX's server would
-
-
-def join_processes(config) -> None:
-    """Join a multi-process JAX run (``config.coordinator``, ``num_processes``, ``process_id``):
-    ``jax.distributed.initialize``, with CPU collectives across processes over gloo (the CPU's
-    only cross-process implementation; GPUs use NCCL regardless). Must run before anything
-    starts JAX's backends. A process whose peers do not join within ``config.join_timeout_s``
-    is aborted by JAX (DEADLINE_EXCEEDED, exit status 134): it never hangs."""
-    if config.num_processes == 1 or jax.distributed.is_initialized():
-        return
-    check_coordinator(config)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
-                               process_id=config.process_id, initialization_timeout=config.join_timeout_s)  # fmt: skip
-
-
-def replica_devices(config) -> List[jax.Device]:
-    """``config.replicas`` devices of ``config.device``'s platform, or ``ValueError`` saying how
-    many there are (on a CPU the CLI provides host devices before JAX starts)."""
-    platform = resolve_device(config.device).platform
-    devices = jax.devices(platform)  # every process's, in a multi-process run
-    if jax.process_count() > 1 and len(devices) != config.replicas:
-        raise ValueError(f"--replicas {config.replicas} must be every device of the {jax.process_count()} processes: "
-                         f"they have {len(devices)} {platform} devices")  # fmt: skip
-    if len(devices) < config.replicas:
-        hint = (" (on a CPU, `python -m bnref.train --replicas R` provides R host devices itself, as long as "
-                "JAX has not started in that process yet)") if platform == "cpu" else ""  # fmt: skip
-        raise ValueError(f"--replicas {config.replicas} needs {config.replicas} {platform} devices; JAX has "
-                         f"{len(devices)}{hint}")  # fmt: skip
-    return devices[: config.replicas]
-
-
-def _replicated_step(model, tx, batch_size: int, replicas: int, sync: bool):
-    """One data-parallel SGD step under ``shard_map``: parameters replicated, each device gathering
-    its slice of the global batch, BN statistics synchronized through ``axis_name`` (or each
-    device's own), the gradient that of the global mean loss (averaged over devices)."""
-    local = batch_size // replicas
-
-    def step(params, opt_state, stats, totals, X, y):  # X, y: this device's slice of the global batch
-        own = stats if sync else jax.tree.map(lambda a: a[0], stats)  # (1, C) per device -> (C,)
-
-        def loss_fn(p):
-            logits, updates = model.apply({"params": p, "batch_stats": own}, X, train=True, mutable=["batch_stats"])
-            local_loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            # The global batch's mean loss (equal slices). Differentiated with respect to the
-            # replicated parameters, shard_map's transpose sums over devices itself: the
-            # gradients come out replicated, with no explicit pmean (one would count R times).
-            return jax.lax.pmean(local_loss, AXIS), (local_loss, logits, updates["batch_stats"])
-
-        (_, (loss, logits, new)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        new = new if sync else jax.tree.map(lambda a: a[None], new)
-        correct = (jnp.argmax(logits, -1) == y).sum().astype(jnp.float32)
-        totals = totals + jax.lax.psum(jnp.stack([loss * local, correct]), AXIS)
-        return params, opt_state, new, totals, jax.lax.pmean(loss, AXIS)
-
-    return step
-
-
-def replicate_state(state: TrainState, mesh, sync: bool):
-    """``(params, opt_state, batch_stats)`` of ``state`` laid out on ``mesh`` for
-    :func:`data_parallel_step`: parameters and optimizer state replicated; the statistics
-    replicated when ``sync``, else one copy per device along the mesh axis (leading axis R)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    params, opt_state = jax.device_put((state.params, state.opt_state), NamedSharding(mesh, P()))
-    stats = state.batch_stats
-    if not sync:
-        stats = jax.tree.map(lambda a: jnp.broadcast_to(a, (mesh.size,) + a.shape), stats)
-    return params, opt_state, jax.device_put(stats, NamedSharding(mesh, P() if sync else P(AXIS)))
-
-
-def data_parallel_step(model, tx, mesh, batch_size: int, sync: bool):
-    """The jitted data-parallel SGD step over ``mesh`` (one axis, :data:`AXIS`):
-    ``step(params, opt_state, stats, totals, X, y) -> (params, opt_state, stats, totals, loss)``
-    with ``X``, ``y`` the global batch sharded along the axis, ``loss`` the global batch's mean
-    and ``totals`` += (loss sum, number correct). ``model`` has ``axis_name=AXIS`` when ``sync``;
-    the state comes from :func:`replicate_state`; the first four arguments are donated."""
-    from jax.sharding import PartitionSpec as P
-
-    stats_spec = P() if sync else P(AXIS)
-    return jax.jit(
-        jax.shard_map(_replicated_step(model, tx, batch_size, mesh.size, sync), mesh=mesh,
-                      in_specs=(P(), P(), stats_spec, P(), P(AXIS), P(AXIS)),
-                      out_specs=(P(), P(), stats_spec, P(), P())),
-        donate_argnums=(0, 1, 2, 3),
-    )  # fmt: skip
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _gather_batch(X_all, y_all, perm, i, *, batch_size: int):
-    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)  # (B,) example indices
-    return X_all[idx], y_all[idx]
-
-
 def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     """Data-parallel training over ``config.replicas`` devices with a ``Mesh`` and
     ``jax.shard_map``: the same example order and global batches as one device, each split into
@@ -490,25 +396,25 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) ->
     examples do)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    devices = replica_devices(config)
-    mesh = Mesh(np.array(devices), (AXIS,))
+    devices = distributed.replica_devices(config, resolve_device(config.device).platform)
+    mesh = Mesh(np.array(devices), (distributed.AXIS,))
     replicated = NamedSharding(mesh, P())
     sync = bool(config.sync_bn)
-    model = LeNetBN(bn=config.bn, convention=config.bn_convention, axis_name=AXIS if sync else None)
-    sharded = NamedSharding(mesh, P(AXIS))
-    batches_of = _batches_on_mesh(data, sharded, devices)
+    model = LeNetBN(bn=config.bn, convention=config.bn_convention, axis_name=distributed.AXIS if sync else None)
+    sharded = NamedSharding(mesh, P(distributed.AXIS))
+    batches_of = distributed.batches_on_mesh(prepare_images(data.train_images), np.asarray(data.train_labels, np.int32),
+                                              sharded, devices)  # fmt: skip
     X_test, y_test = jnp.asarray(prepare_images(data.test_images)), jnp.asarray(np.asarray(data.test_labels, np.int32))
     state = create_train_state(LeNetBN(bn=config.bn, convention=config.bn_convention), jax.random.key(config.seed),
                                config.lr, prepare_images(data.train_images[:1]))  # fmt: skip
-    params, opt_state, stats = replicate_state(state, mesh, sync)
-    step = data_parallel_step(model, state.tx, mesh, config.batch_size, sync)
+    (params, opt_state, stats), step = distributed.data_parallel(state, model, mesh, config.batch_size, sync)
     cross_replica_mean = jax.jit(lambda s: jax.tree.map(lambda a: a.mean(0), s), out_shardings=replicated)
     first, past = 1, []
     if run is not None and run.resuming:  # every process loads the checkpoint process 0 wrote
-        template = {"params": state.params, "opt_state": state.opt_state, "batch_stats": jax.tree.map(_gathered, stats)}
+        template = {"params": state.params, "opt_state": state.opt_state, "batch_stats": jax.tree.map(distributed.gathered, stats)}
         saved, done, past = load_checkpoint(run.require_checkpoint(), template)
         params, opt_state = jax.device_put((saved["params"], saved["opt_state"]), replicated)
-        stats = jax.device_put(saved["batch_stats"], NamedSharding(mesh, P() if sync else P(AXIS)))
+        stats = jax.device_put(saved["batch_stats"], NamedSharding(mesh, P() if sync else P(distributed.AXIS)))
         run.resumed(past)
         first = done + 1
     n = len(data.train_labels)
@@ -535,12 +441,12 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) ->
             # pool as small as the core count while it waits for the others, and with hundreds
             # of steps queued the devices' threads blocked each other until XLA's 40 s
             # rendezvous limit aborted the process (full Fashion-MNIST, R = 2, 2 cores).
-            _wait(loss, epoch, len(losses))
-        loss_sum, correct = (float(v) for v in _local_copy(totals))
-        step_losses = [float(_local_copy(v)) for v in losses]
+            distributed.wait_for_step(loss, epoch, len(losses))
+        loss_sum, correct = (float(v) for v in distributed.local_copy(totals))
+        step_losses = [float(distributed.local_copy(v)) for v in losses]
         seconds = time.perf_counter() - t0
         eval_stats = stats if sync else cross_replica_mean(stats)
-        eval_state = state.replace(params=jax.tree.map(_local_copy, params), batch_stats=jax.tree.map(_local_copy, eval_stats))
+        eval_state = state.replace(params=jax.tree.map(distributed.local_copy, params), batch_stats=jax.tree.map(distributed.local_copy, eval_stats))
         test_acc = evaluate(eval_state, X_test, y_test)  # every process, on its own first device
         precise, t1 = None, time.perf_counter()
         if config.precise_bn:  # every process, the same batches: the same statistics
@@ -556,8 +462,8 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) ->
         history.append(m)
         # Every process gathers, checkpoint or not: for local BN across processes the gather is
         # a collective, and only process 0 holds the run directory.
-        trained = {"params": eval_state.params, "opt_state": jax.tree.map(_gathered, opt_state),
-                   "batch_stats": jax.tree.map(_gathered, stats)}  # fmt: skip
+        trained = {"params": eval_state.params, "opt_state": jax.tree.map(distributed.gathered, opt_state),
+                   "batch_stats": jax.tree.map(distributed.gathered, stats)}  # fmt: skip
         if jax.process_index() == 0:  # several processes: the first reports (they all hold the same numbers)
             on_epoch(m)
             if run is not None:
@@ -565,59 +471,3 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) ->
     return history if jax.process_index() == 0 else []
 
 
-def _gathered(a) -> np.ndarray:
-    """The whole of a global array on this host: its local copy when replicated, else every
-    device's part gathered (local BN's per-device statistics, across processes too)."""
-    if a.is_fully_replicated:
-        return _local_copy(a)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-
-
-def _wait(loss, epoch: int, step: int) -> None:
-    """Wait for a step; in a multi-process run, a collective that failed (a peer died: "Connection
-    reset by peer") becomes an error naming this process, the epoch and the step."""
-    try:
-        loss.block_until_ready()
-    except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1:
-            raise
-        raise RuntimeError(f"process {jax.process_index()} of {jax.process_count()}: epoch {epoch}, step {step} failed "
-                           f"(did another process die?): {str(e).splitlines()[0]}") from e  # fmt: skip
-
-
-def _local_copy(a) -> np.ndarray:
-    """This process's copy of a replicated array (every process of a multi-process run holds one)."""
-    return np.asarray(a.addressable_data(0))
-
-
-def _batches_on_mesh(data, sharded, devices):
-    """``batches_of(perm) -> global_batch(i, size)``: rows ``perm[i*size:(i+1)*size]`` of the
-    training set (``perm``: an epoch's example order) as two arrays laid out along the mesh, a
-    consecutive slice per device.
-
-    One process: the dataset stays on the first device (not R copies of 188 MB) and each batch is
-    gathered there, then laid out. Several processes: every process holds the dataset on the
-    host (it loaded it) and gives each of its devices that device's slice of the batch."""
-    if jax.process_count() == 1:
-        X_train = jax.device_put(prepare_images(data.train_images), devices[0])
-        y_train = jax.device_put(np.asarray(data.train_labels, np.int32), devices[0])
-
-        def batches_of(perm):
-            perm = jax.device_put(perm, devices[0])
-            return lambda i, size: jax.device_put(_gather_batch(X_train, y_train, perm, i, batch_size=size), sharded)
-
-        return batches_of
-    X_host, y_host = prepare_images(data.train_images), np.asarray(data.train_labels, np.int32)
-
-    def batches_of(perm):
-        def global_batch(i, size):
-            idx = perm[i * size : (i + 1) * size]
-            Xb, yb = X_host[idx], y_host[idx]
-            return (jax.make_array_from_callback(Xb.shape, sharded, lambda index: Xb[index]),
-                    jax.make_array_from_callback(yb.shape, sharded, lambda index: yb[index]))  # fmt: skip
-
-        return global_batch
-
-    return batches_of

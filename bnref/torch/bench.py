@@ -5,7 +5,7 @@ and then measured in interleaved rounds (each round runs every variant for ``--s
 steps), reporting per-variant medians and the medians of the per-round ratios, which are
 what these noisy machines can measure:
 
-- ``bnref``: bnref's training loop (``bnref.torch.train.train_batches``: data on the device,
+- ``bnref``: bnref's training loop (``bnref.torch.train.train_steps``: data on the device,
   index-sliced shuffled batches, on-device metrics) with bnref's from-scratch BN;
 - ``torch.nn``: the same loop with ``torch.nn.BatchNorm1d/2d``;
 - ``none``: the same loop, no BN (the floor BN's cost sits on);
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import statistics
 import time
@@ -32,32 +33,28 @@ import torch
 
 from bnref._cli import int_at_least, non_negative_float, positive_int
 from bnref.torch import _seed
-from bnref.torch.train import _sync, load_tensors, make_model, resolve_device, train_batches
+from bnref.torch.train import _sync, load_tensors, make_model, resolve_device, run_steps, train_steps
 
 VARIANTS = ("bnref", "torch.nn", "none", "seed")
 TARGETS = {("bnref", "torch.nn"): 0.9, ("bnref", "seed"): 1.5}
 
 
 class _BnrefLoop:
-    """bnref's training loop (the code ``fit`` runs) with the given BN."""
+    """bnref's training loop (the code ``fit`` runs: ``train_steps`` added up by ``run_steps``)
+    with the given BN, epoch after epoch in bnref's example order."""
 
     def __init__(self, bn: str, images, labels, batch_size: int, device: torch.device):
         from bnref.config import TrainConfig
 
         self.model = make_model(TrainConfig(backend="torch", bn=bn)).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1.0)
-        self.X, self.y = load_tensors(images, labels, device)
-        self.batch_size, self.device = batch_size, device
-        self.generator = torch.Generator().manual_seed(0)
-        self.perm, self.cursor = None, self.X.shape[0]
+        X, y = load_tensors(images, labels, device)
+        self.steps = train_steps(self.model, self.optimizer, X, y, seed=0, batch_size=batch_size,
+                                 epochs=itertools.count(1))  # fmt: skip
+        self.device = device
 
     def run(self, steps: int) -> int:
-        n, b = self.X.shape[0], self.batch_size
-        if self.cursor + steps * b > n:  # a new epoch: a new example-level permutation
-            self.perm, self.cursor = torch.randperm(n, generator=self.generator).to(self.device), 0
-        starts = range(self.cursor, self.cursor + steps * b, b)
-        self.cursor += steps * b
-        loss_sum, correct, seen = train_batches(self.model, self.optimizer, self.X, self.y, self.perm, starts, b)
+        loss_sum, correct, seen, _, _ = run_steps(itertools.islice(self.steps, steps), self.device)
         loss_sum.item(), correct.item()  # what fit reads at the end of an epoch
         return seen
 

@@ -15,17 +15,19 @@ device inside an epoch (no ``.item()`` per step). Same seed, same device: same c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from bnref.torch import distributed
 from bnref.torch.models import LeNetBN
 from bnref.schedule import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
-__all__ = ["fit", "resolve_device", "device_name", "make_model", "load_tensors", "train_step", "train_batches", "evaluate",
-           "data_parallel"]
+__all__ = ["fit", "resolve_device", "device_name", "make_model", "load_tensors", "train_step", "train_steps", "run_steps",
+           "evaluate"]
 
 #: batch size for test-set evaluation (eval mode: the result does not depend on it)
 EVAL_BATCH = 1024
@@ -100,26 +102,56 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tens
     return _step(model, optimizer, X, y)[0]
 
 
-def train_batches(model, optimizer, X, y, perm: torch.Tensor, starts, batch_size: int, losses=None):
-    """One step per start ``i`` in ``starts`` on the examples ``perm[i : i + batch_size]``.
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One SGD step of :func:`train_steps`: step ``step`` of ``steps`` (1-based) of ``epoch``.
 
-    Returns ``(loss_sum, correct, seen)``: the summed per-example loss and the number of
-    correct train-mode predictions as device tensors (no sync), and the example count.
-    ``losses``, a list, gets each step's mean loss (a device tensor: still no sync).
-    """
-    loss_sum = torch.zeros((), device=X.device)
-    correct = torch.zeros((), dtype=torch.int64, device=X.device)
-    seen = 0
-    for i in starts:
-        idx = perm[i : i + batch_size]
-        Xb, yb = X[idx], y[idx]  # (B, 1, 28, 28), (B,): one gather per batch, no per-example work
-        loss, logits = _step(model, optimizer, Xb, yb)
-        loss_sum += loss * yb.shape[0]
-        if losses is not None:
-            losses.append(loss)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += yb.shape[0]
-    return loss_sum, correct, seen
+    ``loss``: the batch's mean loss and ``correct``: its number of correct train-mode
+    predictions, 0-d device tensors (unread: no sync); ``size``: the batch's examples (this
+    replica's slice); ``perm``: the epoch's example order (N,) on the device."""
+
+    epoch: int
+    step: int
+    steps: int
+    loss: torch.Tensor
+    correct: torch.Tensor
+    size: int
+    perm: torch.Tensor
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor, *, seed: int,
+                batch_size: int, epochs: Iterable[int], rank: int = 0, world: int = 1) -> Iterator[Step]:
+    """The training loop :func:`fit` runs, one :class:`Step` per optimizer step: for each epoch
+    of ``epochs`` (1-based numbers; ``itertools.count(1)`` for as many as wanted), the examples of
+    ``X`` (N, 1, 28, 28), ``y`` (N,) in ``bnref.schedule.epoch_permutation(seed, epoch, N)``'s
+    order, in the full batches of ``batch_slices(N, batch_size)``: one gather per batch on the
+    device, no per-example work, no sync. Data parallel (replica ``rank`` of ``world``): each
+    global batch split into ``world`` equal consecutive slices, this replica taking its own."""
+    n = X.shape[0]
+    size = min(batch_size // world, n)  # each replica's slice of every global batch
+    starts = [start + rank * (full // world) for start, full in batch_slices(n, batch_size)]
+    for epoch in epochs:
+        perm = torch.from_numpy(epoch_permutation(seed, epoch, n)).long().to(X.device)  # (N,) example order
+        for k, i in enumerate(starts, start=1):
+            idx = perm[i : i + size]
+            Xb, yb = X[idx], y[idx]  # (B, 1, 28, 28), (B,): one gather per batch, no per-example work
+            loss, logits = _step(model, optimizer, Xb, yb)
+            yield Step(epoch, k, len(starts), loss, (logits.argmax(1) == yb).sum(), yb.shape[0], perm)
+
+
+def run_steps(steps: Iterable[Step], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int, List[torch.Tensor], Step]:
+    """Take ``steps`` (from :func:`train_steps`) and add them up on the device, without a sync:
+    ``(loss_sum, correct, seen, losses, last)``, the summed per-example loss, the number correct
+    (train mode), the examples, each step's mean loss, and the last step taken."""
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, losses, s = 0, [], None
+    for s in steps:
+        loss_sum += s.loss * s.size
+        correct += s.correct
+        seen += s.size
+        losses.append(s.loss)
+    return loss_sum, correct, seen, losses, s
 
 
 @torch.inference_mode()
@@ -168,8 +200,6 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     ``run`` (a :class:`bnref.runs.RunDir`): a checkpoint after every epoch (rank 0 writes it),
     and with ``run.resuming`` the run starts from its checkpoint.
     """
-    from bnref.torch import distributed
-
     env = distributed.torchrun_env()
     if env is not None and env["world"] > 1:
         device = _replica_device(config.device, env["local_rank"])
@@ -278,7 +308,7 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
     from bnref._progress import bar
 
     model = make_model(config).to(device)
-    model, net = data_parallel(model, device, config.sync_bn) if world > 1 else (model, model)
+    model, net = distributed.data_parallel(model, device, config.sync_bn) if world > 1 else (model, model)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr)
     X_train, y_train = load_tensors(data.train_images, data.train_labels, device)
     X_test, y_test = load_tensors(data.test_images, data.test_labels, device)
@@ -287,18 +317,17 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
         done, past = load_checkpoint(run.require_checkpoint(), model, optimizer, device)
         run.resumed(past)
         first = done + 1
-    n = X_train.shape[0]
-    local = config.batch_size // world  # each replica's slice of every global batch
-    starts = [start + rank * (size // world) for start, size in batch_slices(n, config.batch_size)]
+    starts = batch_slices(X_train.shape[0], config.batch_size)
     history = []
     with _deterministic(device):
         for epoch in range(first, config.epochs + 1):
-            perm = torch.from_numpy(epoch_permutation(config.seed, epoch, n)).long().to(device)  # (N,) example order
             _sync(device)
             t0 = time.perf_counter()
-            steps = bar(starts, f"epoch {epoch}/{config.epochs}", config.progress and rank == 0)
-            losses = []
-            loss_sum, correct, seen = train_batches(net, optimizer, X_train, y_train, perm, steps, min(local, n), losses)
+            steps = train_steps(net, optimizer, X_train, y_train, seed=config.seed, batch_size=config.batch_size,
+                                epochs=(epoch,), rank=rank, world=world)  # fmt: skip
+            steps = bar(steps, f"epoch {epoch}/{config.epochs}", config.progress and rank == 0, total=len(starts))
+            loss_sum, correct, seen, losses, last = run_steps(steps, device)
+            perm = last.perm
             totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device)])
             step_losses = torch.stack(losses).double()  # (steps,) this replica's mean loss per step
             if world > 1:
@@ -324,20 +353,6 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
                 if run is not None:
                     save_checkpoint(run.checkpoint, model, optimizer, epoch, past + history, run.run_id)
     return history if rank == 0 else []
-
-
-def data_parallel(model: nn.Module, device: torch.device, sync_bn: bool) -> Tuple[nn.Module, nn.Module]:
-    """``(model, net)`` for one replica of the current process group: ``model`` with every BN
-    layer converted to :class:`bnref.torch.SyncBatchNorm` when ``sync_bn`` (state and
-    conventions kept), and ``net``, that model wrapped in ``DistributedDataParallel`` (the one to
-    train; ``model`` is the one whose state to read)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from bnref.torch.sync import SyncBatchNorm
-
-    if sync_bn:
-        model = SyncBatchNorm.convert_sync_batchnorm(model)
-    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _precise_test_acc(config, model, X_train, perm, X_test, y_test) -> float:
