@@ -1,0 +1,209 @@
+"""The one-device trajectory: the same LeNet-BN trained in both frameworks and compared step by step
+(:func:`trajectory`, on :func:`trajectory_data`), its criterion (:data:`TRAJECTORY_TOLERANCE`), its
+verdicts (:func:`trajectory_verdict`, :func:`loss_verdict`) and its report
+(:func:`format_trajectory`). With ``replicas=R`` it adds the data-parallel runs of
+:mod:`bnref.parity.replicas` (imported where they are used, not at the top: that module builds on these verdicts)."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from bnref import spec
+from bnref.parity.matrix import DTYPES
+
+#: trajectory pass criterion: max |loss_torch - loss_jax| over all steps, per dtype
+TRAJECTORY_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
+
+
+def _trajectory_batches(steps: int, batch_size: int, ds, seed: int):
+    """``steps`` batches (uint8 images (B, 28, 28), int64 labels (B,)) from the training split
+    of ``ds`` (a ``bnref.data.FashionMNIST``); example-level shuffling, reshuffled at each
+    pass, from one seeded NumPy generator so both frameworks get the identical sequence."""
+    images, labels = ds.train_images, ds.train_labels
+    if len(images) < batch_size:
+        raise ValueError(f"--batch-size {batch_size} exceeds the {len(images)} training examples of {ds.source}")
+    rng = np.random.default_rng(seed)
+    perm, pos = rng.permutation(len(images)), 0
+    batches = []
+    for _ in range(steps):
+        if pos + batch_size > len(perm):
+            perm, pos = rng.permutation(len(images)), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        batches.append((images[idx], labels[idx]))
+    return batches, ds.source
+
+
+def trajectory_data(data_dir: Optional[str] = None, synthetic: bool = False, batch_size: int = 256, seed: int = 0):
+    """The data :func:`trajectory` trains on: Fashion-MNIST (from ``data_dir`` or the default
+    places; missing files are an error), or with ``synthetic`` the synthetic stand-in, large
+    enough for 4 batches."""
+    from bnref.data import load_or_synthetic
+
+    return load_or_synthetic(data_dir, synthetic_data=synthetic, **_stand_in_sizes(batch_size, seed))
+
+
+def _stand_in_sizes(batch_size: int, seed: int) -> Dict:
+    """The synthetic stand-in's sizes for a trajectory at ``batch_size``: 4 batches (at least 1024)."""
+    return {"n_train": max(batch_size * 4, 1024), "n_test": 16, "seed": seed}
+
+
+def trajectory(
+    steps: int = 100,
+    *,
+    dtype: str = "float32",
+    lr: float = 1.0,
+    batch_size: int = 256,
+    convention: str = "d2l",
+    data_dir: Optional[str] = None,
+    seed: int = 0,
+    replicas: Optional[int] = None,
+    data=None,
+) -> Dict:
+    """Train one LeNet-BN in both frameworks and compare them step by step.
+
+    The torch model (bnref's BN, ``convention``) is initialised from ``seed``; its weights and
+    BN state are converted to Flax variables with :mod:`bnref.convert`; both take the same
+    batches and SGD steps (``lr``) in ``dtype`` on the CPU. Per step the report has both
+    losses, their difference, the max abs difference of all weights (Flax's converted back to
+    torch layout) and of the running statistics. ``passed`` when the max loss difference is
+    within :data:`TRAJECTORY_TOLERANCE`.
+
+    ``data``: a ``bnref.data.FashionMNIST`` to take the batches from (default:
+    :func:`trajectory_data` of ``data_dir``: Fashion-MNIST, an error when absent).
+
+    ``replicas=R`` also trains the same model data-parallel from the same initial state on the
+    same global batches, each split into R equal slices: torch DDP on R gloo processes and
+    bnref.jax under ``shard_map`` on R devices, once with synchronized BN and once without. See
+    :func:`replica_trajectories` for what is compared and what must pass.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (BatchNorm needs two values per channel), got {batch_size}")
+    if replicas is not None:
+        if replicas < 2:
+            raise ValueError(f"replicas must be >= 2, got {replicas}")
+        if batch_size % replicas or batch_size // replicas < 2:
+            raise ValueError(f"batch_size {batch_size} must split into {replicas} equal slices of at least 2 examples "
+                             "(unsynchronized BN normalizes each slice alone)")  # fmt: skip
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+
+    from bnref import convert
+    from bnref.jax import train as jtrain
+    from bnref.jax.models import LeNetBN as FlaxLeNetBN
+    from bnref.torch import train as ttrain
+    from bnref.torch.models import LeNetBN as TorchLeNetBN
+
+    conv = spec.preset(convention)
+    batches, source = _trajectory_batches(steps, batch_size, data if data is not None else trajectory_data(data_dir), seed)
+    tdtype = getattr(torch, dtype)
+    cpu = torch.device("cpu")
+    torch.manual_seed(seed)
+    tmodel = TorchLeNetBN(bn="bnref", convention=conv).to(tdtype)
+    opt = torch.optim.SGD(tmodel.parameters(), lr=lr)
+    initial = {k: v.detach().numpy().copy() for k, v in tmodel.state_dict().items()}
+    stat_keys = [k for k in tmodel.state_dict() if k.endswith(("running_mean", "running_var"))]
+    weight_keys = [k for k, _ in tmodel.named_parameters()]
+    rows = []
+    with jax.enable_x64(dtype == "float64"), jax.default_device(jax.devices("cpu")[0]):
+        jdtype = jnp.dtype(dtype)
+        fmodel = FlaxLeNetBN(bn="bnref", convention=conv, dtype=jdtype, param_dtype=jdtype)
+        variables = convert.torch_to_flax(tmodel.state_dict())
+        cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jdtype), tree)  # noqa: E731
+        state = jtrain.TrainState.create(
+            apply_fn=fmodel.apply, params=cast(variables["params"]),
+            batch_stats=cast(variables["batch_stats"]), tx=optax.sgd(lr),
+        )  # fmt: skip
+        for step, (images, labels) in enumerate(batches, start=1):
+            tX, ty = ttrain.load_tensors(images, labels, cpu)
+            t_loss = float(ttrain.train_step(tmodel, opt, tX.to(tdtype), ty))
+            jX = jnp.asarray(jtrain.prepare_images(images), jdtype)
+            state, j_loss, _ = jtrain.train_step(state, jX, jnp.asarray(labels))
+            back = convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})
+            sd = tmodel.state_dict()
+            diff = lambda keys: max(float(np.max(np.abs(back[k] - sd[k].numpy()))) for k in keys)  # noqa: E731
+            j_loss = float(j_loss)
+            rows.append({"step": step, "loss_torch": t_loss, "loss_jax": j_loss, "loss_diff": abs(t_loss - j_loss),
+                         "weight_diff": diff(weight_keys), "stat_diff": diff(stat_keys)})  # fmt: skip
+    report = {
+        "steps": steps, "dtype": dtype, "lr": lr, "batch_size": batch_size, "convention": convention,
+        "data": source, "tolerance": TRAJECTORY_TOLERANCE[dtype], **trajectory_verdict(rows, TRAJECTORY_TOLERANCE[dtype]),
+        "rows": rows,
+    }  # fmt: skip
+    if replicas is not None:
+        from bnref.parity.replicas import replica_trajectories  # not at the top: replicas imports this module
+
+        single = {"torch": {k: v.detach().numpy() for k, v in tmodel.state_dict().items()},
+                  "jax": convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})}  # fmt: skip
+        report["replicas"] = replica_trajectories(initial, batches, rows, single, replicas, dtype=dtype, lr=lr,
+                                                  convention=conv, weight_keys=weight_keys, stat_keys=stat_keys)  # fmt: skip
+        report["passed"] = report["passed"] and report["replicas"]["passed"]
+    return report
+
+
+def trajectory_verdict(rows: Sequence[Dict], tolerance: float) -> Dict:
+    """``max_loss_diff`` and ``passed`` for a trajectory's rows.
+
+    A NaN or infinite loss on either side is a failure, whatever the other side did: two
+    diverged runs do not "agree", and ``max()`` must not skip a NaN (Python's does, unless it
+    comes first). ``nonfinite_steps`` lists the steps where either loss is not finite.
+    """
+    losses = np.array([[r["loss_torch"], r["loss_jax"]] for r in rows], dtype=np.float64).reshape(-1, 2)
+    return loss_verdict(losses[:, 0], losses[:, 1], tolerance, steps=[r["step"] for r in rows])
+
+
+def loss_verdict(a: np.ndarray, b: np.ndarray, tolerance: float, steps: Optional[Sequence[int]] = None) -> Dict:
+    """``max_loss_diff``, ``passed`` and ``nonfinite_steps`` (1-based unless ``steps`` names
+    them) for two runs' per-step losses: NaN or inf on either side fails; no steps fails."""
+    steps = list(range(1, len(a) + 1)) if steps is None else list(steps)
+    bad = [s for s, x, y in zip(steps, a, b) if not (math.isfinite(x) and math.isfinite(y))]
+    max_loss_diff = float(np.max(np.abs(a - b))) if len(a) else float("nan")
+    passed = not bad and bool(max_loss_diff <= tolerance)
+    return {"max_loss_diff": max_loss_diff, "passed": passed, "nonfinite_steps": bad}
+
+
+def format_trajectory(report: Dict) -> str:
+    """Per-step rows at a readable stride, then how the drift grows (max per tenth of the run)."""
+    rows = report["rows"]
+    out = [
+        f"LeNet-BN trajectory: {report['steps']} SGD steps, lr {report['lr']}, batch {report['batch_size']}, "
+        f"{report['dtype']}, convention {report['convention']}, data {report['data']}",
+        f"{'step':>5}  {'loss torch':>12}  {'loss jax':>12}  {'|loss diff|':>11}  {'max |dW|':>9}  {'max |d stats|':>13}",
+    ]
+    stride = max(1, len(rows) // 20)
+    for r in rows:
+        if r["step"] % stride == 0 or r["step"] in (1, len(rows)):
+            out.append(f"{r['step']:>5}  {r['loss_torch']:>12.6f}  {r['loss_jax']:>12.6f}  {r['loss_diff']:>11.2e}  "
+                       f"{r['weight_diff']:>9.2e}  {r['stat_diff']:>13.2e}")  # fmt: skip
+    chunk = max(1, len(rows) // 10)
+    growth = [
+        f"steps {rows[i]['step']}-{rows[min(i + chunk, len(rows)) - 1]['step']}: "
+        f"{np.max([r['loss_diff'] for r in rows[i:i + chunk]]):.1e} / "
+        f"{np.max([r['weight_diff'] for r in rows[i:i + chunk]]):.1e}"
+        for i in range(0, len(rows), chunk)
+    ]
+    out.append("drift (max |loss diff| / max |dW|): " + "; ".join(growth))
+    one_device = not report["nonfinite_steps"] and report["max_loss_diff"] <= report["tolerance"]
+    line = f"{'PASS' if one_device else 'FAIL'}: max |loss diff| {report['max_loss_diff']:.2e} (tolerance {report['tolerance']:g})"
+    if report.get("nonfinite_steps"):
+        steps = report["nonfinite_steps"]
+        line += f"; a loss is NaN or infinite at {len(steps)} step(s), first at step {steps[0]}"
+    out.append(line)
+    if "replicas" in report:
+        from bnref.parity.replicas import _format_replicas  # not at the top: replicas imports this module
+
+        out.extend(_format_replicas(report["replicas"], rows, stride))
+        checks = 1 + sum(c["passed"] is not None for c in report["replicas"]["comparisons"])
+        out.append(f"{'PASS' if report['passed'] else 'FAIL'}: all {checks} checks")
+    return "\n".join(out)
