@@ -34,7 +34,9 @@ Uncompressed copies (the same names without ``.gz``) are accepted too. Alternati
 ``source="tfds"`` loads the ``fashion_mnist`` dataset of tensorflow-datasets.
 
 Results: ``images`` uint8 ``(N, 28, 28)``, ``labels`` int64 ``(N,)``, as NumPy
-arrays; this module imports neither PyTorch nor JAX.
+arrays; this module imports neither PyTorch nor JAX. How one file arrives (atomically, capped,
+verified, its ``.part`` files cleaned up) is :mod:`bnref._download`'s; the tfds source is
+:mod:`bnref._tfds`'s.
 """
 
 from __future__ import annotations
@@ -42,19 +44,21 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import http.client
 import os
 import struct
 import sys
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from bnref import _tfds
+from bnref._download import STALE_PART_S, TIMEOUT_S, DownloadError  # re-exported: bnref.data's names
+from bnref._download import fetch as _fetch
+from bnref._download import made_dirs as _made_dirs
+from bnref._download import remove_stale_parts as _remove_stale_parts
 
 __all__ = [
     "CLASSES",
@@ -118,8 +122,6 @@ MAX_FILE_BYTES = 64 << 20
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
 
-TIMEOUT_S = 60.0  # per blocking socket operation, not per file
-
 ROWS = COLS = 28
 _IMAGES_MAGIC = 2051  # 0x00000803: uint8 data, 3 dimensions
 _LABELS_MAGIC = 2049  # 0x00000801: uint8 data, 1 dimension
@@ -127,10 +129,6 @@ _LABELS_MAGIC = 2049  # 0x00000801: uint8 data, 1 dimension
 
 class DataNotFoundError(FileNotFoundError):
     """No directory holds the four files, and they could not be downloaded."""
-
-
-class DownloadError(OSError):
-    """A transfer failed (no connection, HTTP error, or fewer bytes than announced)."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: `==` on arrays has no single truth value
@@ -445,55 +443,7 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return next((path for path in candidate_dirs(data_dir) if not _missing(path)), None)
 
 
-# --- Downloading --------------------------------------------------------------------------
-
-
-def _fetch(url: str, target: Path, sha256: str, progress: bool) -> None:
-    """Download ``url`` to ``target`` atomically: all verified bytes or no file at all."""
-    from tqdm import tqdm  # lazy: only downloads need it
-
-    # The temp file lives beside the target so os.replace is an atomic rename.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-                    length = response.headers.get("Content-Length")
-                    expected = int(length) if length is not None else None
-                    received = 0
-                    if expected is not None and expected > MAX_FILE_BYTES:
-                        raise DownloadError(f"{url}: announces {expected} bytes; no Fashion-MNIST file is that large")
-                    with tqdm(total=expected, desc=target.name, unit="B", unit_scale=True,
-                              unit_divisor=1024, disable=not progress) as bar:  # fmt: skip
-                        while chunk := response.read(1 << 16):
-                            out.write(chunk)
-                            received += len(chunk)
-                            bar.update(len(chunk))
-                            if received > MAX_FILE_BYTES:
-                                raise DownloadError(f"{url}: more than {MAX_FILE_BYTES} bytes; no Fashion-MNIST file is that large")
-            except urllib.error.HTTPError as e:
-                e.close()  # an HTTPError holds the open response
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-            except urllib.error.URLError as e:
-                raise DownloadError(f"{url}: {e.reason}") from e
-            except (OSError, http.client.HTTPException) as e:
-                raise DownloadError(f"{url}: {e!r}") from e
-            # http.client returns a short body without complaint when the server closes
-            # early, so compare with Content-Length ourselves.
-            if expected is not None and received != expected:
-                raise DownloadError(f"{url}: transfer incomplete, received {received} of {expected} bytes")
-            out.flush()
-            os.fsync(out.fileno())  # the rename must never expose unwritten data
-        digest = decompressed_sha256(tmp, name=url)  # streamed, capped: no gzip bomb inflates in memory
-        if digest != sha256:
-            raise ValueError(
-                f"{url}: checksum mismatch: SHA-256 of the decompressed content is {digest}, "
-                f"expected {sha256}; the file was discarded"
-            )
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a data directory may be shared
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # gone already after a successful os.replace
+# --- Downloading (how one file arrives, atomically and verified: bnref._download) -----------
 
 
 def _digest_or_none(path: Path) -> str | None:
@@ -518,53 +468,16 @@ def download(
     a transfer fails and ``ValueError`` on a checksum mismatch.
     """
     dest = _expand(dest_dir, "download directory")
-    made = _make_dirs(dest)
-    try:
-        _remove_stale_parts(dest)
+    with _made_dirs(dest):  # a failed download leaves no empty directory tree behind
+        _remove_stale_parts(dest, FILES.values())
         for name in FILES.values():
             target = dest / name
             if target.is_file() and _digest_or_none(target) == checksums[name]:
                 continue  # a corrupt or different file is fetched again, atomically replaced
-            _fetch(f"{base_url.rstrip('/')}/{name}", target, checksums[name], progress)
-    except BaseException:
-        for d in reversed(made):  # a failed download leaves no empty directory tree behind
-            try:
-                d.rmdir()  # only if still empty: a file that did arrive is kept
-            except OSError:
-                break
-        raise
+            # this module's one size cap and digest, read at call time, bound the transfer too
+            _fetch(f"{base_url.rstrip('/')}/{name}", target, checksums[name], progress,
+                   digest=decompressed_sha256, max_bytes=MAX_FILE_BYTES)  # fmt: skip
     return dest
-
-
-def _make_dirs(dest: Path) -> list[Path]:
-    """``mkdir -p dest``; returns the directories it made, outermost first."""
-    missing = []
-    d = dest
-    while not d.exists() and d != d.parent:
-        missing.append(d)
-        d = d.parent
-    dest.mkdir(parents=True, exist_ok=True)
-    return missing[::-1]
-
-
-#: a ``.part`` file untouched this long belongs to a download that was killed (a live one writes
-#: every few seconds, and every read times out after TIMEOUT_S)
-STALE_PART_S = 10 * TIMEOUT_S
-
-
-def _remove_stale_parts(dest: Path) -> None:
-    """Delete the temporary ``.NAME.*.part`` files of downloads that were killed (SIGKILL runs no
-    ``finally``): left alone they would stay forever."""
-    import time
-
-    now = time.time()
-    for name in FILES.values():
-        for part in dest.glob(f".{name}.*.part"):
-            try:
-                if now - part.lstat().st_mtime > STALE_PART_S:
-                    part.unlink()
-            except OSError:
-                pass  # another process removed it, or it is not ours to remove
 
 
 _download = download  # load_fashion_mnist's `download` flag shadows the function
@@ -660,26 +573,6 @@ def _download_or_raise(dest: Path, looked: list[tuple[Path, str]]) -> None:
         raise _not_found(looked, f"Downloading into {dest} failed: {e}", dest) from e
 
 
-def _load_tfds(data_dir: str | os.PathLike | None, download: bool) -> FashionMNIST:
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ImportError(
-            "source='tfds' needs tensorflow-datasets and array-record: pip install 'bnref[tfds]'"
-        ) from e
-    arrays = {}
-    for split in ("train", "test"):
-        # data_source reads ArrayRecord files and decodes with NumPy/PIL, so unlike
-        # tfds.load it needs no TensorFlow. Examples are read one at a time because
-        # tfds.testing.mock_data's batched __getitems__ is broken (tfds 4.9.10).
-        ds = tfds.data_source("fashion_mnist", split=split, data_dir=data_dir, download=download)
-        examples = [ds[i] for i in range(len(ds))]
-        # Each image is (28, 28, 1); drop the channel axis -> (N, 28, 28).
-        arrays[f"{split}_images"] = np.stack([ex["image"][..., 0] for ex in examples])
-        arrays[f"{split}_labels"] = np.array([ex["label"] for ex in examples], dtype=np.int64)  # (N,)
-    return FashionMNIST(**arrays, source="tfds")
-
-
 def load_fashion_mnist(
     data_dir: str | os.PathLike | None = None, *, download: bool = True, source: str = "idx"
 ) -> FashionMNIST:
@@ -704,7 +597,7 @@ def load_fashion_mnist(
     download) does, because TFDS encodes the images to PNG with ``tf.image``.
     """
     if source == "tfds":
-        return _load_tfds(data_dir, download)
+        return FashionMNIST(**_tfds.load_arrays(data_dir, download), source="tfds")
     if source != "idx":
         raise ValueError(f"source must be 'idx' or 'tfds', got {source!r}")
     looked = _candidates(data_dir)
