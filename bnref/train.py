@@ -18,8 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from bnref import _io, backends, spec
 from bnref._cli import MAX_SEED, finite_positive_float, positive_int, seed

@@ -96,3 +96,36 @@ def test_real_fashion_mnist_reaches_80_percent(real_fashion_dir):
     print(f"3 epochs on Fashion-MNIST in {time.perf_counter() - t0:.1f} s: {history}")
     assert max(m["test_acc"] for m in history) >= 0.80, history
     assert history[-1]["train_acc"] >= 0.80, history
+
+
+def test_train_steps_is_fit_s_loop_one_step_per_batch_in_the_schedule_s_order():
+    """The step iterator (what fit, the experiments and the benchmark run): one Step per batch,
+    numbered within each epoch, over the examples of epoch_permutation(seed, epoch), in the full
+    batches of batch_slices, with the epoch's totals on the device; the same states as
+    train_step on those batches by hand."""
+    import itertools
+
+    from bnref.jax.models import LeNetBN
+    from bnref.schedule import batch_slices, epoch_permutation
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (100, 28, 28), dtype=np.uint8), rng.integers(0, 10, 100).astype(np.int32)
+    X, y = jnp.asarray(jtrain.prepare_images(images)), jnp.asarray(labels)
+    make = lambda: jtrain.create_train_state(LeNetBN(), jax.random.key(0), 0.1, X[:1])  # noqa: E731
+    steps, params = [], []
+    for s in itertools.islice(jtrain.train_steps(make(), X, y, seed=3, batch_size=32, epochs=itertools.count(1)), 5):
+        steps.append((s.epoch, s.step, s.steps, float(s.loss), np.asarray(s.totals), np.asarray(s.perm)))
+        params.append(jax.tree.map(np.asarray, s.state.params))  # before the next step donates the state
+    assert [t[:3] for t in steps] == [(1, 1, 3), (1, 2, 3), (1, 3, 3), (2, 1, 3), (2, 2, 3)]
+    np.testing.assert_array_equal(steps[3][5], epoch_permutation(3, 2, 100))
+    state, losses = make(), []
+    for epoch, (start, size) in [(1, b) for b in batch_slices(100, 32)] + [(2, b) for b in batch_slices(100, 32)[:2]]:
+        idx = epoch_permutation(3, epoch, 100)[start : start + size]
+        state, loss, _ = jtrain.train_step(state, X[idx], y[idx])
+        losses.append(float(loss))
+    np.testing.assert_allclose([t[3] for t in steps], losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params[-1],
+                 jax.tree.map(np.asarray, state.params))  # fmt: skip
+    # totals: the epoch's loss sum and number correct so far, restarting each epoch
+    assert steps[2][4][0] == pytest.approx(32 * sum(t[3] for t in steps[:3]), rel=1e-5)
+    assert steps[3][4][0] == pytest.approx(32 * steps[3][3], rel=1e-5)

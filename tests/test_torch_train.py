@@ -115,3 +115,39 @@ def test_real_fashion_mnist_reaches_80_percent(real_fashion_dir):
                           "--no-progress"])
     assert max(m["test_acc"] for m in history) >= 0.80, history
     assert history[-1]["train_acc"] >= 0.80, history
+
+
+def test_train_steps_is_fit_s_loop_one_step_per_batch_in_the_schedule_s_order():
+    """The step iterator (what fit, the experiments and the benchmark run): one Step per batch,
+    numbered within each epoch, over the examples of epoch_permutation(seed, epoch), in the full
+    batches of batch_slices; the same weights as train_step on those batches by hand."""
+    import copy
+    import itertools
+
+    from bnref.config import TrainConfig
+    from bnref.schedule import batch_slices, epoch_permutation
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (100, 28, 28), dtype=np.uint8), rng.integers(0, 10, 100)
+    cpu = torch.device("cpu")
+    X, y = torch_train.load_tensors(images, labels, cpu)
+    torch.manual_seed(0)
+    model = torch_train.make_model(TrainConfig(backend="torch"))
+    twin = copy.deepcopy(model)
+    opt, twin_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    steps = list(itertools.islice(torch_train.train_steps(model, opt, X, y, seed=3, batch_size=32,
+                                                          epochs=itertools.count(1)), 5))  # fmt: skip
+    assert [(s.epoch, s.step, s.steps, s.size) for s in steps] == [(1, 1, 3, 32), (1, 2, 3, 32), (1, 3, 3, 32),
+                                                                    (2, 1, 3, 32), (2, 2, 3, 32)]  # fmt: skip
+    by_hand = []
+    for epoch, (start, size) in [(1, b) for b in batch_slices(100, 32)] + [(2, b) for b in batch_slices(100, 32)[:2]]:
+        idx = torch.from_numpy(epoch_permutation(3, epoch, 100)[start : start + size]).long()
+        by_hand.append(torch_train.train_step(twin, twin_opt, X[idx], y[idx]))
+    assert torch.equal(steps[3].perm, torch.from_numpy(epoch_permutation(3, 2, 100)).long())
+    assert [float(s.loss) for s in steps] == [float(v) for v in by_hand]
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), k
+    loss_sum, correct, seen, losses, last = torch_train.run_steps(iter(steps[:3]), cpu)
+    assert seen == 96 and last is steps[2] and len(losses) == 3
+    assert float(loss_sum) == pytest.approx(sum(32 * float(s.loss) for s in steps[:3]))
+    assert int(correct) == sum(int(s.correct) for s in steps[:3])

@@ -257,44 +257,6 @@ def test_more_precise_batches_than_the_data_has_is_a_data_error(tiny_fashion_dir
     assert e.value.code == 2 and "--precise-batches 9: the training split has 8 batch(es) of 64" in capsys.readouterr().err
 
 
-def _imports(path):
-    import ast
-
-    tree = ast.parse(path.read_text())
-    out = set()
-    for node in ast.walk(tree):  # lazy imports inside functions included
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return out
-
-
-def test_the_backends_and_the_leaves_below_the_cli_never_import_it():
-    """The CLI (bnref.train) imports the config, the schedule, run directories and the backends;
-    none of those imports it back (at b02e4a9 both backends imported bnref.train for the
-    schedule, and bnref.runs for TrainConfig, while bnref.train dispatched to them)."""
-    import pathlib
-
-    root = pathlib.Path(train.__file__).parent
-    below = [root / "config.py", root / "schedule.py", root / "runs.py", *sorted((root / "torch").glob("*.py")),
-             *sorted((root / "jax").glob("*.py"))]  # fmt: skip
-    for path in below:
-        bad = {m for m in _imports(path) if m == "bnref.train" or m.startswith("bnref.train.")}
-        assert not bad, f"{path.relative_to(root.parent)} imports the CLI: {sorted(bad)}"
-    assert "bnref.config" in _imports(root / "runs.py")
-
-
-def test_config_and_schedule_import_no_framework():
-    import subprocess
-    import sys
-
-    code = ("import sys, bnref.config, bnref.schedule; "
-            "print(sorted(m for m in ('torch', 'jax', 'flax', 'matplotlib') if m in sys.modules))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert out.strip() == "[]"
-
-
 def test_one_progress_bar_helper_is_off_unless_asked():
     from bnref import _progress
 

@@ -23,7 +23,7 @@ import argparse
 import itertools
 import statistics
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List
 
 import numpy as np
 
@@ -131,13 +131,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int_at_least(2), default=256)
     p.add_argument("--seed", type=seed, default=0)
     return p.parse_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m bnref.bench --backend jax [options]`` (``--json`` is the dispatcher's)."""
-    from bnref import bench
-
-    return bench.main(["--backend", "jax", *(argv or [])])
 
 
 def run(args: argparse.Namespace) -> Dict:

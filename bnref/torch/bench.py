@@ -27,7 +27,7 @@ import os
 import statistics
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 
@@ -176,13 +176,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return args
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m bnref.bench --backend torch [options]`` (``--json`` is the dispatcher's)."""
-    from bnref import bench
-
-    return bench.main(["--backend", "torch", *(argv or [])])
 
 
 def run(args: argparse.Namespace) -> Dict:

@@ -27,7 +27,7 @@ import queue as queue_mod
 import socket
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from bnref._torchrun import ReplicaError, torchrun_env  # noqa: F401 - framework-free, shared with the CLI
 import torch
