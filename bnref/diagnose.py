@@ -128,7 +128,9 @@ def _grouped(items: List[Finding]) -> List[str]:
 
 
 def _torch_estimator(m) -> str:
-    return getattr(m, "_running_var_estimator", "unbiased")  # bnref's layers keep a choice; torch.nn: unbiased
+    from bnref.torch.layers import running_var_estimator
+
+    return running_var_estimator(m)  # bnref's layers keep a choice; torch.nn: unbiased
 
 
 def _flax_eps_and_estimator(m) -> tuple:
@@ -139,12 +141,11 @@ def _flax_eps_and_estimator(m) -> tuple:
 
 
 def _is_bnref(m) -> bool:
-    return hasattr(m, "_running_var_estimator") or hasattr(m, "resolved_convention")
+    return type(m).__module__.startswith("bnref.")  # bnref's layers, torch's or JAX's
 
 
 def _flax_axes(m, ndim: int) -> tuple:
-    axis = m.axis if isinstance(m.axis, (tuple, list)) else (m.axis,)
-    return tuple(sorted(a % ndim for a in axis))
+    return spec.feature_axes(ndim, m.axis)
 
 
 def _normalized(x, channel_axis: int, mean, var, eps: float, scale, bias):

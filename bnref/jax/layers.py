@@ -24,7 +24,9 @@ from flax.linen import dtypes
 from jax.nn import initializers
 
 from bnref import spec
-from bnref.jax.functional import _batch_norm, _check_vector, check_mask, feature_axes, resolve_convention
+from bnref.jax._core import check_mask, check_vector, normalize
+from bnref.jax.functional import resolve_convention
+from bnref.spec import feature_axes
 
 __all__ = ["BatchNorm"]
 
@@ -116,7 +118,7 @@ class BatchNorm(nn.Module):
         # (Flax raises ScopeParamShapeError for params and nothing at all for batch_stats).
         for col, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")):
             if self.has_variable(col, name):
-                _check_vector(self.get_variable(col, name), f"{col}/{name}", fshape)
+                check_vector(self.get_variable(col, name), f"{col}/{name}", fshape)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, state_dtype), fshape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, state_dtype), fshape)
         scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
@@ -135,7 +137,7 @@ class BatchNorm(nn.Module):
         if use_running_average and not self.force_float32_reductions:
             running_mean = jnp.asarray(running_mean, self.param_dtype)
             running_var = jnp.asarray(running_var, self.param_dtype)
-        y, new_mean, new_var = _batch_norm(
+        y, new_mean, new_var = normalize(
             x, scale, bias, running_mean, running_var,
             train=not use_running_average,
             convention=convention,

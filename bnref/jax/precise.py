@@ -24,7 +24,7 @@ have to describe two different inputs, and each variant would silently measure s
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -44,14 +44,9 @@ VARIANTS = spec.PRECISE_VARIANTS
 _BN_TYPES = (nn.BatchNorm, BnrefBatchNorm)
 
 
-def _feature_axes(module, ndim: int) -> Tuple[int, ...]:
-    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-    return tuple(sorted(a % ndim for a in axis))
-
-
 def _moments(module, x):
     """``(n, mean, M2)`` of ``x`` per feature of ``module`` (two-pass, float32 at least)."""
-    features = _feature_axes(module, x.ndim)
+    features = spec.feature_axes(x.ndim, module.axis)
     reduce = tuple(a for a in range(x.ndim) if a not in features)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = x.mean(reduce)

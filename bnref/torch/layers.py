@@ -53,9 +53,10 @@ import torch.fx
 from torch import Tensor, nn
 
 from bnref import spec
-from bnref.torch.functional import _normalize_eval, _normalize_train, _running_update, resolve_convention
+from bnref.torch._core import normalize_eval, normalize_train, running_update
+from bnref.torch.functional import resolve_convention
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "running_var_estimator"]
 
 # torch.nn's BatchNorm took its ``bias=`` keyword in 2026; with an older torch, bnref's layer
 # still accepts it and drops the bias parameter itself.
@@ -200,8 +201,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         running_mean = self.running_mean
         running_var = self.running_var
         if not self.training and running_mean is not None and running_var is not None:
-            return _normalize_eval(x, self.weight, self.bias, running_mean, running_var, self.eps, 1)
-        y, mean, var, n = _normalize_train(x, self.weight, self.bias, self.eps, 1)
+            return normalize_eval(x, self.weight, self.bias, running_mean, running_var, self.eps, 1)
+        y, mean, var, n = normalize_train(x, self.weight, self.bias, self.eps, 1)
         if self.training:
             self._count_and_update(mean, var, n)
         return y
@@ -218,7 +219,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if n > 0 and running_mean is not None and running_var is not None:
             momentum = self.momentum
             decay = 1.0 - 1.0 / float(counter) if momentum is None else 1.0 - momentum  # None: cumulative
-            new_mean, new_var = _running_update(running_mean, running_var, mean, var, n, decay,
+            new_mean, new_var = running_update(running_mean, running_var, mean, var, n, decay,
                                                 self._running_var_estimator == "unbiased")  # fmt: skip
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
@@ -234,6 +235,14 @@ class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` with bnref's forward and ``convention=``: input ``(N, C, D, H, W)``."""
+
+
+def running_var_estimator(module: nn.Module) -> str:
+    """Which batch variance ``module``'s running average takes: ``"unbiased"`` (Bessel's
+    n/(n-1), torch.nn's) or ``"biased"``. bnref's layers keep their convention's choice;
+    torch.nn's BatchNorm layers always take the unbiased one. The public way to ask (precise BN,
+    synchronized BN and diagnose do), as ``bnref.jax.BatchNorm.resolved_convention()`` is in JAX."""
+    return module._running_var_estimator if isinstance(module, _BatchNorm) else "unbiased"
 
 
 def _register_quantization_fusers() -> None:

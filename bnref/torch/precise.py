@@ -37,6 +37,7 @@ from torch import nn
 
 from bnref import spec
 from bnref._progress import bar
+from bnref.torch.layers import running_var_estimator
 
 __all__ = ["VARIANTS", "precise_bn", "bn_layers"]
 
@@ -93,7 +94,7 @@ def _channel_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
 
 def _unbiased(m: nn.Module) -> bool:
     """Whether the layer feeds the unbiased batch variance into its running average."""
-    return getattr(m, "_running_var_estimator", "unbiased") == "unbiased"  # torch.nn's layers: always
+    return running_var_estimator(m) == "unbiased"
 
 
 @torch.no_grad()

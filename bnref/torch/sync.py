@@ -35,8 +35,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnref import spec
-from bnref.torch.functional import _bshape, _channel_mean, _channel_sum, _channel_sum_of_squares
-from bnref.torch.layers import _UNSET, _BatchNorm
+from bnref.torch._core import broadcast_shape, channel_mean, channel_sum, channel_sum_of_squares
+# the layers' base class, subclassed within the package as torch.nn's own modules subclass _BatchNorm
+from bnref.torch.layers import _UNSET, _BatchNorm, running_var_estimator
 
 __all__ = ["SyncBatchNorm"]
 
@@ -62,13 +63,13 @@ class _SyncBatchNormTrain(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps: float, process_group, world: int):
         C = x.shape[1]
         n_local = x.numel() // C if C else 0
-        bshape = _bshape(x, 1)
+        bshape = broadcast_shape(x, 1)
         stats = torch.zeros(2 * C + 1, dtype=torch.float64, device=x.device)  # [n_r, mu_r (C), M2_r (C)]
         if n_local > 0:
-            mean_local = _channel_mean(x, 1)
+            mean_local = channel_mean(x, 1)
             stats[0] = n_local
             stats[1 : C + 1] = mean_local
-            stats[C + 1 :] = _channel_sum_of_squares(x - mean_local.view(bshape), 1)
+            stats[C + 1 :] = channel_sum_of_squares(x - mean_local.view(bshape), 1)
         gathered = torch.empty(world * (2 * C + 1), dtype=torch.float64, device=x.device)
         _all_gather(gathered, stats, process_group)  # the forward's one collective
         gathered = gathered.view(world, 2 * C + 1)  # (R, 2C + 1), rank order
@@ -108,12 +109,12 @@ class _SyncBatchNormTrain(torch.autograd.Function):
             return (torch.zeros_like(x), None if weight is None else torch.zeros_like(weight),
                     dy.sum(dims) if ctx.needs_input_grad[2] else None, None, None, None)  # fmt: skip
         x, weight, mean, inv_std = ctx.saved_tensors
-        C, bshape = x.shape[1], _bshape(x, 1)
+        C, bshape = x.shape[1], broadcast_shape(x, 1)
         xc = x - mean.view(bshape)
         if x.numel() == 0:  # an empty shard still joins the collective, with zero sums
             local = torch.zeros(2 * C, dtype=dy.dtype, device=dy.device)
         else:
-            local = torch.cat([_channel_sum(dy, 1), _channel_sum(dy * xc, 1)])  # [sum dy (C), sum dy (x - mu) (C)]
+            local = torch.cat([channel_sum(dy, 1), channel_sum(dy * xc, 1)])  # [sum dy (C), sum dy (x - mu) (C)]
         totals = local.clone()
         dist.all_reduce(totals, group=ctx.process_group)  # the backward's one collective
         sum_dy, sum_dy_xc = totals[:C], totals[C:]
@@ -200,7 +201,7 @@ class SyncBatchNorm(_BatchNorm):
         torch.nn's get torch.nn's (unbiased running variance) with their own eps and momentum."""
         out = module
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
-            estimator = getattr(module, "_running_var_estimator", "unbiased")
+            estimator = running_var_estimator(module)
             out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                       process_group, bias=module.bias is not None,
                       convention=spec.Convention(decay=0.9, running_var=estimator))  # fmt: skip
