@@ -14,7 +14,7 @@ behind :meth:`Backend.load`.
 
 Adding a backend (the Flax NNX one, say) is one subpackage ``bnref/nnx/`` with a ``backend``
 module implementing :data:`INTERFACE`, plus one entry in :data:`REGISTRY`;
-``tests/test_backends.py`` checks that every registered backend implements the interface.
+``tests/test_architecture.py`` checks that every registered backend implements the interface.
 
 A leaf of bnref's layers: no framework import (``import bnref.backends`` imports neither torch
 nor jax), nothing above it.
@@ -62,6 +62,7 @@ class Backend:
     ``--num-processes`` / ``--process-id``, one command per process), or None.
     ``parity``: implementation name -> (runner in ``<package>._runners``, channels_last), the
     cells it brings to ``python -m bnref.parity``'s matrix.
+    ``packages``: the Python packages it trains with, whose versions a run directory records.
     """
 
     name: str
@@ -70,6 +71,7 @@ class Backend:
     host_devices: bool = False
     processes: Optional[str] = None
     parity: Mapping[str, Tuple[str, bool]] = field(default_factory=dict)
+    packages: Tuple[str, ...] = ()
 
     def load(self) -> ModuleType:
         """``<package>.backend``, imported now (its framework with it) and checked against
@@ -93,9 +95,10 @@ class Backend:
 
 #: name -> entry, in the order reports list them (the parity matrix's columns, ``bench --backend all``)
 REGISTRY: Dict[str, Backend] = {
-    "torch": Backend("torch", "bnref.torch", "PyTorch", processes="torchrun",
+    "torch": Backend("torch", "bnref.torch", "PyTorch", processes="torchrun", packages=("torch",),
                      parity={"bnref.torch": ("run_functional", False), "torch.nn": ("run_builtin", False)}),
     "jax": Backend("jax", "bnref.jax", "JAX", host_devices=True, processes="coordinator",
+                   packages=("jax", "jaxlib", "flax", "optax"),
                    parity={"bnref.jax": ("run_functional", True), "flax.linen": ("run_builtin", True)}),
 }  # fmt: skip
 #: the names, sorted: the choices of ``--backend``

@@ -145,7 +145,9 @@ def _is_bnref(m) -> bool:
 
 
 def _flax_axes(m, ndim: int) -> tuple:
-    return spec.feature_axes(ndim, m.axis)
+    from bnref.jax._core import feature_axes  # Flax's axis rule, as bnref.jax applies it
+
+    return feature_axes(ndim, m.axis)
 
 
 def _normalized(x, channel_axis: int, mean, var, eps: float, scale, bias):

@@ -102,8 +102,9 @@ def _versions(backend: str) -> Dict[str, str]:
     import bnref
 
     out = {"python": platform.python_version(), "numpy": numpy.__version__, "bnref": bnref.__version__}
-    names = ("torch",) if backend == "torch" else ("jax", "jaxlib", "flax", "optax")
-    for name in names:
+    from bnref import backends
+
+    for name in backends.get(backend).packages:
         try:
             out[name] = __import__(name).__version__
         except (ImportError, AttributeError):

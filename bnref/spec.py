@@ -124,7 +124,6 @@ from typing import Literal, Optional, Tuple
 import numpy as np
 
 __all__ = [
-    "feature_axes",
     "Convention",
     "D2L",
     "TORCH",
@@ -267,30 +266,6 @@ def _resolve(convention) -> Convention:
     if convention is None:
         raise ValueError(f"convention is required: a Convention or a preset name {sorted(PRESETS)}")
     return as_convention(convention, TORCH)
-
-
-def feature_axes(ndim: int, axis) -> Tuple[int, ...]:
-    """Flax's ``axis`` (int or tuple of ints) as sorted, non-negative, distinct feature axes.
-
-    Every axis may be a feature axis (a rank-1 input with ``axis=-1``, as flax.linen allows):
-    nothing is reduced then, which initialization and evaluation accept and training refuses
-    (one value per feature).
-    """
-    if ndim < 1:
-        raise ValueError(f"x must have rank >= 1, got rank {ndim}")
-    axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
-    if not axes:
-        raise ValueError("axis must name at least one feature axis")
-    out = set()
-    for a in axes:
-        # The spec's rule: a Python or NumPy integer (flax.linen accepts np.int64 too), never a
-        # bool, a float or an array.
-        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
-            raise ValueError(f"axis must be an int or a tuple of ints, got {axis!r}")
-        if not -ndim <= a < ndim:
-            raise ValueError(f"axis {a} is out of range for x of rank {ndim}")
-        out.add(int(a) % ndim)
-    return tuple(sorted(out))
 
 
 def _channel_axis(ndim: int, axis: int) -> int:

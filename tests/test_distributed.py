@@ -22,7 +22,7 @@ import torch
 
 from bnref import spec, testing
 from bnref.torch import BatchNorm2d, LeNetBN
-from bnref.torch._runners import run_sync
+from bnref.torch._runners import run_sync_bn
 from bnref.torch.distributed import ReplicaError, launch
 from bnref.torch.sync import SyncBatchNorm
 
@@ -189,7 +189,7 @@ def test_sync_batch_norm_on_processes_matches_the_spec(sizes, preset):
     dys = [rng.standard_normal(s.shape) for s in shards]
     g, b, rm, rv = rng.random(3) + 0.5, rng.standard_normal(3), rng.standard_normal(3), rng.random(3) + 0.5
     conv = spec.preset(preset)
-    results = run_sync(shards, dys, g, b, rm, rv, conv, steps=2, timeout_s=60)
+    results = run_sync_bn(shards, dys, g, b, rm, rv, conv, "float64", steps=2, timeout_s=60)["replicas"]
     spec_rm, spec_rv = rm, rv
     for step in range(2):
         ys, spec_rm, spec_rv = spec.sync_batch_norm_train(shards, g, b, spec_rm, spec_rv, conv)

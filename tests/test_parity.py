@@ -154,9 +154,9 @@ def test_replica_trajectories_fail_on_a_non_finite_synchronized_run(monkeypatch,
     from bnref import convert
 
     losses = lambda name: np.array([2.3, np.nan if name == bad_run else 1.9, 1.5])  # noqa: E731
-    monkeypatch.setattr(tr, "run_ddp_trajectory", lambda *a, **k: [
+    monkeypatch.setattr(tr, "run_data_parallel_trajectory", lambda *a, **k: [
         {"losses": losses(f"torch_{m}"), "state": lenet_state} for m in ("sync", "local")])
-    monkeypatch.setattr(jr, "run_shard_map_trajectory", lambda *a, sync_bn, **k: {
+    monkeypatch.setattr(jr, "run_data_parallel_trajectory", lambda *a, sync_bn, **k: {
         "losses": losses("jax_sync" if sync_bn else "jax_local"), "variables": convert.torch_to_flax(lenet_state)})
     rows = [{"step": i + 1, "loss_torch": x, "loss_jax": x} for i, x in enumerate((2.3, 1.9, 1.5))]
     keys = list(lenet_state)

@@ -73,30 +73,27 @@ def _batch_axis(ax, sizes: Sequence[int], label: str) -> None:
 
 def _jax_sgd(model, data, *, lr: float, batch_size: int, steps: int, seed: int, every: int, probe) -> List[Dict]:
     """Train the Flax ``model`` by SGD for ``steps`` steps of ``batch_size`` from its seeded
-    initial state, in bnref.train's example order (``epoch_permutation``, the full batches of
-    ``batch_slices``), reshuffling each epoch; returns ``probe(step, state)`` taken every
+    initial state, by fit's own loop (``bnref.jax.train.train_steps``: the schedule's example
+    order, reshuffled each epoch, full batches); returns ``probe(step, state)`` taken every
     ``every`` steps and after the last.
 
     Not ``bnref.jax.train.fit``: fit reports metrics per epoch and never hands out the state,
     and these experiments measure the state itself (its running statistics, evaluated several
-    ways) at points within training. The step is fit's own (``bnref.jax.train.train_step``)."""
+    ways) at points within training."""
+    import itertools
+
     import jax
+    import jax.numpy as jnp
 
     from bnref.jax import train as jtrain
-    from bnref.schedule import batch_slices, epoch_permutation
 
-    X, y = jtrain.prepare_images(data.train_images), np.asarray(data.train_labels, np.int32)  # (N, 28, 28, 1), (N,)
-    state = jtrain.create_train_state(model, jax.random.key(seed), lr, X[:1])
-    slices, step, epoch, probes = batch_slices(len(y), batch_size), 0, 0, []
-    while step < steps:
-        epoch += 1
-        perm = epoch_permutation(seed, epoch, len(y))
-        for start, size in slices[: steps - step]:
-            idx = perm[start : start + size]
-            state, _, _ = jtrain.train_step(state, X[idx], y[idx])  # donates the old state
-            step += 1
-            if step % every == 0 or step == steps:
-                probes.append(probe(step, state))
+    X, y = jnp.asarray(jtrain.prepare_images(data.train_images)), jnp.asarray(np.asarray(data.train_labels, np.int32))
+    state = jtrain.create_train_state(model, jax.random.key(seed), lr, X[:1])  # X (N, 28, 28, 1), y (N,)
+    probes = []
+    run = jtrain.train_steps(state, X, y, seed=seed, batch_size=batch_size, epochs=itertools.count(1))
+    for step, s in enumerate(itertools.islice(run, steps), start=1):
+        if step % every == 0 or step == steps:
+            probes.append(probe(step, s.state))  # before the next step donates the state
     return probes
 
 

@@ -18,7 +18,7 @@ def bn_vs_none(quick: bool, data_dir: Optional[str] = None, seed: int = 0, backe
     accuracy per epoch. (d2l's own BN-free LeNet chapter trains at lr 0.9: one lr for both here,
     so BN is the only difference.)"""
     from bnref.config import TrainConfig
-    from bnref.train import train_and_evaluate
+    from bnref.training import train_and_evaluate
 
     epochs, batch, n_train, n_test = (3, 64, 1024, 500) if quick else (10, BASE_BATCH, None, None)
     data = _dataset(data_dir, n_train, n_test, seed, synthetic)

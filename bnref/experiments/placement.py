@@ -40,26 +40,23 @@ def _placement_lenet(order: str, bias: bool):
 
 
 def _torch_sgd(model, data, *, lr: float, batch_size: int, epochs: int, seed: int) -> List[Dict]:
-    """SGD on ``model`` with bnref.torch.train's epoch (``train_batches``, the example order of
-    ``epoch_permutation``, the full batches of ``batch_slices``): per epoch the mean training
-    loss, each step's loss and the test accuracy (eval mode). Not ``bnref.torch.train.fit``, which
-    trains LeNet-BN only."""
+    """SGD on ``model`` by bnref.torch.train's epoch (``train_steps``: the schedule's example
+    order, full batches, added up by ``run_steps``): per epoch the mean training loss, each
+    step's loss and the test accuracy (eval mode). Not ``bnref.torch.train.fit``, which trains
+    LeNet-BN only."""
     import torch
 
     from bnref.torch import train as ttrain
-    from bnref.schedule import batch_slices, epoch_permutation
 
     cpu, dtype = torch.device("cpu"), next(model.parameters()).dtype
     X, y = ttrain.load_tensors(data.train_images, data.train_labels, cpu)  # (N, 1, 28, 28), (N,)
     Xt, yt = ttrain.load_tensors(data.test_images, data.test_labels, cpu)
     X, Xt = X.to(dtype), Xt.to(dtype)  # the model's dtype
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    starts = [start for start, _ in batch_slices(len(y), batch_size)]
     history = []
     for epoch in range(1, epochs + 1):
-        perm = torch.from_numpy(epoch_permutation(seed, epoch, len(y))).long()
-        losses: List = []
-        loss_sum, _, seen = ttrain.train_batches(model, optimizer, X, y, perm, starts, batch_size, losses)
+        steps = ttrain.train_steps(model, optimizer, X, y, seed=seed, batch_size=batch_size, epochs=(epoch,))
+        loss_sum, _, seen, losses, _ = ttrain.run_steps(steps, cpu)
         history.append({"loss": float(loss_sum) / seen, "step_losses": [float(v) for v in losses],
                         "test_acc": ttrain.evaluate(model, Xt, yt)})  # fmt: skip
     return history

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from bnref import _io
+from bnref import _io, backends as registry
 from bnref.experiments._common import LR_RULE, _batch_axis, _curves, _dataset, _save, scaled_lr
 
 REPLICAS = 8
@@ -29,8 +29,10 @@ def sync_vs_local(quick: bool, data_dir: Optional[str] = None, seed: int = 0, ba
     epoch, and the largest difference of a step's global-batch loss from the single device's."""
     out: Dict = {"replicas": REPLICAS, "lr_rule": LR_RULE, "runs": {}}
     for backend in backends:
-        result = (_replica_runs_subprocess(quick, data_dir, seed, synthetic) if backend == "jax"
-                  else _replica_runs(quick, data_dir, seed, backend, synthetic))  # fmt: skip
+        # A backend whose replicas are host devices needs them asked for before its framework
+        # starts, and this process may have started it already: a new process then.
+        result = (_replica_runs_subprocess(quick, data_dir, seed, backend, synthetic)
+                  if registry.get(backend).host_devices else _replica_runs(quick, data_dir, seed, backend, synthetic))  # fmt: skip
         out["runs"][backend] = result.pop("runs")
         out.update(result)
     return out
@@ -40,7 +42,7 @@ def _replica_runs(quick: bool, data_dir: Optional[str], seed: int, backend: str,
     """The runs of :func:`sync_vs_local` for one backend, in this process (JAX needs
     :data:`REPLICAS` devices here already)."""
     from bnref.config import TrainConfig
-    from bnref.train import train_and_evaluate
+    from bnref.training import train_and_evaluate
 
     per_replica, epochs, n_train, n_test = ((4,), 1, 512, 500) if quick else ((4, 8, 16, 32), 2, None, None)
     data = _dataset(data_dir, n_train, n_test, seed, synthetic)
@@ -60,24 +62,26 @@ def _replica_runs(quick: bool, data_dir: Optional[str], seed: int, backend: str,
             "data": data.source, "train_examples": len(data.train_labels), "runs": runs}  # fmt: skip
 
 
-def _replica_runs_subprocess(quick: bool, data_dir: Optional[str], seed: int, synthetic: bool = False) -> Dict:
-    """:func:`_replica_runs` for JAX in a new Python process given :data:`REPLICAS` host devices
+def _replica_runs_subprocess(quick: bool, data_dir: Optional[str], seed: int, backend: str,
+                             synthetic: bool = False) -> Dict:
+    """:func:`_replica_runs` for ``backend`` (JAX) in a new Python process given :data:`REPLICAS` host devices
     (``--xla_force_host_platform_device_count`` takes effect only before JAX starts, and this
     process may have started it already); its numbers come back as JSON on stdout."""
     import json
     import subprocess
 
     code = ("import json, sys\n"
-            "from bnref.train import provide_host_devices\n"
+            "from bnref.backends import provide_host_devices\n"
             f"provide_host_devices({REPLICAS})\n"
             "from bnref import _io\n"
             "from bnref.experiments.sync_vs_local import _replica_runs\n"
-            "quick, data_dir, seed, synthetic = json.loads(sys.argv[1])\n"
-            "print(_io.dumps(_replica_runs(quick, data_dir, seed, 'jax', synthetic)))\n")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps([quick, data_dir, seed, synthetic])], capture_output=True,
+            "quick, data_dir, seed, backend, synthetic = json.loads(sys.argv[1])\n"
+            "print(_io.dumps(_replica_runs(quick, data_dir, seed, backend, synthetic)))\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([quick, data_dir, seed, backend, synthetic])],
+                          capture_output=True,
                           text=True, timeout=600 if quick else 3600)  # fmt: skip
     if proc.returncode != 0:
-        raise RuntimeError(f"the JAX sync-vs-local process failed (exit status {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"the {backend} sync-vs-local process failed (exit status {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
 
 

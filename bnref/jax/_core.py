@@ -2,7 +2,8 @@
 (:mod:`bnref.jax.functional`) and the Flax layer (:mod:`bnref.jax.layers`): the statistics over
 the reduced axes (two-pass or Flax's one-pass ``fast_variance``, masked, synchronized over an
 ``axis_name``), :func:`normalize` (the normalization and the new running statistics, on
-checked arguments), the dtype rules and the checks both callers make.
+checked arguments), the dtype rules and the checks both callers make, Flax's ``axis`` rule
+(:func:`feature_axes`, which precise BN and diagnose use too) among them.
 
 Public names are what the other modules import; underscored ones are this module's own.
 """
@@ -18,7 +19,31 @@ from jax import lax
 
 from bnref import spec
 
-__all__ = ["check_vector", "normalize", "output_dtype", "check_mask"]
+__all__ = ["feature_axes", "check_vector", "normalize", "output_dtype", "check_mask"]
+
+
+def feature_axes(ndim: int, axis) -> Tuple[int, ...]:
+    """Flax's ``axis`` (int or tuple of ints) as sorted, non-negative, distinct feature axes.
+
+    Every axis may be a feature axis (a rank-1 input with ``axis=-1``, as flax.linen allows):
+    nothing is reduced then, which initialization and evaluation accept and training refuses
+    (one value per feature).
+    """
+    if ndim < 1:
+        raise ValueError(f"x must have rank >= 1, got rank {ndim}")
+    axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
+    if not axes:
+        raise ValueError("axis must name at least one feature axis")
+    out = set()
+    for a in axes:
+        # The spec's rule: a Python or NumPy integer (flax.linen accepts np.int64 too), never a
+        # bool, a float or an array.
+        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
+            raise ValueError(f"axis must be an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for x of rank {ndim}")
+        out.add(int(a) % ndim)
+    return tuple(sorted(out))
 
 
 def check_vector(v, name: str, shape: Tuple[int, ...]) -> None:

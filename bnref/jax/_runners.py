@@ -114,10 +114,11 @@ RUNNERS = {"functional": run_functional, "layer": run_layer, "builtin": run_buil
 # --- data parallel: BN with axis_name over R devices (shard_map) ---------------------------------------
 
 
-def run_axis_name(shards, dys, gamma, beta, running_mean, running_var, convention: spec.Convention, dtype: str,
-                  builtin: bool, steps: int = 2):
+def run_sync_bn(shards, dys, gamma, beta, running_mean, running_var, convention: spec.Convention, dtype: str,
+                builtin: bool = False, steps: int = 2):
     """``bnref.jax.BatchNorm`` (or ``flax.linen.BatchNorm``) with ``axis_name``, one shard per device
-    under ``shard_map``: ``steps`` training steps (gradients of ``sum(y * dy)``) then eval.
+    under ``shard_map``: ``steps`` training steps (gradients of ``sum(y * dy)``) then eval; the twin
+    of ``bnref.torch._runners.run_sync_bn``.
 
     Shards are ``(n, C, L)`` NumPy arrays (channels first, as the spec's); the layer runs on
     ``(n, L, C)``. Returns, per step, each replica's ``y`` and ``dx`` and the running statistics,
@@ -183,10 +184,10 @@ def run_axis_name(shards, dys, gamma, beta, running_mean, running_var, conventio
 # --- data parallel: LeNet-BN trained on R devices (python -m bnref.parity --trajectory --replicas R) ------
 
 
-def run_shard_map_trajectory(variables, batches, lr: float, dtype: str, convention: spec.Convention, replicas: int,
-                             sync_bn: bool = True):
+def run_data_parallel_trajectory(variables, batches, lr: float, dtype: str, convention: spec.Convention, replicas: int,
+                                 sync_bn: bool = True):
     """bnref.jax's LeNet-BN trained data-parallel on ``replicas`` CPU devices (``Mesh`` +
-    ``jax.shard_map``, :func:`bnref.jax.train.data_parallel_step`) from Flax ``variables``, SGD
+    ``jax.shard_map``, :func:`bnref.jax.distributed.data_parallel`) from Flax ``variables``, SGD
     (``lr``) in ``dtype``, on ``batches`` (uint8 images (B, 28, 28), labels (B,); ``replicas``
     divides B), BN statistics synchronized with ``axis_name`` or each device's own.
 

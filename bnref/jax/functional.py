@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnref import spec
-from bnref.jax._core import check_mask, check_vector, normalize, output_dtype  # noqa: F401
-from bnref.spec import feature_axes  # the spec's rule for Flax's axis (re-exported here)
+from bnref.jax._core import check_mask, check_vector, feature_axes, normalize, output_dtype  # noqa: F401
 
 __all__ = ["batch_norm", "resolve_convention", "feature_axes"]
 

@@ -24,9 +24,8 @@ from flax.linen import dtypes
 from jax.nn import initializers
 
 from bnref import spec
-from bnref.jax._core import check_mask, check_vector, normalize
+from bnref.jax._core import check_mask, check_vector, feature_axes, normalize
 from bnref.jax.functional import resolve_convention
-from bnref.spec import feature_axes
 
 __all__ = ["BatchNorm"]
 

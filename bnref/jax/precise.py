@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from bnref import spec
 from bnref._progress import bar
+from bnref.jax._core import feature_axes
 from bnref.jax.layers import BatchNorm as BnrefBatchNorm
 
 __all__ = ["VARIANTS", "precise_batch_stats"]
@@ -46,7 +47,7 @@ _BN_TYPES = (nn.BatchNorm, BnrefBatchNorm)
 
 def _moments(module, x):
     """``(n, mean, M2)`` of ``x`` per feature of ``module`` (two-pass, float32 at least)."""
-    features = spec.feature_axes(x.ndim, module.axis)
+    features = feature_axes(x.ndim, module.axis)
     reduce = tuple(a for a in range(x.ndim) if a not in features)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = x.mean(reduce)

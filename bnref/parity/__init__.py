@@ -32,10 +32,12 @@ Where the code is: :mod:`bnref.parity.matrix` the cells, the matrix and its tabl
 (:func:`run_cell`, :func:`matrix`, :func:`format_table`) and the README's conventions table
 (:func:`conventions_table`: which presets torch.nn and flax.linen can express, as the matrix's
 "not expressible" cells say); :mod:`bnref.parity.trajectory` the one-device trajectory, its
-verdicts and its report (:func:`trajectory`, :func:`trajectory_verdict`, :func:`loss_verdict`,
-:func:`format_trajectory`); :mod:`bnref.parity.replicas` the data-parallel proof (the replicas
-matrix :func:`replicas_matrix` and the replica trajectories :func:`replica_trajectories`); and
-``__main__`` the command (:func:`main`). Every name is importable from ``bnref.parity`` too.
+report (:func:`trajectory`, :func:`format_trajectory`); :mod:`bnref.parity.verdicts` what passes
+(:data:`TRAJECTORY_TOLERANCE`, :func:`trajectory_verdict`, :func:`loss_verdict`);
+:mod:`bnref.parity.replicas` the data-parallel proof (the replicas matrix :func:`replicas_matrix`
+and the replica trajectories :func:`replica_trajectories`); and :mod:`bnref.parity.cli` the
+command (:func:`main`, which ``__main__`` runs). Every name is importable from ``bnref.parity``
+too. The implementations are the backend registry's (``bnref.backends``).
 """
 
 from __future__ import annotations
@@ -45,20 +47,11 @@ from bnref.parity.matrix import (DTYPES, IMPLEMENTATIONS, LAYOUTS, STEPS, CellRe
                                  matrix, run_cell)
 from bnref.parity.replicas import (REPLICA_IMPLEMENTATIONS, REPLICA_TOLERANCE, RUN_NAMES, _format_replicas,  # noqa: F401
                                    replica_trajectories, replicas_matrix, run_replica_cell, shard_sizes)
-from bnref.parity.trajectory import (TRAJECTORY_TOLERANCE, format_trajectory, loss_verdict, trajectory, trajectory_data,
-                                     trajectory_verdict)
+from bnref.parity.trajectory import format_trajectory, trajectory, trajectory_data
+from bnref.parity.verdicts import TRAJECTORY_TOLERANCE, loss_verdict, trajectory_verdict
+from bnref.parity.cli import main
 
 __all__ = ["IMPLEMENTATIONS", "LAYOUTS", "DTYPES", "STEPS", "CellResult", "run_cell", "matrix", "format_table",
            "conventions_table", "TRAJECTORY_TOLERANCE", "trajectory_data", "trajectory", "trajectory_verdict",
            "loss_verdict", "format_trajectory", "REPLICA_IMPLEMENTATIONS", "shard_sizes", "run_replica_cell",
            "replicas_matrix", "REPLICA_TOLERANCE", "replica_trajectories", "RUN_NAMES", "main"]
-
-
-def __getattr__(name: str):
-    """``main`` (the command, in ``__main__``) on first use: importing ``__main__`` here would make
-    ``python -m bnref.parity`` find it imported already and warn."""
-    if name == "main":
-        from bnref.parity.__main__ import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

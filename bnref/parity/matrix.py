@@ -6,22 +6,16 @@ replicas matrix builds on too (:class:`CellResult`, :data:`DTYPES`, :data:`STEPS
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
 import numpy as np
 
-from bnref import spec
+from bnref import backends, spec
 from bnref.testing import TOLERANCES, NotExpressible, compare, make_inputs, round_to, spec_run
 
-#: implementation -> (backend module, runner name, channels_last)
-IMPLEMENTATIONS = {
-    "bnref.torch": ("bnref.torch._runners", "run_functional", False),
-    "torch.nn": ("bnref.torch._runners", "run_builtin", False),
-    "bnref.jax": ("bnref.jax._runners", "run_functional", True),
-    "flax.linen": ("bnref.jax._runners", "run_builtin", True),
-}
+#: implementation -> (backend, runner name in its ``_runners``, channels_last): the registry's
+IMPLEMENTATIONS = backends.parity_implementations()
 #: torch-side layout -> (shape with 3 channels on axis 1, the JAX-side layout's name)
 LAYOUTS = {"NC": ((16, 3), "NC"), "NCL": ((6, 3, 7), "NLC"), "NCHW": ((4, 3, 5, 6), "NHWC")}
 DTYPES = ("float32", "float64")
@@ -65,8 +59,8 @@ def run_cell(preset: str, layout: str, dtype: str, impl: str, steps: int = STEPS
     """One cell of the matrix: ``steps`` training steps then one eval step, vs the spec."""
     convention = spec.preset(preset)
     shape, jax_layout = LAYOUTS[layout]
-    module, runner_name, channels_last = IMPLEMENTATIONS[impl]
-    runner = getattr(importlib.import_module(module), runner_name)
+    _, _, channels_last = IMPLEMENTATIONS[impl]
+    runner = backends.parity_runner(impl)
     axis = -1 if channels_last else 1
     label_layout = jax_layout if channels_last else layout
     result = CellResult(preset, f"{layout}/{jax_layout}", dtype, impl, "pass")

@@ -11,13 +11,13 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from bnref import spec
-from bnref.parity.matrix import DTYPES, STEPS, CellResult, _tally
-from bnref.parity.trajectory import TRAJECTORY_TOLERANCE, loss_verdict
+from bnref import backends, spec
+from bnref.parity.matrix import DTYPES, IMPLEMENTATIONS, STEPS, CellResult, _tally
+from bnref.parity.verdicts import TRAJECTORY_TOLERANCE, loss_verdict
 from bnref.testing import NotExpressible, compare, round_to
 
 #: implementation -> how it runs its R replicas
-REPLICA_IMPLEMENTATIONS = ("bnref.torch", "torch.nn", "bnref.jax", "flax.linen")
+REPLICA_IMPLEMENTATIONS = tuple(IMPLEMENTATIONS)  # every backend's runners have a run_sync_bn
 
 
 def shard_sizes(replicas: int) -> Dict[str, List[int]]:
@@ -42,23 +42,10 @@ def run_replica_cell(preset: str, sharding: str, dtype: str, impl: str, replicas
     label = f"{sharding} {'/'.join(map(str, sizes))}"
     result = CellResult(preset, label, dtype, impl, "pass")
     try:
-        if impl in ("bnref.torch", "torch.nn"):
-            if impl == "torch.nn":
-                raise NotExpressible("torch.nn.SyncBatchNorm refuses CPU tensors (CUDA only)")
-            from bnref.torch._runners import run_sync
-
-            per_rank = run_sync(shards, dys, g, b, rm, rv, convention, steps=steps, layer="bnref", dtype=dtype)
-            got = [{"ys": [r["steps"][k]["y"] for r in per_rank], "dxs": [r["steps"][k]["dx"] for r in per_rank],
-                    "dgamma": sum(r["steps"][k]["dgamma"] for r in per_rank),
-                    "dbeta": sum(r["steps"][k]["dbeta"] for r in per_rank),
-                    "running_mean": per_rank[0]["steps"][k]["running_mean"],
-                    "running_var": per_rank[0]["steps"][k]["running_var"]} for k in range(steps)]  # fmt: skip
-            eval_ys = [r["eval_y"] for r in per_rank]
-        else:
-            from bnref.jax._runners import run_axis_name
-
-            out = run_axis_name(shards, dys, g, b, rm, rv, convention, dtype, builtin=impl == "flax.linen", steps=steps)
-            got, eval_ys = out["steps"], out["eval_ys"]
+        _, runner, _ = IMPLEMENTATIONS[impl]
+        run_sync_bn = backends.parity_runner(impl, "run_sync_bn")
+        out = run_sync_bn(shards, dys, g, b, rm, rv, convention, dtype, builtin=runner == "run_builtin", steps=steps)
+        got, eval_ys = out["steps"], out["eval_ys"]
     except NotExpressible as e:
         return CellResult(preset, label, dtype, impl, "not expressible", str(e))
     worst: Dict[str, List[float]] = {}
@@ -120,14 +107,14 @@ def replica_trajectories(initial, batches, rows, single, replicas: int, *, dtype
     Any NaN or infinite loss fails a criterion, as in :func:`trajectory_verdict`.
     """
     from bnref import convert
-    from bnref.jax._runners import run_shard_map_trajectory
-    from bnref.torch._runners import run_ddp_trajectory
+    from bnref.jax._runners import run_data_parallel_trajectory as run_jax
+    from bnref.torch._runners import run_data_parallel_trajectory as run_torch
 
     variables = convert.torch_to_flax(initial)
     finals = dict(single)
-    torch_runs = run_ddp_trajectory(initial, batches, lr, dtype, convention, replicas, modes=(True, False))
+    torch_runs = run_torch(initial, batches, lr, dtype, convention, replicas, modes=(True, False))
     for t, sync, kind in zip(torch_runs, (True, False), ("sync", "local")):
-        j = run_shard_map_trajectory(variables, batches, lr, dtype, convention, replicas, sync_bn=sync)
+        j = run_jax(variables, batches, lr, dtype, convention, replicas, sync_bn=sync)
         finals[f"torch_{kind}"], finals[f"jax_{kind}"] = t["state"], convert.flax_to_torch(j["variables"])
         for row, lt, lj in zip(rows, t["losses"], j["losses"]):
             row[f"loss_torch_{kind}"], row[f"loss_jax_{kind}"] = float(lt), float(lj)

@@ -1,21 +1,20 @@
 """The one-device trajectory: the same LeNet-BN trained in both frameworks and compared step by step
-(:func:`trajectory`, on :func:`trajectory_data`), its criterion (:data:`TRAJECTORY_TOLERANCE`), its
-verdicts (:func:`trajectory_verdict`, :func:`loss_verdict`) and its report
-(:func:`format_trajectory`). With ``replicas=R`` it adds the data-parallel runs of
-:mod:`bnref.parity.replicas` (imported where they are used, not at the top: that module builds on these verdicts)."""
+(:func:`trajectory`, on :func:`trajectory_data`) and its report (:func:`format_trajectory`); its
+criterion and verdicts are :mod:`bnref.parity.verdicts`'. With ``replicas=R`` it adds the
+data-parallel runs of :mod:`bnref.parity.replicas`."""
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 
 from bnref import spec
 from bnref.parity.matrix import DTYPES
+from bnref.parity.replicas import _format_replicas, replica_trajectories
+from bnref.parity.verdicts import TRAJECTORY_TOLERANCE, loss_verdict, trajectory_verdict  # noqa: F401
 
-#: trajectory pass criterion: max |loss_torch - loss_jax| over all steps, per dtype
-TRAJECTORY_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
 def _trajectory_batches(steps: int, batch_size: int, ds, seed: int):
@@ -142,35 +141,12 @@ def trajectory(
         "rows": rows,
     }  # fmt: skip
     if replicas is not None:
-        from bnref.parity.replicas import replica_trajectories  # not at the top: replicas imports this module
-
         single = {"torch": {k: v.detach().numpy() for k, v in tmodel.state_dict().items()},
                   "jax": convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})}  # fmt: skip
         report["replicas"] = replica_trajectories(initial, batches, rows, single, replicas, dtype=dtype, lr=lr,
                                                   convention=conv, weight_keys=weight_keys, stat_keys=stat_keys)  # fmt: skip
         report["passed"] = report["passed"] and report["replicas"]["passed"]
     return report
-
-
-def trajectory_verdict(rows: Sequence[Dict], tolerance: float) -> Dict:
-    """``max_loss_diff`` and ``passed`` for a trajectory's rows.
-
-    A NaN or infinite loss on either side is a failure, whatever the other side did: two
-    diverged runs do not "agree", and ``max()`` must not skip a NaN (Python's does, unless it
-    comes first). ``nonfinite_steps`` lists the steps where either loss is not finite.
-    """
-    losses = np.array([[r["loss_torch"], r["loss_jax"]] for r in rows], dtype=np.float64).reshape(-1, 2)
-    return loss_verdict(losses[:, 0], losses[:, 1], tolerance, steps=[r["step"] for r in rows])
-
-
-def loss_verdict(a: np.ndarray, b: np.ndarray, tolerance: float, steps: Optional[Sequence[int]] = None) -> Dict:
-    """``max_loss_diff``, ``passed`` and ``nonfinite_steps`` (1-based unless ``steps`` names
-    them) for two runs' per-step losses: NaN or inf on either side fails; no steps fails."""
-    steps = list(range(1, len(a) + 1)) if steps is None else list(steps)
-    bad = [s for s, x, y in zip(steps, a, b) if not (math.isfinite(x) and math.isfinite(y))]
-    max_loss_diff = float(np.max(np.abs(a - b))) if len(a) else float("nan")
-    passed = not bad and bool(max_loss_diff <= tolerance)
-    return {"max_loss_diff": max_loss_diff, "passed": passed, "nonfinite_steps": bad}
 
 
 def format_trajectory(report: Dict) -> str:
@@ -201,8 +177,6 @@ def format_trajectory(report: Dict) -> str:
         line += f"; a loss is NaN or infinite at {len(steps)} step(s), first at step {steps[0]}"
     out.append(line)
     if "replicas" in report:
-        from bnref.parity.replicas import _format_replicas  # not at the top: replicas imports this module
-
         out.extend(_format_replicas(report["replicas"], rows, stride))
         checks = 1 + sum(c["passed"] is not None for c in report["replicas"]["comparisons"])
         out.append(f"{'PASS' if report['passed'] else 'FAIL'}: all {checks} checks")

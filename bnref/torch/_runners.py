@@ -115,7 +115,7 @@ RUNNERS = {"functional": run_functional, "layer": run_layer, "builtin": run_buil
 
 
 def _sync_worker(rank, world, send, shards, dys, gamma, beta, running_mean, running_var, convention, steps, layer,
-                 dtype="float64"):
+                 dtype):
     """One replica: ``layer`` ("bnref" or "torch.nn" SyncBatchNorm) in ``dtype``, ``steps`` training
     steps on its shard (forward, backward of ``sum(y * dy)``), then an eval step. Returns NumPy."""
     from torch import nn
@@ -145,14 +145,29 @@ def _sync_worker(rank, world, send, shards, dys, gamma, beta, running_mean, runn
     return {"steps": out, "eval_y": eval_y, "num_batches_tracked": int(m.num_batches_tracked)}
 
 
-def run_sync(shards, dys, gamma, beta, running_mean, running_var, convention: spec.Convention, steps: int = 2,
-             layer: str = "bnref", timeout_s: float = 60.0, dtype: str = "float64"):
-    """Run the replicas (one process per shard, gloo) and return each one's results."""
+def run_sync_bn(shards, dys, gamma, beta, running_mean, running_var, convention: spec.Convention, dtype: str,
+                builtin: bool = False, steps: int = 2, timeout_s: float = 60.0):
+    """bnref's ``SyncBatchNorm`` (``builtin``: torch.nn's, which refuses CPU tensors) on one gloo
+    process per shard: ``steps`` training steps (gradients of ``sum(y * dy)``) then eval; the
+    twin of ``bnref.jax._runners.run_sync_bn``, with its result's shape.
+
+    Shards are ``(n, C, L)`` NumPy arrays, ``n`` may differ and be 0. Returns ``{"steps": per
+    step, every replica's ``ys`` and ``dxs``, the summed parameter gradients (what DDP's
+    all-reduce adds up) and the running statistics (rank 0's; they are the same everywhere);
+    "eval_ys"; "replicas": each process's own results}``."""
+    if builtin:
+        raise NotExpressible("torch.nn.SyncBatchNorm refuses CPU tensors (CUDA only)")
     from bnref.torch.distributed import launch
 
-    args = (shards, dys, gamma, beta, running_mean, running_var, convention, steps, layer, dtype)
-    return launch(_sync_worker, len(shards), args, backend="gloo", timeout_s=timeout_s, threads=1,
-                  deadline_s=4 * timeout_s)
+    args = (shards, dys, gamma, beta, running_mean, running_var, convention, steps, "bnref", dtype)
+    per_rank = launch(_sync_worker, len(shards), args, backend="gloo", timeout_s=timeout_s, threads=1,
+                      deadline_s=4 * timeout_s)  # fmt: skip
+    return {"steps": [{"ys": [r["steps"][k]["y"] for r in per_rank], "dxs": [r["steps"][k]["dx"] for r in per_rank],
+                       "dgamma": sum(r["steps"][k]["dgamma"] for r in per_rank),
+                       "dbeta": sum(r["steps"][k]["dbeta"] for r in per_rank),
+                       "running_mean": per_rank[0]["steps"][k]["running_mean"],
+                       "running_var": per_rank[0]["steps"][k]["running_var"]} for k in range(steps)],
+            "eval_ys": [r["eval_y"] for r in per_rank], "replicas": per_rank}  # fmt: skip
 
 
 # --- data parallel: LeNet-BN trained by R DDP processes (python -m bnref.parity --trajectory --replicas R) ----
@@ -190,7 +205,7 @@ def _trajectory_worker(rank, world, send, state, batches, lr, dtype, convention,
     return runs if rank == 0 else None
 
 
-def run_ddp_trajectory(state, batches, lr: float, dtype: str, convention: spec.Convention, replicas: int,
+def run_data_parallel_trajectory(state, batches, lr: float, dtype: str, convention: spec.Convention, replicas: int,
                        modes=(True, False), timeout_s: float = 120.0):
     """LeNet-BN trained with DDP on ``replicas`` gloo processes from ``state`` on ``batches`` (a
     list of (uint8 images (B, 28, 28), labels (B,)) with ``replicas`` dividing B), once per entry
