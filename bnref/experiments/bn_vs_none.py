@@ -13,7 +13,7 @@ def bn_vs_none(quick: bool, data_dir: Optional[str] = None, seed: int = 0, backe
                synthetic: bool = False) -> Dict:
     """d2l's claim that BatchNorm makes LeNet converge faster. The same LeNet (sigmoids, d2l's
     initialization) with bnref's BN after every conv/linear layer but the last (d2l's
-    convention) and without BN, trained by ``bnref.train.train_and_evaluate`` in each of
+    convention) and without BN, trained by ``bnref.training.train_and_evaluate`` in each of
     ``backends`` with d2l's BN-chapter defaults, lr 1.0, batch 256, SGD; training loss and test
     accuracy per epoch. (d2l's own BN-free LeNet chapter trains at lr 0.9: one lr for both here,
     so BN is the only difference.)"""

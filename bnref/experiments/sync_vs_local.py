@@ -23,7 +23,7 @@ def sync_vs_local(quick: bool, data_dir: Optional[str] = None, seed: int = 0, ba
     """Small per-replica batches: LeNet-BN (bnref's BN, d2l's convention) trained data-parallel
     on 8 replicas with synchronized BN and with local BN (each replica normalizes its slice),
     and on one device with the whole global batch, for 4 ... 32 examples per replica, by
-    ``bnref.train.train_and_evaluate`` (``replicas``, ``sync_bn``): JAX on 8 host devices under
+    ``bnref.training.train_and_evaluate`` (``replicas``, ``sync_bn``): JAX on 8 host devices under
     ``shard_map`` (a subprocess: the device count is fixed when JAX starts), torch on 8 gloo
     processes. lr per :data:`LR_RULE` of the global batch. Per run: loss and test accuracy per
     epoch, and the largest difference of a step's global-batch loss from the single device's."""

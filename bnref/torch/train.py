@@ -1,6 +1,6 @@
 """Train LeNet-BN with PyTorch: ``python -m bnref.train --backend torch``.
 
-:func:`fit` is what ``bnref.train.train_and_evaluate`` calls; :func:`resolve_device`,
+:func:`fit` is what ``bnref.training.train_and_evaluate`` calls; :func:`resolve_device`,
 :func:`make_model`, :func:`load_tensors` and :func:`train_step` are the reusable pieces
 (the cross-framework trajectory code and the benchmark call them too).
 
