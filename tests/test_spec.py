@@ -1,14 +1,17 @@
 """The NumPy specification against a straightforward re-derivation, finite differences,
-and the properties any correct BatchNorm has."""
+and the properties any correct BatchNorm has; its data-parallel functions (synchronized BN
+equals one device on the concatenated batch, the stable merge of shard statistics, local BN)
+with NumPy only (the frameworks' data-parallel layers against them: the distributed tests)."""
 
 import math
 
 import numpy as np
 import pytest
+from _helpers import make_shards
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnref import spec
+from bnref import spec, testing
 from bnref.testing import layout_name, make_inputs
 
 PRESETS = sorted(spec.PRESETS)
@@ -427,6 +430,56 @@ def test_axis_refuses_bools_floats_strings_and_arrays(name):
         spec.batch_norm_train(i["x"], None, None, None, None, "torch", axis=AXIS_REFUSED[name])
 
 
+# --- data parallelism: the sharded semantics (sync BN = one device on the concatenation) --------------
+
+SHARD_SIZES = {"equal": (4, 4), "unequal": (5, 2, 1), "empty-shard": (3, 0, 4)}
+
+
+@pytest.mark.parametrize("sizes", SHARD_SIZES.values(), ids=SHARD_SIZES.keys())
+@pytest.mark.parametrize("preset", ["torch", "d2l"])
+def test_spec_sync_equals_single_device_on_the_concatenation(sizes, preset):
+    shards = make_shards(sizes)
+    rng = np.random.default_rng(1)
+    g, b, rm, rv = rng.random(3) + 0.5, rng.standard_normal(3), rng.standard_normal(3), rng.random(3) + 0.5
+    dys = [rng.standard_normal(s.shape) for s in shards]
+    ys, new_rm, new_rv = spec.sync_batch_norm_train(shards, g, b, rm, rv, preset)
+    dxs, dg, db = spec.sync_batch_norm_grad(shards, g, dys, preset)
+    whole = np.concatenate(shards)
+    y, rm1, rv1 = spec.batch_norm_train(whole, g, b, rm, rv, preset)
+    dx, dg1, db1 = spec.batch_norm_grad(whole, g, np.concatenate(dys), preset)
+    testing.assert_close({"y": np.concatenate(ys), "running_mean": new_rm, "running_var": new_rv, "dx": np.concatenate(dxs),
+                          "dgamma": dg, "dbeta": db},
+                         {"y": y, "running_mean": rm1, "running_var": rv1, "dx": dx, "dgamma": dg1, "dbeta": db1},
+                         context=f"spec sync vs concatenation, {preset}", dtype="float64")  # fmt: skip
+
+
+def test_spec_merge_is_stable_where_one_pass_is_not():
+    shards = [1e8 + 0.01 * np.random.default_rng(r).standard_normal((50, 2)) for r in range(3)]
+    stats = [spec.shard_stats(s) for s in shards]
+    n, mean, var = spec.merge_stats(*zip(*stats))
+    whole = np.concatenate(shards)
+    np.testing.assert_allclose(var, whole.var(0), rtol=1e-6)  # two-pass per shard, exact merge
+    one_pass = np.mean(whole**2, 0) - np.mean(whole, 0) ** 2
+    assert np.abs(one_pass - whole.var(0)).max() > 1e-3  # the formula bnref avoids is far off here
+
+
+def test_spec_local_keeps_one_running_average_per_replica():
+    shards = make_shards((4, 4), offset=0.0)
+    shards[1] = shards[1] + 10.0  # replicas see different data
+    ys, rms, rvs = spec.local_batch_norm_train(shards, None, None, [np.zeros(3)] * 2, [np.ones(3)] * 2, "d2l")
+    for s, y, m in zip(shards, ys, rms):
+        np.testing.assert_allclose(y, spec.batch_norm_train(s, None, None, None, None, "d2l")[0])
+        np.testing.assert_allclose(m, 0.1 * s.mean((0, 2)))
+    assert np.abs(rms[0] - rms[1]).min() > 0.5  # the running statistics drift apart
+
+
+def test_spec_bad_shards_raise():
+    with pytest.raises(ValueError, match="shard 1 has shape"):
+        spec.sync_batch_norm_train([np.ones((2, 3)), np.ones((2, 4))], None, None, None, None, "torch")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        spec.sync_batch_norm_train([np.ones((1, 3)), np.ones((0, 3))], None, None, None, None, "torch")
+
+
 # --- the synchronized backward, on its own terms -------------------------------------------------
 
 SYNC_SIZES = {"equal": (3, 3), "unequal": (4, 1, 2), "empty-shard": (2, 0, 3)}
@@ -436,7 +489,7 @@ SYNC_SIZES = {"equal": (3, 3), "unequal": (4, 1, 2), "empty-shard": (2, 0, 3)}
 def test_sync_backward_matches_finite_differences_of_the_sync_forward(sizes):
     """dgamma, dbeta and each shard's dx of sync_batch_norm_grad against central differences of
     sum_r sum(y_r * dy_r) through sync_batch_norm_train. (Swapping dgamma and dbeta in its return
-    passed this file before: the sync functions were only tested in tests/test_distributed.py.)"""
+    passed this file before, when the spec's sync functions were tested only with SyncBatchNorm's tests.)"""
     rng = np.random.default_rng(11)
     shards = [4.0 + (1 + np.arange(3)).reshape(1, 3, 1) * rng.standard_normal((n, 3, 2)) for n in sizes]
     gamma, beta = 1.0 + 0.5 * rng.standard_normal(3), rng.standard_normal(3)
