@@ -7,12 +7,22 @@
 - ``corrupt_fashion_dir``: those files with the training images corrupted (tools' error paths).
 - ``real_fashion_dir``: the true dataset when present (Debian's dataset-fashion-mnist, or
   $BNREF_DATA_DIR), else the test is skipped with the reason.
+- ``hard_limit`` (the distributed tests ask for it in their ``pytestmark``): a test's hard time
+  limit, SIGALRM, ``_helpers.DEFAULT_LIMIT_S`` unless the test says otherwise with
+  ``@_helpers.limit(seconds)``.
+- ``say``, ``timed``, ``run_logged``: progress on the terminal, under pytest's output capture,
+  for tests that run subprocesses or multi-process training for minutes.
 """
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
+from _helpers import DEFAULT_LIMIT_S
 
 
 def pytest_configure(config):
@@ -73,3 +83,85 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+# --- guards for the multi-process tests: a hard limit per test, and progress on the terminal -----------
+
+
+class _Overrun(BaseException):
+    """Raised by SIGALRM: a BaseException, so that no ``except Exception`` in the code under test
+    swallows it."""
+
+
+@pytest.fixture
+def hard_limit(request):
+    """Fail the test past its limit: ``limit_s`` set on it by ``_helpers.limit``, else
+    :data:`_helpers.DEFAULT_LIMIT_S` (and the launcher's cleanup kills its processes)."""
+    seconds = getattr(request.function, "limit_s", DEFAULT_LIMIT_S)
+
+    def overrun(signum, frame):
+        raise _Overrun(f"{request.node.name} ran past its {seconds} s limit")
+
+    previous = signal.signal(signal.SIGALRM, overrun)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def say(request):
+    """``say(text)``: one line on the terminal now, also under pytest's default output capture."""
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def write(text):
+        line = f"    [{request.node.name}] {text}"
+        suspended = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
+        with suspended:
+            if tr is not None:
+                tr.write_line(line)
+            else:
+                print(line, file=sys.__stderr__, flush=True)
+
+    return write
+
+
+@pytest.fixture
+def timed(say):
+    """``with timed("what"):`` says what starts, and when it ends how long it took."""
+
+    @contextlib.contextmanager
+    def block(what):
+        say(f"{what} ...")
+        t0 = time.monotonic()
+        outcome = "failed"
+        try:
+            yield
+            outcome = "done"
+        finally:
+            say(f"{outcome} in {time.monotonic() - t0:.1f} s: {what}")
+
+    return block
+
+
+@pytest.fixture
+def run_logged(say):
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=...)`` that says what it runs
+    and, when it ends, its exit status and how long it took."""
+
+    def run(cmd, timeout, **kwargs):
+        shown = " ".join(str(c) if len(str(c)) < 60 else "<script>" for c in cmd).replace(sys.executable, "python")
+        say(f"running (limit {timeout} s): {shown}")
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+        except subprocess.TimeoutExpired:
+            say(f"timed out after {time.monotonic() - t0:.1f} s: {shown}")
+            raise
+        say(f"exit status {proc.returncode} after {time.monotonic() - t0:.1f} s: {shown}")
+        return proc
+
+    return run

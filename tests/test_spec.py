@@ -1,7 +1,8 @@
 """The NumPy specification against a straightforward re-derivation, finite differences,
 and the properties any correct BatchNorm has; its data-parallel functions (synchronized BN
 equals one device on the concatenated batch, the stable merge of shard statistics, local BN)
-with NumPy only (the frameworks' data-parallel layers against them: the distributed tests)."""
+with NumPy only (the frameworks' data-parallel BN against them: tests/test_torch_distributed.py,
+tests/test_jax_distributed.py)."""
 
 import math
 

@@ -17,7 +17,7 @@ The backward is ONE all-reduce of the local ``sum dy`` and ``sum dy (x - mu)`` (
 ``dx`` follows the single-device formula with the global sums and count. The gradients of the
 weight and bias are the replica's own sums: DDP averages them across replicas like every other
 parameter gradient, which makes R-replica training equal to one device on the global batch
-(``tests/test_distributed.py`` checks it, step by step).
+(``tests/test_torch_distributed.py`` checks it, step by step).
 
 Not distributed (no process group), a world of one, or evaluation mode: the layer is bnref's
 ``BatchNorm*d`` (its local forward), as ``torch.nn.SyncBatchNorm`` falls back. Unlike
