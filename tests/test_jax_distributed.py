@@ -2,7 +2,7 @@
 subprocess) that train with synchronized BN (axis_name under shard_map) like one device, the
 CLI's --replicas beyond the devices, multi-process JAX (jax.distributed.initialize, CPU
 collectives over gloo: processes that train like one device, a peer that never joins, bad
-process flags) and the coordinator's port (bnref.jax.train.check_coordinator); and
+process flags) and the coordinator's port (bnref.jax.distributed.check_coordinator); and
 ``python -m bnref.parity --replicas``, which runs bnref.jax and flax.linen with axis_name on 2
 host devices and bnref.torch's SyncBatchNorm on 2 gloo processes against the spec and one device.
 
@@ -274,7 +274,7 @@ def _process_config(port, process_id):
 def test_check_coordinator_refuses_a_taken_port_for_process_0_only():
     import jax
 
-    from bnref.jax.train import check_coordinator
+    from bnref.jax.distributed import check_coordinator
     from bnref.torch.distributed import free_port
 
     with _listening("127.0.0.1") as port:
