@@ -7,6 +7,9 @@
 - ``corrupt_fashion_dir``: those files with the training images corrupted (tools' error paths).
 - ``real_fashion_dir``: the true dataset when present (Debian's dataset-fashion-mnist, or
   $BNREF_DATA_DIR), else the test is skipped with the reason.
+- ``usage_error``: ``usage_error(main, argv)`` runs a command's ``main`` and checks it exits with
+  status 2 (a bad flag or bad input, refused before any work); returns what it printed, for the
+  test's own checks of the message.
 - ``hard_limit`` (the distributed tests ask for it in their ``pytestmark``): a test's hard time
   limit, SIGALRM, ``_helpers.DEFAULT_LIMIT_S`` unless the test says otherwise with
   ``@_helpers.limit(seconds)``.
@@ -83,6 +86,22 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def usage_error(capsys):
+    """``usage_error(main, argv)``: ``main(argv)`` must exit with status 2 (``SystemExit(2)``:
+    argparse's usage errors and bnref's own bad-input errors); returns ``capsys.readouterr()``
+    (``.out``, ``.err``), what it printed, for the test to check the message."""
+
+    def run(main, argv):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        captured = capsys.readouterr()
+        assert e.value.code == 2, f"exit status {e.value.code!r}, not 2; stderr: {captured.err[-3000:]}"
+        return captured
+
+    return run
 
 
 # --- guards for the multi-process tests: a hard limit per test, and progress on the terminal -----------

@@ -23,11 +23,9 @@ from bnref import bench
     ],
     ids=["variants-empty", "variants-unknown", "threads-0", "steps-0", "settle-nan", "jax-batch-1", "all-threads", "json-dir"],
 )
-def test_bad_options_fail_before_any_measurement(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.main(argv)
-    captured = capsys.readouterr()
-    assert e.value.code == 2 and message in captured.err, captured.err
+def test_bad_options_fail_before_any_measurement(argv, message, usage_error):
+    captured = usage_error(bench.main, argv)
+    assert message in captured.err, captured.err
     assert "===" not in captured.out  # nothing was measured
 
 
@@ -51,15 +49,14 @@ def test_all_backends_write_one_combined_strict_json(tmp_path, monkeypatch, caps
     (["--data-dir", "{tmp}/corrupt"], "bad magic number"),
     (["--data-dir", "{tmp}/corrupt", "--synthetic"], "--synthetic and --data-dir exclude each other"),
 ], ids=["typo", "corrupt", "both"])  # fmt: skip
-def test_bad_data_fails_before_any_measurement_and_is_never_replaced_by_synthetic_data(argv, message, tmp_path, capsys,
-                                                                                        monkeypatch, corrupt_fashion_dir):
+def test_bad_data_fails_before_any_measurement_and_is_never_replaced_by_synthetic_data(argv, message, tmp_path,
+                                                                                        usage_error, monkeypatch,
+                                                                                        corrupt_fashion_dir):
     import bnref.torch.bench as torch_bench
 
     monkeypatch.setattr(torch_bench, "run", lambda args: pytest.fail("measured despite bad data"))
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--backend", "torch", *[a.format(tmp=tmp_path) for a in argv]])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+    err = usage_error(bench.main, ["--backend", "torch", *[a.format(tmp=tmp_path) for a in argv]]).err
+    assert message in err and "Traceback" not in err, err
 
 
 def test_synthetic_data_is_used_only_when_asked_and_said(monkeypatch, capsys):

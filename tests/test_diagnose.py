@@ -155,7 +155,7 @@ def make_flax_flipped():
     return FlaxCNN(momentum=0.1)
 
 
-def test_cli_on_two_checkpoints_of_a_users_models(trained, tmp_path, capsys):
+def test_cli_on_two_checkpoints_of_a_users_models(trained, tmp_path, capsys, usage_error):
     tm, x, variables = trained
     torch.save(tm.state_dict(), tmp_path / "model.pt")
     (tmp_path / "model.msgpack").write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, variables)))
@@ -164,9 +164,8 @@ def test_cli_on_two_checkpoints_of_a_users_models(trained, tmp_path, capsys):
     assert diagnose.main(argv) == 1
     out = capsys.readouterr().out
     assert "3 findings" in out and "[decay]" in out
-    with pytest.raises(SystemExit) as e:  # one factory without the other: a usage error
-        diagnose.main(argv[:2] + ["--torch-model", "test_diagnose:make_torch"])
-    assert e.value.code == 2 and "give both" in capsys.readouterr().err
+    err = usage_error(diagnose.main, argv[:2] + ["--torch-model", "test_diagnose:make_torch"]).err
+    assert "give both" in err  # one factory without the other: a usage error
 
 
 def test_cli_on_two_bnref_runs(tmp_path, capsys):
@@ -507,12 +506,11 @@ def test_cli_bad_runs_and_data_dirs_are_exit_2_with_one_line_naming_the_file(cas
     assert problem in err.split(names, 1)[1] and out == "" and "unpickled!" not in out
 
 
-def test_cli_synthetic_is_explicit_and_excludes_a_data_dir(two_runs, tiny_fashion_dir, capsys):
+def test_cli_synthetic_is_explicit_and_excludes_a_data_dir(two_runs, tiny_fashion_dir, capsys, usage_error):
     t, j = map(str, two_runs[:2])
     assert diagnose.main([t, j, "-n", "16", "--synthetic"]) == 0
     assert "No BatchNorm differences found." in capsys.readouterr().out
     assert diagnose.main([t, j, "-n", "16", "--data-dir", str(tiny_fashion_dir)]) == 0  # a directory that holds them
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        diagnose.main([t, j, "--synthetic", "--data-dir", str(tiny_fashion_dir)])
-    assert e.value.code == 2 and "exclude each other" in capsys.readouterr().err
+    err = usage_error(diagnose.main, [t, j, "--synthetic", "--data-dir", str(tiny_fashion_dir)]).err
+    assert "exclude each other" in err

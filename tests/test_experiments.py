@@ -28,15 +28,11 @@ def test_momentum_port_probe_finds_the_flipped_momentum_that_training_loss_hides
     assert "wrote" in capsys.readouterr().out
 
 
-def test_unknown_experiment_and_unwritable_out_are_clear_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        experiments.main(["no-such", "--out", str(tmp_path)])
-    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+def test_unknown_experiment_and_unwritable_out_are_clear_errors(tmp_path, usage_error):
+    assert "invalid choice" in usage_error(experiments.main, ["no-such", "--out", str(tmp_path)]).err
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(SystemExit) as e:
-        experiments.main(["momentum-port", "--quick", "--out", str(blocker / "sub")])
-    assert e.value.code == 2
+    usage_error(experiments.main, ["momentum-port", "--quick", "--out", str(blocker / "sub")])
 
 
 def test_fast_variance_collapses_where_two_pass_does_not(tmp_path):
@@ -56,10 +52,8 @@ def test_fast_variance_collapses_where_two_pass_does_not(tmp_path):
     (["batch-size", "--backend", "torch"], "batch-size runs on jax only"),
     (["momentum-port", "--backend", "torch"], "momentum-port runs on torch and jax only"),
 ])  # fmt: skip
-def test_a_backend_the_experiment_cannot_honour_is_a_clear_error(argv, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        experiments.main([*argv, "--quick", "--out", str(tmp_path)])
-    assert e.value.code == 2 and message in capsys.readouterr().err
+def test_a_backend_the_experiment_cannot_honour_is_a_clear_error(argv, message, tmp_path, usage_error):
+    assert message in usage_error(experiments.main, [*argv, "--quick", "--out", str(tmp_path)]).err
     assert not list(tmp_path.iterdir())  # refused before any work
 
 
@@ -142,17 +136,15 @@ def test_sync_bn_trains_like_one_device_and_local_bn_does_not(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["empty", "typo", "corrupt"])
-def test_data_that_is_not_there_is_an_error_never_synthetic_data(where, tmp_path, capsys, corrupt_fashion_dir):
+def test_data_that_is_not_there_is_an_error_never_synthetic_data(where, tmp_path, usage_error, corrupt_fashion_dir):
     """On main at b02e4a9 an empty or mistyped --data-dir trained on synthetic data, exit 0, BN at
     100% test accuracy, and only the JSON said so."""
     d = corrupt_fashion_dir if where == "corrupt" else tmp_path / where
     if where == "empty":
         d.mkdir()
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as e:
-        experiments.main(["bn-vs-none", "--quick", "--out", str(out), "--data-dir", str(d)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and str(d) in err and "Traceback" not in err, err
+    err = usage_error(experiments.main, ["bn-vs-none", "--quick", "--out", str(out), "--data-dir", str(d)]).err
+    assert str(d) in err and "Traceback" not in err, err
     assert "--synthetic runs on the synthetic stand-in instead" in err
     assert not out.exists()  # nothing made, nothing written
 
@@ -163,10 +155,9 @@ def test_synthetic_data_is_explicit_and_the_figure_says_so(tmp_path, capsys):
     assert experiments._caption(saved).endswith("NOT Fashion-MNIST (--synthetic)")
 
 
-def test_an_experiment_without_data_refuses_data_options(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        experiments.main(["fast-variance", "--quick", "--out", str(tmp_path), "--synthetic"])
-    assert e.value.code == 2 and "reads no data" in capsys.readouterr().err
+def test_an_experiment_without_data_refuses_data_options(tmp_path, usage_error):
+    err = usage_error(experiments.main, ["fast-variance", "--quick", "--out", str(tmp_path), "--synthetic"]).err
+    assert "reads no data" in err
 
 
 def _run_with(tmp_path, name, *argv):

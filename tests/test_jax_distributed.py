@@ -88,15 +88,15 @@ def test_jax_synchronized_replicas_train_like_one_device(run_logged):
     assert out["resume"] is True, out  # 2 devices, local BN: resumed = uninterrupted, bit for bit
 
 
-def test_jax_replicas_beyond_the_devices_is_a_clear_error(capsys):
+def test_jax_replicas_beyond_the_devices_is_a_clear_error(usage_error):
     import jax
 
     from bnref import train
 
     n = len(jax.devices("cpu"))
-    with pytest.raises(SystemExit) as e:
-        train.main(["--backend", "jax", "--replicas", str(2 * n), "--batch-size", str(4 * n), "--device", "cpu"])
-    assert e.value.code == 2 and f"needs {2 * n} cpu devices; JAX has {n}" in capsys.readouterr().err
+    err = usage_error(train.main, ["--backend", "jax", "--replicas", str(2 * n), "--batch-size", str(4 * n), "--device",
+                                   "cpu"]).err  # fmt: skip
+    assert f"needs {2 * n} cpu devices; JAX has {n}" in err
 
 
 # --- parity's --replicas: both frameworks against the spec and against one device (a subprocess each) --------
@@ -225,13 +225,12 @@ def test_a_jax_process_whose_peer_never_joins_is_aborted_not_left_waiting(tiny_f
     ],
     ids=["no-coordinator", "no-port", "bad-id", "replicas", "lone-coordinator", "torch"],
 )
-def test_cli_bad_process_flags_fail_before_joining(argv, message, tmp_path, capsys):
+def test_cli_bad_process_flags_fail_before_joining(argv, message, tmp_path, usage_error):
     from bnref import train
 
-    with pytest.raises(SystemExit) as e:
-        train.main(["--backend", "jax", "--data-dir", str(tmp_path / "absent"), "--no-download", *argv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and "joining" not in err
+    err = usage_error(train.main, ["--backend", "jax", "--data-dir", str(tmp_path / "absent"), "--no-download",
+                                   *argv]).err  # fmt: skip
+    assert message in err and "joining" not in err
 
 
 # --- the coordinator's port: process 0 listens there, so it must be free -------------------------------------

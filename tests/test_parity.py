@@ -65,12 +65,11 @@ def test_cli_fails_on_a_broken_implementation(monkeypatch, capsys):
     assert "forward/y (bnref.torch, preset=d2l, NCHW, float32, step 0)" in capsys.readouterr().out
 
 
-def test_cli_refuses_a_non_finite_learning_rate(capsys):
+def test_cli_refuses_a_non_finite_learning_rate(usage_error):
     """On main at 7b1ede4 `--trajectory --lr nan` printed PASS and exited 0."""
     for lr in ("nan", "inf", "-1"):
-        with pytest.raises(SystemExit) as e:
-            parity.main(["--trajectory", "--lr", lr])
-        assert e.value.code == 2 and "argument --lr: must be a finite number > 0" in capsys.readouterr().err
+        err = usage_error(parity.main, ["--trajectory", "--lr", lr]).err
+        assert "argument --lr: must be a finite number > 0" in err
 
 
 ROWS = [{"step": 1, "loss_torch": 2.30, "loss_jax": 2.30}, {"step": 2, "loss_torch": 1.90, "loss_jax": 1.90},
@@ -127,10 +126,9 @@ def test_json_output_is_strict(monkeypatch, capsys):
     json.loads(out)
 
 
-def test_trajectory_replicas_needs_equal_slices_of_two(capsys):
-    with pytest.raises(SystemExit) as e:
-        parity.main(["--trajectory", "--replicas", "3"])  # batch 256
-    assert e.value.code == 2 and "--batch-size 256 must split into --replicas 3 equal slices" in capsys.readouterr().err
+def test_trajectory_replicas_needs_equal_slices_of_two(usage_error):
+    err = usage_error(parity.main, ["--trajectory", "--replicas", "3"]).err  # batch 256
+    assert "--batch-size 256 must split into --replicas 3 equal slices" in err
     with pytest.raises(ValueError, match="equal slices"):
         parity.trajectory(1, batch_size=6, replicas=4)
 
@@ -175,12 +173,11 @@ def test_replica_trajectories_fail_on_a_non_finite_synchronized_run(monkeypatch,
     (["--data-dir", "{tmp}/typo"], "typo (data_dir argument) does not exist"),
     (["--data-dir", "{tmp}/corrupt"], "bad magic number"),
 ], ids=["batch-past-the-data", "typo", "corrupt"])  # fmt: skip
-def test_trajectory_bad_data_is_one_line_exit_2_before_training(argv, message, tmp_path, capsys, corrupt_fashion_dir):
+def test_trajectory_bad_data_is_one_line_exit_2_before_training(argv, message, tmp_path, usage_error,
+                                                                corrupt_fashion_dir):
     """At b02e4a9 each was a traceback (and a typo'd --data-dir trained on synthetic batches)."""
-    with pytest.raises(SystemExit) as e:
-        parity.main(["--trajectory", "--steps", "1", *[a.format(tmp=tmp_path) for a in argv]])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+    err = usage_error(parity.main, ["--trajectory", "--steps", "1", *[a.format(tmp=tmp_path) for a in argv]]).err
+    assert message in err and "Traceback" not in err, err
 
 
 def test_the_table_footer_states_the_criterion_compare_applies():

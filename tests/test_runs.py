@@ -137,15 +137,15 @@ def test_compare_draws_several_runs_in_one_figure(tiny_fashion_dir, tmp_path, ca
     ],
     ids=["compare-not-a-run", "resume-not-a-run", "resume-other-lr", "resume-and-out", "out-exists"],
 )
-def test_bad_run_flags_fail_before_any_work(argv, message, tiny_fashion_dir, tmp_path, capsys):
+def test_bad_run_flags_fail_before_any_work(argv, message, tiny_fashion_dir, tmp_path, capsys, usage_error):
     run = tmp_path / "run"
     train.main(_cli("torch", tiny_fashion_dir, "--epochs", "1", "--out", str(run)))
     capsys.readouterr()
     before = sorted(os.listdir(run)), (run / "metrics.jsonl").read_bytes()
     argv = [a.format(tmp=tmp_path, run=run) for a in argv]
-    with pytest.raises(SystemExit) as e:
-        train.main(argv if "--out" not in argv or "--resume" in argv else _cli("torch", tiny_fashion_dir, *argv))
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = usage_error(train.main, argv if "--out" not in argv or "--resume" in argv
+                      else _cli("torch", tiny_fashion_dir, *argv)).err  # fmt: skip
+    assert message in err
     assert (sorted(os.listdir(run)), (run / "metrics.jsonl").read_bytes()) == before
 
 
@@ -201,32 +201,32 @@ def _state(run):
     (["--backend", "jax"], "backend was 'torch' in that run, not 'jax'"),
     (["--batch-size", "256"], "batch_size was 64 in that run, not 256"),
 ], ids=["lr-default", "seed-default", "backend-default", "batch-default"])  # fmt: skip
-def test_resume_compares_what_was_typed_even_when_it_is_the_default(typed, message, run_copy, tiny_fashion_dir, capsys):
+def test_resume_compares_what_was_typed_even_when_it_is_the_default(typed, message, run_copy, tiny_fashion_dir,
+                                                                    usage_error):
     """At b02e4a9 a flag typed with argparse's default value was dropped before the comparison: the
     run trained on with the saved values, exit 0."""
     before = _state(run_copy)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), *typed])
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = usage_error(train.main, ["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir),
+                                   *typed]).err  # fmt: skip
+    assert message in err
     assert _state(run_copy) == before
 
 
-def test_a_checkpoint_from_another_run_is_refused(run_copy, tiny_fashion_dir, tmp_path, capsys):
+def test_a_checkpoint_from_another_run_is_refused(run_copy, tiny_fashion_dir, tmp_path, capsys, usage_error):
     other = tmp_path / "other"
     train.main(_cli("torch", tiny_fashion_dir, "--epochs", "1", "--seed", "7", "--out", str(other)))  # same config
     (run_copy / "checkpoint").write_bytes((other / "checkpoint").read_bytes())  # copied in
     capsys.readouterr()
     before = _state(run_copy)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir)])
-    out, err = capsys.readouterr()
-    assert e.value.code == 2 and "belongs to another run" in err and "data:" not in out  # before any data loads
+    out, err = usage_error(train.main, ["--resume", str(run_copy), "--epochs", "2", "--data-dir",
+                                        str(tiny_fashion_dir)])  # fmt: skip
+    assert "belongs to another run" in err and "data:" not in out  # before any data loads
     assert _state(run_copy) == before
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "jax-checkpoint", "bn-changed", "not-json", "unknown-key"])
 def test_a_checkpoint_or_config_that_cannot_resume_is_one_line_before_any_data_loads(damage, run_copy, tiny_fashion_dir,
-                                                                                    capsys):
+                                                                                    usage_error):
     ck, cfg = run_copy / "checkpoint", run_copy / "config.json"
     saved = json.loads(cfg.read_text())
     if damage == "corrupt":
@@ -246,35 +246,33 @@ def test_a_checkpoint_or_config_that_cannot_resume_is_one_line_before_any_data_l
         saved["config"]["colour"] = "red"
         cfg.write_text(json.dumps(saved))
     before = _state(run_copy)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), "--no-progress"])
-    out, err = capsys.readouterr()
+    out, err = usage_error(train.main, ["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir),
+                                        "--no-progress"])  # fmt: skip
     expected = {"corrupt": "not a readable torch checkpoint", "truncated": "not a readable torch checkpoint",
                 "jax-checkpoint": "not a readable torch checkpoint", "bn-changed": "does not fit this run's model",
                 "not-json": "not readable as JSON", "unknown-key": "unknown config key(s) colour"}[damage]  # fmt: skip
-    assert e.value.code == 2 and expected in err and "Traceback" not in err, err
+    assert expected in err and "Traceback" not in err, err
     assert str(run_copy) in err.splitlines()[-1] and "data:" not in out
     assert _state(run_copy) == before
 
 
-def test_a_run_directory_is_locked_while_a_process_trains_in_it(run_copy, tiny_fashion_dir, tmp_path, capsys):
+def test_a_run_directory_is_locked_while_a_process_trains_in_it(run_copy, tiny_fashion_dir, tmp_path, usage_error):
     """At b02e4a9 resuming a run that was still training interleaved both logs (epochs 1,2,3,5,4,6,...)."""
     holder = runs.RunDir.open(str(run_copy))
     holder.lock()  # another process's flock: a second open file description conflicts just the same
     try:
         before = _state(run_copy)
-        with pytest.raises(SystemExit) as e:
-            train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir)])
-        assert e.value.code == 2 and "is in use: another process is training in it" in capsys.readouterr().err
+        err = usage_error(train.main, ["--resume", str(run_copy), "--epochs", "2", "--data-dir",
+                                       str(tiny_fashion_dir)]).err  # fmt: skip
+        assert "is in use: another process is training in it" in err
         assert _state(run_copy) == before
         # Two new runs racing for one --out: the second finds it taken (checked again under the lock).
         race = tmp_path / "race"
         race.mkdir()
         taken = runs.RunDir(str(race))
         taken.lock()
-        with pytest.raises(SystemExit) as e:
-            train.main(_cli("torch", tiny_fashion_dir, "--epochs", "1", "--out", str(race)))
-        assert e.value.code == 2 and "is in use" in capsys.readouterr().err and os.listdir(race) == []
+        err = usage_error(train.main, _cli("torch", tiny_fashion_dir, "--epochs", "1", "--out", str(race))).err
+        assert "is in use" in err and os.listdir(race) == []
         taken.release()
     finally:
         holder.release()
@@ -283,7 +281,7 @@ def test_a_run_directory_is_locked_while_a_process_trains_in_it(run_copy, tiny_f
 
 
 @pytest.mark.parametrize("content", ["tf-checkpoint", "notes", "subdir"])
-def test_out_refuses_a_directory_holding_files_bnref_did_not_write(content, tiny_fashion_dir, tmp_path, capsys):
+def test_out_refuses_a_directory_holding_files_bnref_did_not_write(content, tiny_fashion_dir, tmp_path, usage_error):
     """At b02e4a9 `--out DIR` without a config.json overwrote the user's `checkpoint` (TensorFlow's
     checkpoint index has that name), `metrics.jsonl`, `curves.png`."""
     d = tmp_path / "mine"
@@ -295,34 +293,29 @@ def test_out_refuses_a_directory_holding_files_bnref_did_not_write(content, tiny
     else:
         (d / "sub").mkdir()
     before = {p.name: p.read_bytes() if p.is_file() else None for p in d.iterdir()}
-    with pytest.raises(SystemExit) as e:
-        train.main(_cli("torch", tiny_fashion_dir, "--epochs", "1", "--out", str(d)))
-    out, err = capsys.readouterr()
-    assert e.value.code == 2 and "is not empty" in err and "holds no bnref run" in err and "TrainConfig" not in out
+    out, err = usage_error(train.main, _cli("torch", tiny_fashion_dir, "--epochs", "1", "--out", str(d)))
+    assert "is not empty" in err and "holds no bnref run" in err and "TrainConfig" not in out
     assert {p.name: p.read_bytes() if p.is_file() else None for p in d.iterdir()} == before
 
 
-def test_out_that_is_a_file_is_refused_before_any_work(tiny_fashion_dir, tmp_path, capsys):
+def test_out_that_is_a_file_is_refused_before_any_work(tiny_fashion_dir, tmp_path, usage_error):
     f = tmp_path / "file"
     f.write_text("x")
     for out in (f, f / "sub"):
-        with pytest.raises(SystemExit) as e:
-            train.main(_cli("torch", tiny_fashion_dir, "--out", str(out)))
-        assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
+        assert "not a directory" in usage_error(train.main, _cli("torch", tiny_fashion_dir, "--out", str(out))).err
     assert f.read_text() == "x"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_out_in_an_unwritable_directory_is_refused_before_any_work(tiny_fashion_dir, tmp_path, capsys):
+def test_out_in_an_unwritable_directory_is_refused_before_any_work(tiny_fashion_dir, tmp_path, usage_error):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(SystemExit) as e:
-        train.main(_cli("torch", tiny_fashion_dir, "--out", str(locked / "run")))
-    assert e.value.code == 2 and "is not writable" in capsys.readouterr().err
+    err = usage_error(train.main, _cli("torch", tiny_fashion_dir, "--out", str(locked / "run"))).err
+    assert "is not writable" in err
 
 
 def test_resume_takes_outputs_and_data_from_the_command_line_never_from_config_json(run_copy, tiny_fashion_dir, tmp_path,
-                                                                                   capsys):
+                                                                                   usage_error):
     """A run directory someone sent: its config.json names a --plot, a --json and a data_dir
     elsewhere. At b02e4a9 resume wrote those files and trained on that data."""
     elsewhere = tmp_path / "elsewhere"
@@ -335,10 +328,8 @@ def test_resume_takes_outputs_and_data_from_the_command_line_never_from_config_j
     assert os.listdir(elsewhere) == []
     # The data: the command line's or the default search, and it must be what the run trained on.
     other = data_dir_with_other_data(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(run_copy), "--epochs", "3", "--data-dir", str(other)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "that run trained on" in err and "pass --data-dir with the run's data" in err
+    err = usage_error(train.main, ["--resume", str(run_copy), "--epochs", "3", "--data-dir", str(other)]).err
+    assert "that run trained on" in err and "pass --data-dir with the run's data" in err
     assert [m["epoch"] for m in runs.read_metrics(str(run_copy))] == [1, 2]
 
 
@@ -358,7 +349,7 @@ def test_config_json_records_the_device_used_not_auto(run_copy):
     ("no-test-acc", "metrics.jsonl: line 1 has no 'test_acc'"),
     ("half-written", "metrics.jsonl: line 2 is not valid JSON (the last line: half-written"),
 ], ids=["no-metrics", "no-test-acc", "half-written"])  # fmt: skip
-def test_compare_names_the_file_and_line_of_a_damaged_run(damage, message, run_copy, tmp_path, capsys):
+def test_compare_names_the_file_and_line_of_a_damaged_run(damage, message, run_copy, tmp_path, usage_error):
     metrics = run_copy / "metrics.jsonl"
     if damage == "no-metrics":
         metrics.unlink()
@@ -366,14 +357,12 @@ def test_compare_names_the_file_and_line_of_a_damaged_run(damage, message, run_c
         metrics.write_text('{"epoch": 1, "loss": 0.5}\n')
     else:
         metrics.write_text(metrics.read_text() + '{"epoch": 2, "loss": 0.')
-    with pytest.raises(SystemExit) as e:
-        train.main(["--compare", str(run_copy), "--plot", str(tmp_path / "c.png")])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+    err = usage_error(train.main, ["--compare", str(run_copy), "--plot", str(tmp_path / "c.png")]).err
+    assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "c.png").exists()
 
 
-def test_a_jax_run_refuses_a_torch_checkpoint_and_another_layout(tiny_fashion_dir, tmp_path, capsys):
+def test_a_jax_run_refuses_a_torch_checkpoint_and_another_layout(tiny_fashion_dir, tmp_path, capsys, usage_error):
     run = tmp_path / "jax-run"
     train.main(_cli("jax", tiny_fashion_dir, "--epochs", "1", "--out", str(run)))
     torch_run = tmp_path / "torch-run"
@@ -382,28 +371,24 @@ def test_a_jax_run_refuses_a_torch_checkpoint_and_another_layout(tiny_fashion_di
     (run / "checkpoint").write_bytes((torch_run / "checkpoint").read_bytes())
     capsys.readouterr()
     resume = ["--resume", str(run), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), "--no-progress"]
-    with pytest.raises(SystemExit) as e:
-        train.main(resume)
-    assert e.value.code == 2 and "not a readable JAX checkpoint" in capsys.readouterr().err
+    assert "not a readable JAX checkpoint" in usage_error(train.main, resume).err
     (run / "checkpoint").write_bytes(good)
     cfg = json.loads((run / "config.json").read_text())
     cfg["config"]["bn"] = "none"
     (run / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SystemExit) as e:
-        train.main(resume)
-    assert e.value.code == 2 and "does not fit this run's model (--bn none" in capsys.readouterr().err
+    assert "does not fit this run's model (--bn none" in usage_error(train.main, resume).err
     cfg["config"]["bn"] = "bnref"
     (run / "config.json").write_text(json.dumps(cfg))
     train.main(resume)  # the real one resumes
     assert [m["epoch"] for m in runs.read_metrics(str(run))] == [1, 2]
 
 
-def test_resuming_a_run_to_an_epoch_it_has_passed_is_an_error_not_a_silent_no_op(run_copy, tiny_fashion_dir, capsys):
+def test_resuming_a_run_to_an_epoch_it_has_passed_is_an_error_not_a_silent_no_op(run_copy, tiny_fashion_dir,
+                                                                                  usage_error):
     before = _state(run_copy)
     for epochs in (["--epochs", "1"], []):  # the run's own target (1) is reached too
-        with pytest.raises(SystemExit) as e:
-            train.main(["--resume", str(run_copy), "--data-dir", str(tiny_fashion_dir), *epochs])
-        assert e.value.code == 2 and "checkpoint is at epoch 1, so --epochs 1 leaves nothing to train" in capsys.readouterr().err
+        err = usage_error(train.main, ["--resume", str(run_copy), "--data-dir", str(tiny_fashion_dir), *epochs]).err
+        assert "checkpoint is at epoch 1, so --epochs 1 leaves nothing to train" in err
     assert _state(run_copy) == before
 
 

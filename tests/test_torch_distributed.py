@@ -363,12 +363,12 @@ def test_torchrun_launch(tiny_fashion_dir, tmp_path, run_logged):
     ],
     ids=["not-divisible", "local-bn-slice-of-1"],
 )
-def test_cli_bad_replica_flags_fail_before_data_loads(argv, message, tmp_path, capsys):
+def test_cli_bad_replica_flags_fail_before_data_loads(argv, message, tmp_path, usage_error):
     from bnref import train
 
-    with pytest.raises(SystemExit) as e:
-        train.main(["--backend", "torch", "--data-dir", str(tmp_path / "absent"), "--no-download", *argv])
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = usage_error(train.main, ["--backend", "torch", "--data-dir", str(tmp_path / "absent"), "--no-download",
+                                   *argv]).err  # fmt: skip
+    assert message in err
 
 
 # --- what the frameworks do (the README's table) ------------------------------------------------------------

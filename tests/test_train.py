@@ -47,11 +47,9 @@ def test_bad_config_is_rejected_with_its_name(name):
         train.TrainConfig(**kwargs)
 
 
-def test_cli_reports_bad_values_and_exits_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(["--backend", "torch", "--lr", "-1"])
-    assert e.value.code == 2
-    assert "argument --lr: must be a finite number > 0, got -1" in capsys.readouterr().err
+def test_cli_reports_bad_values_and_exits_2(usage_error):
+    err = usage_error(train.main, ["--backend", "torch", "--lr", "-1"]).err
+    assert "argument --lr: must be a finite number > 0, got -1" in err
 
 
 BAD_FLAGS = {  # each must be argparse's one-line error (exit 2) before any data loads
@@ -72,7 +70,7 @@ BAD_FLAGS = {  # each must be argparse's one-line error (exit 2) before any data
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
-def test_bad_flags_fail_before_data_loads(case, backend, tmp_path, capsys, monkeypatch):
+def test_bad_flags_fail_before_data_loads(case, backend, tmp_path, usage_error, monkeypatch):
     """On main at 7b1ede4 several of these trained first, or crashed with a traceback after
     loading the data; here the data directory does not even exist, so any attempt to load
     it would be a different error (exit status 1)."""
@@ -88,35 +86,31 @@ def test_bad_flags_fail_before_data_loads(case, backend, tmp_path, capsys, monke
             pytest.skip("this machine has a GPU")
     argv, message = BAD_FLAGS[case]
     argv = [a.format(tmp=tmp_path) for a in argv]
-    with pytest.raises(SystemExit) as e:
-        train.main(["--backend", backend, "--data-dir", str(tmp_path / "absent"), "--no-download", *argv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and re.search(message, err), err
+    err = usage_error(train.main, ["--backend", backend, "--data-dir", str(tmp_path / "absent"), "--no-download",
+                                   *argv]).err  # fmt: skip
+    assert re.search(message, err), err
     assert "Traceback" not in err and not (tmp_path / "absent").exists()
 
 
 @pytest.mark.parametrize("download", [True, False], ids=["download", "no-download"])
-def test_missing_data_is_one_line_and_exit_2(tmp_path, capsys, download):
+def test_missing_data_is_one_line_and_exit_2(tmp_path, usage_error, download):
     """Bad input (exit 2, as every other bad flag; b02e4a9 said 1). A --data-dir that does not exist
     is a typo: at b02e4a9 the run created it and tried to download into it."""
-    with pytest.raises(SystemExit) as e:
-        train.main(["--backend", "torch", "--data-dir", str(tmp_path / "absent"), *([] if download else ["--no-download"])])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(train.main, ["--backend", "torch", "--data-dir", str(tmp_path / "absent"),
+                                   *([] if download else ["--no-download"])]).err  # fmt: skip
     assert err.startswith("error: Fashion-MNIST files not found") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "does not exist" in err
     assert not (tmp_path / "absent").exists()
 
 
-def test_empty_test_split_is_a_clear_error(tmp_path, capsys):
+def test_empty_test_split_is_a_clear_error(tmp_path, usage_error):
     from bnref import data
 
     d = data.synthetic(64, 8)
     empty = data.FashionMNIST(d.train_images, d.train_labels, d.test_images[:0], d.test_labels[:0], source="x")
     directory = data.write_fashion_mnist(tmp_path / "empty-test", empty)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--backend", "torch", "--data-dir", str(directory), "--no-download"])
-    assert e.value.code == 2 and "the test split is empty" in capsys.readouterr().err
+    err = usage_error(train.main, ["--backend", "torch", "--data-dir", str(directory), "--no-download"]).err
+    assert "the test split is empty" in err
 
 
 def test_plot_and_json_are_written(tiny_fashion_dir, tmp_path, capsys):
@@ -244,17 +238,16 @@ def test_precise_batch_indices_take_the_epochs_first_full_batches():
     ],
     ids=["batches-alone", "no-bn", "variant", "zero"],
 )
-def test_bad_precise_flags_fail_before_data_loads(argv, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(["--backend", "torch", "--data-dir", str(tmp_path / "absent"), "--no-download", *argv])
-    assert e.value.code == 2 and message in capsys.readouterr().err
+def test_bad_precise_flags_fail_before_data_loads(argv, message, tmp_path, usage_error):
+    err = usage_error(train.main, ["--backend", "torch", "--data-dir", str(tmp_path / "absent"), "--no-download",
+                                   *argv]).err  # fmt: skip
+    assert message in err
 
 
-def test_more_precise_batches_than_the_data_has_is_a_data_error(tiny_fashion_dir, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(["--backend", "torch", "--data-dir", str(tiny_fashion_dir), "--batch-size", "64", "--precise-bn",
-                    "--precise-batches", "9"])  # fmt: skip
-    assert e.value.code == 2 and "--precise-batches 9: the training split has 8 batch(es) of 64" in capsys.readouterr().err
+def test_more_precise_batches_than_the_data_has_is_a_data_error(tiny_fashion_dir, usage_error):
+    err = usage_error(train.main, ["--backend", "torch", "--data-dir", str(tiny_fashion_dir), "--batch-size", "64",
+                                   "--precise-bn", "--precise-batches", "9"]).err  # fmt: skip
+    assert "--precise-batches 9: the training split has 8 batch(es) of 64" in err
 
 
 def test_one_progress_bar_helper_is_off_unless_asked():
