@@ -76,7 +76,9 @@ def test_resolve_device():
 
 
 def test_bench_runs_end_to_end(capsys):
-    assert bench.main(["--steps", "2", "--rounds", "1", "--batch-size", "32"]) == 0
+    from bnref import bench as dispatcher  # the command; bnref.jax.bench is the backend's part
+
+    assert dispatcher.main(["--backend", "jax", "--steps", "2", "--rounds", "1", "--batch-size", "32"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^ratio bnref BN / flax BN: \d+\.\d{3}", out, re.M), out
     assert re.search(r"^ratio bnref loop / flax-examples loop: \d+\.\d{3}", out, re.M), out

@@ -93,8 +93,10 @@ def test_resolve_device_auto():
 def test_bench_runs_end_to_end_and_prints_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     # --workers 0: the seed's 4 loader processes are what the real run measures, not this test.
-    assert bench.main(["--steps", "2", "--rounds", "2", "--warmup", "1", "--batch-size", "32", "--workers", "0",
-                       "--device", "cpu", "--json", str(out)]) == 0
+    from bnref import bench as dispatcher  # the command; bnref.torch.bench is the backend's part
+
+    assert dispatcher.main(["--backend", "torch", "--steps", "2", "--rounds", "2", "--warmup", "1", "--batch-size", "32",
+                            "--workers", "0", "--device", "cpu", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     for variant in bench.VARIANTS:
         assert re.search(rf"^{re.escape(variant)}\s+\d+\.\d", text, re.M), variant
