@@ -114,21 +114,13 @@ RUNNERS = {"functional": run_functional, "layer": run_layer, "builtin": run_buil
 # --- data parallel: bnref's SyncBatchNorm on R gloo processes ------------------------------------
 
 
-def _sync_worker(rank, world, send, shards, dys, gamma, beta, running_mean, running_var, convention, steps, layer,
-                 dtype):
-    """One replica: ``layer`` ("bnref" or "torch.nn" SyncBatchNorm) in ``dtype``, ``steps`` training
-    steps on its shard (forward, backward of ``sum(y * dy)``), then an eval step. Returns NumPy."""
-    from torch import nn
-
+def _sync_worker(rank, world, send, shards, dys, gamma, beta, running_mean, running_var, convention, steps, dtype):
+    """One replica: bnref's SyncBatchNorm in ``dtype``, ``steps`` training steps on its shard
+    (forward, backward of ``sum(y * dy)``), then an eval step. Returns NumPy. (torch.nn's
+    SyncBatchNorm refuses CPU tensors, so these gloo processes cannot run it.)"""
     from bnref.torch.sync import SyncBatchNorm
 
-    c = shards[rank].shape[1]
-    if layer == "bnref":
-        m = SyncBatchNorm(c, convention=convention, dtype=_DTYPES[dtype])
-    else:
-        if convention.running_var == "biased":
-            raise NotExpressible("torch.nn always uses the unbiased variance in its running average")
-        m = nn.SyncBatchNorm(c, eps=convention.eps, momentum=convention.torch_momentum, dtype=_DTYPES[dtype])
+    m = SyncBatchNorm(shards[rank].shape[1], convention=convention, dtype=_DTYPES[dtype])
     with torch.no_grad():
         m.weight.copy_(_tensor(gamma, dtype)), m.bias.copy_(_tensor(beta, dtype))
         m.running_mean.copy_(_tensor(running_mean, dtype)), m.running_var.copy_(_tensor(running_var, dtype))
@@ -159,7 +151,7 @@ def run_sync_bn(shards, dys, gamma, beta, running_mean, running_var, convention:
         raise NotExpressible("torch.nn.SyncBatchNorm refuses CPU tensors (CUDA only)")
     from bnref.torch.distributed import launch
 
-    args = (shards, dys, gamma, beta, running_mean, running_var, convention, steps, "bnref", dtype)
+    args = (shards, dys, gamma, beta, running_mean, running_var, convention, steps, dtype)
     per_rank = launch(_sync_worker, len(shards), args, backend="gloo", timeout_s=timeout_s, threads=1,
                       deadline_s=4 * timeout_s)  # fmt: skip
     return {"steps": [{"ys": [r["steps"][k]["y"] for r in per_rank], "dxs": [r["steps"][k]["dx"] for r in per_rank],
