@@ -36,6 +36,8 @@ def batch_slices(n: int, batch_size: int) -> List[Tuple[int, int]]:
     With fewer than ``batch_size`` examples, one batch of all of them (at least 2: training
     BatchNorm needs two values per channel).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if n < 2:
         raise ValueError(f"training needs at least 2 examples, got {n}")
     if n < batch_size:

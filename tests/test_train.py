@@ -192,6 +192,9 @@ def test_batches_are_full_and_the_remainder_waits_for_the_next_shuffle():
     assert train.batch_slices(3, 256) == [(0, 3)]  # fewer than a batch: all of them
     with pytest.raises(ValueError, match="at least 2 examples"):
         train.batch_slices(1, 256)
+    for bad in (0, -4, 2.5, True):  # the step iterators take any batch_size: a clear error, not n // 0
+        with pytest.raises(ValueError, match=rf"batch_size must be an int >= 1, got {bad!r}"):
+            train.batch_slices(10, bad)
 
 
 def test_epoch_permutation_is_seeded_per_epoch_and_a_permutation():
