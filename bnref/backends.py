@@ -63,6 +63,10 @@ class Backend:
     ``parity``: implementation name -> (runner in ``<package>._runners``, channels_last), the
     cells it brings to ``python -m bnref.parity``'s matrix.
     ``packages``: the Python packages it trains with, whose versions a run directory records.
+    ``fused_steps``: it can run several training steps in one compiled call
+    (``TrainConfig.steps_per_call``).
+    ``compiles_steps``: its eager training step can be compiled on request (``TrainConfig.compile``:
+    torch.compile); a backend whose steps are always compiled (JAX's jit) has False.
     """
 
     name: str
@@ -72,6 +76,8 @@ class Backend:
     processes: Optional[str] = None
     parity: Mapping[str, Tuple[str, bool]] = field(default_factory=dict)
     packages: Tuple[str, ...] = ()
+    fused_steps: bool = False
+    compiles_steps: bool = False
 
     def load(self) -> ModuleType:
         """``<package>.backend``, imported now (its framework with it) and checked against
@@ -95,10 +101,10 @@ class Backend:
 
 #: name -> entry, in the order reports list them (the parity matrix's columns, ``bench --backend all``)
 REGISTRY: Dict[str, Backend] = {
-    "torch": Backend("torch", "bnref.torch", "PyTorch", processes="torchrun", packages=("torch",),
+    "torch": Backend("torch", "bnref.torch", "PyTorch", processes="torchrun", packages=("torch",), compiles_steps=True,
                      parity={"bnref.torch": ("run_functional", False), "torch.nn": ("run_builtin", False)}),
     "jax": Backend("jax", "bnref.jax", "JAX", host_devices=True, processes="coordinator",
-                   packages=("jax", "jaxlib", "flax", "optax"),
+                   packages=("jax", "jaxlib", "flax", "optax"), fused_steps=True,
                    parity={"bnref.jax": ("run_functional", True), "flax.linen": ("run_builtin", True)}),
 }  # fmt: skip
 #: the names, sorted: the choices of ``--backend``

@@ -15,13 +15,14 @@ from typing import Optional
 from bnref import _io, backends, spec
 from bnref._cli import MAX_SEED
 
-__all__ = ["BACKENDS", "BN_CHOICES", "PRECISE_VARIANTS", "TIMING_KEYS", "TrainConfig"]
+__all__ = ["BACKENDS", "BN_CHOICES", "PRECISE_VARIANTS", "PRECISIONS", "TIMING_KEYS", "TrainConfig"]
 
 BACKENDS = backends.NAMES  # the registry's, bnref.backends
 BN_CHOICES = ("bnref", "builtin", "none")
 #: the metrics that measure time, not training: two runs of the same training differ only in these
 TIMING_KEYS = ("examples_per_sec", "compile_seconds", "wall_seconds", "precise_seconds")
 PRECISE_VARIANTS = spec.PRECISE_VARIANTS  # the spec's names, as bnref.torch.precise / bnref.jax.precise
+PRECISIONS = spec.PRECISIONS  # the compute dtypes a run can train in (BN statistics stay float32: bnref.spec)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,15 @@ class TrainConfig:
     ``precise_batches`` training batches (default: all), ``precise_variant`` ("population" or
     "batch_average", see ``bnref.spec``), and evaluate with them; the EMA is evaluated too and
     training goes on from the EMA, so the run trains exactly as without the flag.
+    ``steps_per_call``: training steps per compiled call (a backend with fused steps, JAX's
+    ``lax.scan``; default: the backend's choice for the device); the same numbers at any value.
+    ``compile``: compile the training step (a backend with ``compiles_steps``: torch.compile,
+    on CUDA with CUDA graphs); float reassociation only, running statistics updated once per step.
+    ``precision``: the compute dtype of convolutions and matmuls (``PRECISIONS``); "bfloat16"
+    is torch.autocast / Flax ``dtype=bfloat16``, with parameters, BN statistics, running averages
+    and the optimizer state in float32 (``bnref.spec.BF16_TOLERANCE``).
+    ``tf32``: let float32 matmuls and convolutions use TF32 on GPUs that have it (faster, ~1e-3
+    relative error); off by default, as parity and the trajectory need it off.
     ``coordinator`` / ``num_processes`` / ``process_id``: this process's part of a multi-process
     JAX run (``jax.distributed.initialize``'s arguments); ``replicas`` then counts the devices of
     all processes (default: one per process).
@@ -68,6 +78,10 @@ class TrainConfig:
     precise_bn: bool = False
     precise_batches: Optional[int] = None
     precise_variant: str = "population"
+    steps_per_call: Optional[int] = None
+    compile: bool = False
+    precision: str = "float32"
+    tf32: bool = False
 
     def __post_init__(self):
         backends.get(self.backend)  # raises ValueError naming the choices
@@ -90,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"replicas must be an int >= 1, got {self.replicas!r}")
         self._check_processes()
         self._check_precise()
+        self._check_steps_per_call()
+        self._check_speed()
         if self.sync_bn is None:  # synchronized BN by default whenever there are several replicas
             object.__setattr__(self, "sync_bn", self.replicas > 1)
         if self.batch_size % self.replicas:
@@ -112,6 +128,33 @@ class TrainConfig:
             return
         if self.bn == "none":
             raise ValueError("precise BN recomputes BatchNorm statistics; --bn none has none")
+
+    def _check_steps_per_call(self) -> None:
+        k = self.steps_per_call
+        if k is None:
+            return
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"steps_per_call must be an int >= 1, got {k!r}")
+        if not backends.get(self.backend).fused_steps:
+            fused = "/".join(b.title for b in backends.REGISTRY.values() if b.fused_steps)
+            raise ValueError(f"steps_per_call runs several steps in one compiled call ({fused}); the {self.backend} "
+                             "backend takes one step per call")  # fmt: skip
+        if self.replicas > 1:
+            raise ValueError("steps_per_call is for one device; data-parallel replicas take one step per call")
+
+    def _check_speed(self) -> None:
+        for name in ("compile", "tf32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.replicas > 1 and (self.compile or self.precision != "float32"):
+            what = "compile" if self.compile else f"precision {self.precision}"
+            raise ValueError(f"{what} is for one device; data-parallel replicas train eagerly in float32")
+        if self.compile and not backends.get(self.backend).compiles_steps:
+            owners = "/".join(b.title for b in backends.REGISTRY.values() if b.compiles_steps)
+            raise ValueError(f"compile is for {owners}'s eager step (torch.compile); the {self.backend} backend's "
+                             "steps are always compiled (jit)")  # fmt: skip
 
     def _check_processes(self) -> None:
         n, pid = self.num_processes, self.process_id

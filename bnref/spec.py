@@ -130,6 +130,9 @@ __all__ = [
     "FLAX",
     "KERAS",
     "PRESETS",
+    "PRECISIONS",
+    "BF16_UNIT_ROUNDOFF",
+    "BF16_TOLERANCE",
     "preset",
     "as_convention",
     "batch_norm_train",
@@ -234,6 +237,23 @@ PRESETS = {"d2l": D2L, "torch": TORCH, "flax": FLAX, "keras": KERAS}
 #: the two ways of recomputing BN statistics with the weights fixed (:func:`population_stats`,
 #: :func:`batch_average_stats`), by the names every backend and the CLI use
 PRECISE_VARIANTS = ("population", "batch_average")
+
+#: the compute dtypes a training run can use (``TrainConfig.precision``). In each, the parameters,
+#: BN's batch statistics (mean and variance reduced in float32), the running averages and the
+#: optimizer state are float32: only the convolutions', matmuls' and BN output's values are rounded
+#: to the compute dtype (torch.autocast; Flax ``dtype=bfloat16, param_dtype=float32``).
+PRECISIONS = ("float32", "bfloat16")
+#: bfloat16's unit roundoff: 8 significant bits, so one rounding is off by at most 2**-8 relative
+BF16_UNIT_ROUNDOFF = 2.0**-8
+#: what a bfloat16 BN result must meet against this spec (run in float64 on the same bfloat16-
+#: rounded inputs), elementwise ``|actual - expected| <= BF16_TOLERANCE * (1 + |expected|)``. Why
+#: 5 roundings: the statistics are float32 (error ~1e-7, negligible), so what is left is the
+#: rounding of the result to bfloat16 (1 u of |y|), of ``x - mean`` / ``x_hat`` and ``dy`` terms
+#: where an implementation rounds intermediates (up to 3 u of the terms' scale, ~|expected| for
+#: normalized values, which is why the bound has an absolute part), and 1 u of headroom for
+#: backends that round gamma/beta on the way in. Two bfloat16 implementations compared with each
+#: other meet twice this.
+BF16_TOLERANCE = 5 * BF16_UNIT_ROUNDOFF
 
 
 def preset(name: str) -> Convention:

@@ -55,7 +55,7 @@ class Tolerance:
 TOLERANCES = {
     "float64": Tolerance(rtol=1e-9, atol=1e-10),
     "float32": Tolerance(rtol=1e-4, atol=2e-5),
-    "bfloat16": Tolerance(rtol=2e-2, atol=2e-2),
+    "bfloat16": Tolerance(rtol=spec.BF16_TOLERANCE, atol=spec.BF16_TOLERANCE),  # why: bnref.spec
     "float16": Tolerance(rtol=5e-3, atol=5e-3),
 }
 

@@ -25,7 +25,7 @@ from bnref._cli import MAX_SEED, finite_positive_float, positive_int, seed
 from bnref._torchrun import ReplicaError
 # The config and the schedule live in the leaves below this CLI (the backends import them from
 # there); their names stay importable from here for the code and tests that know them here.
-from bnref.config import BACKENDS, BN_CHOICES, PRECISE_VARIANTS, TIMING_KEYS, TrainConfig  # noqa: F401
+from bnref.config import BACKENDS, BN_CHOICES, PRECISE_VARIANTS, PRECISIONS, TIMING_KEYS, TrainConfig  # noqa: F401
 from bnref.schedule import (NonFiniteLoss, batch_slices, check_finite_loss, epoch_metrics,  # noqa: F401
                             epoch_permutation, precise_batch_indices)
 # The library this CLI runs (bnref.training), importable from here too, as the tests know it.
@@ -141,6 +141,17 @@ def _parser() -> argparse.ArgumentParser:
                     "(default: all)")
     pp.add_argument("--precise-variant", choices=PRECISE_VARIANTS, default=d.precise_variant,
                     help="population (exact, lower layers in eval mode) or batch_average (update_bn / PreciseBN)")
+    sp = p.add_argument_group("speed (same training, faster; bfloat16 and TF32 trade precision for it)")
+    sp.add_argument("--steps-per-call", type=positive_int, default=None, metavar="K",
+                    help="JAX: K training steps in one compiled call (lax.scan), the same numbers as 1 "
+                         "(default: 1 on a CPU, the whole epoch on a GPU)")  # fmt: skip
+    sp.add_argument("--compile", action="store_true",
+                    help="PyTorch: torch.compile the training step (on CUDA with CUDA graphs)")
+    sp.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                    help="compute dtype of convolutions and matmuls; parameters, BN statistics and the optimizer "
+                         "state stay float32")  # fmt: skip
+    sp.add_argument("--tf32", action="store_true", help="allow TF32 float32 matmuls/convolutions on GPUs (off: exact "
+                    "float32, as parity needs)")  # fmt: skip
     jp = p.add_argument_group("multi-process JAX (jax.distributed.initialize; run one command per process)")
     jp.add_argument("--coordinator", default=None, help="HOST:PORT where process 0 listens")
     jp.add_argument("--num-processes", type=positive_int, default=1, help="number of processes (>= 2)")

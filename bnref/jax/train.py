@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 
@@ -144,37 +144,90 @@ def eval_step(state: TrainState, X):
     return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, X, train=False)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",), donate_argnums=(0, 1))
-def _fit_step(state: TrainState, totals, X_all, y_all, perm, i, *, batch_size: int):
+def _batch_step(state: TrainState, totals, X_all, y_all, perm, i, batch_size: int):
     """:func:`train_step` on rows ``perm[i*B:(i+1)*B]`` of the on-device dataset, adding the
-    batch's loss sum and number correct to ``totals`` (both donated, kept on the device);
-    also returns the batch's mean loss."""
+    batch's loss sum and number correct to ``totals`` (kept on the device); also returns the
+    batch's mean loss."""
     idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)  # (B,) example indices
     X, y = X_all[idx], y_all[idx]  # (B, 28, 28, 1), (B,): gathered on the device
     state, loss, correct = _loss_and_updates(state, X, y)
     return state, totals + jnp.stack([loss * batch_size, correct.astype(jnp.float32)]), loss
 
 
+@functools.partial(jax.jit, static_argnames=("batch_size",), donate_argnums=(0, 1))
+def _fit_step(state: TrainState, totals, X_all, y_all, perm, i, *, batch_size: int):
+    """One step (:func:`_batch_step`) per compiled call; ``state`` and ``totals`` are donated."""
+    return _batch_step(state, totals, X_all, y_all, perm, i, batch_size)
+
+
+UNROLL = 1
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "k"), donate_argnums=(0, 1))
+def _fit_steps(state: TrainState, totals, X_all, y_all, perm, i0, *, batch_size: int, k: int):
+    """``k`` consecutive steps (:func:`_batch_step` on batches ``i0 .. i0 + k - 1``) in one
+    compiled call, a ``lax.scan`` (Keras' ``steps_per_execution``): one dispatch instead of
+    ``k``. Returns the state, the totals and the ``k`` batch losses ``(k,)``; ``state`` and
+    ``totals`` are donated."""
+
+    def body(carry, i):
+        state, totals = jax.lax.optimization_barrier(carry)
+        state, totals, loss = _batch_step(state, totals, X_all, y_all, perm, i, batch_size)
+        return jax.lax.optimization_barrier((state, totals)), loss
+
+    (state, totals), losses = jax.lax.scan(body, (state, totals), i0 + jnp.arange(k), unroll=UNROLL)
+    return state, totals, losses
+
+
+def compile_steps(state: TrainState, X, y, *, batch_size: int, steps_per_call: int = 1) -> Dict[int, Any]:
+    """The step functions :func:`train_steps` calls, compiled ahead of time for these arrays:
+    ``{k: fn}`` for every call size an epoch needs (``steps_per_call``, and the epoch's last,
+    shorter call when ``steps_per_call`` does not divide its number of batches)."""
+    n = int(X.shape[0])
+    slices = batch_slices(n, batch_size)
+    size = slices[0][1]
+    totals, perm = jnp.zeros(2, jnp.float32), jnp.zeros(n, jnp.int32)
+    if steps_per_call == 1:
+        return {1: _fit_step.lower(state, totals, X, y, perm, 0, batch_size=size).compile()}
+    sizes = {min(steps_per_call, len(slices)), len(slices) % steps_per_call} - {0}
+    return {k: _fit_steps.lower(state, totals, X, y, perm, 0, batch_size=size, k=k).compile() for k in sorted(sizes)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One SGD step of :func:`train_steps`: step ``step`` of ``steps`` (1-based) of ``epoch``.
 
-    ``state``: the state after the step; ``loss``: the batch's mean loss; ``totals``: the
-    epoch's (loss sum, number correct) so far; ``perm``: the epoch's example order (N,). All on
-    the device, unread (no sync). ``state`` and ``totals`` are donated to the next step: use them
-    before advancing the iterator (or copy them)."""
+    ``loss``: the batch's mean loss; ``state``: the state after the step; ``totals``: the epoch's
+    (loss sum, number correct) so far; ``perm``: the epoch's example order (N,). All on the
+    device, unread (no sync). ``state`` and ``totals`` are donated to the next call: use them
+    before advancing the iterator (or copy them).
+
+    With several steps per compiled call, ``state`` and ``totals`` are those after the call's
+    last step (the steps in between happen inside the call), ``call_losses`` holds the losses
+    of every step of the call ``(k,)`` and ``index`` this step's place in it; with one step per
+    call, ``call_losses`` is the step's loss and ``index`` is None."""
 
     epoch: int
     step: int
     steps: int
     state: Any
-    loss: Any
     totals: Any
     perm: Any
+    call_losses: Any
+    index: Optional[int] = None
+
+    @property
+    def loss(self):
+        return self.call_losses if self.index is None else self.call_losses[self.index]
+
+    @property
+    def ends_call(self) -> bool:
+        """Whether this is the last step of its compiled call (where ``state`` is exact)."""
+        return self.index is None or self.index == self.call_losses.shape[0] - 1
 
 
 def train_steps(state: TrainState, X, y, *, seed: int, batch_size: int, epochs: Iterable[int], device=None,
-                step_fn=None) -> Iterator[Step]:
+                steps_per_call: int = 1, compiled: Optional[Dict[int, Any]] = None) -> Iterator[Step]:
     """The training loop :func:`fit` runs, one :class:`Step` per SGD step: for each epoch of
     ``epochs`` (1-based numbers; ``itertools.count(1)`` for as many as wanted), the examples of
     ``X`` (N, 28, 28, 1), ``y`` (N,) int32 in ``bnref.schedule.epoch_permutation(seed, epoch, N)``'s
@@ -182,18 +235,33 @@ def train_steps(state: TrainState, X, y, *, seed: int, batch_size: int, epochs: 
     inside the jitted step. The arrays stay where they are (put them on the device first); the
     permutation and the totals are put on ``device`` (default: JAX's).
 
-    ``step_fn``: the step to run, ``step_fn(state, totals, X, y, perm, i)`` (default: the jitted
-    :func:`_fit_step` at the batch size; :func:`fit` passes it compiled ahead of time)."""
+    ``steps_per_call``: K steps in one compiled call (``lax.scan``, :func:`_fit_steps`), the last
+    call of an epoch taking the rest; the same numbers as K = 1 (bit-identical on the CPU,
+    ``tests/test_jax_train.py``). ``compiled``: the step functions of :func:`compile_steps`
+    (:func:`fit` compiles them ahead of time); by default they are jitted on first use."""
     n = int(X.shape[0])
     slices = batch_slices(n, batch_size)
     size = slices[0][1]  # equal sizes: one compiled step
-    step_fn = step_fn or functools.partial(_fit_step, batch_size=size)
+    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
+    if compiled is None:
+        if steps_per_call == 1:
+            compiled = {1: functools.partial(_fit_step, batch_size=size)}
+        else:
+            compiled = {k: functools.partial(_fit_steps, batch_size=size, k=k) for k in range(1, steps_per_call + 1)}
     for epoch in epochs:
         perm = jax.device_put(epoch_permutation(seed, epoch, n), device)  # (N,) example order
         totals = jax.device_put(jnp.zeros(2, jnp.float32), device)  # loss sum, number correct
-        for k, (start, _) in enumerate(slices, start=1):
-            state, totals, loss = step_fn(state, totals, X, y, perm, start // size)
-            yield Step(epoch, k, len(slices), state, loss, totals, perm)
+        if steps_per_call == 1:
+            for k, (start, _) in enumerate(slices, start=1):
+                state, totals, loss = compiled[1](state, totals, X, y, perm, start // size)
+                yield Step(epoch, k, len(slices), state, totals, perm, loss)
+            continue
+        for first in range(0, len(slices), steps_per_call):
+            k = min(steps_per_call, len(slices) - first)
+            state, totals, losses = compiled[k](state, totals, X, y, perm, first)
+            for j in range(k):
+                yield Step(epoch, first + j + 1, len(slices), state, totals, perm, losses, j)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
@@ -213,6 +281,21 @@ def evaluate(state: TrainState, X, y, batch_size: int = 1000) -> float:
     if full < n:
         correct = correct + _count_correct(state, X[full:], y[full:], 0, batch_size=n - full)
     return float(correct) / n
+
+
+#: steps per compiled call when ``--steps-per-call`` is not given, per platform. The CPU: 1,
+#: measured (``python -m bnref.bench --backend jax``: a scan over many steps was no faster than a
+#: jitted call per step on this 2-core CPU, where a step's arithmetic outweighs its dispatch).
+#: GPUs and TPUs: the whole epoch (None), as Keras' on-device loops do; a launch-bound step on
+#: a GPU is where one call per step costs most. Not yet measured on a GPU.
+DEFAULT_STEPS_PER_CALL = {"cpu": 1}
+
+
+def resolve_steps_per_call(steps_per_call: Optional[int], device, steps_per_epoch: int) -> int:
+    """``steps_per_call`` (an int >= 1), or the platform's default (:data:`DEFAULT_STEPS_PER_CALL`;
+    the whole epoch elsewhere), at most the epoch's number of steps."""
+    k = steps_per_call if steps_per_call is not None else DEFAULT_STEPS_PER_CALL.get(device.platform, steps_per_epoch)
+    return max(1, min(k, steps_per_epoch))
 
 
 def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
@@ -245,19 +328,20 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     n = int(X_train.shape[0])
     batches = batch_slices(n, config.batch_size)
     seen = sum(size for _, size in batches)
+    k = resolve_steps_per_call(config.steps_per_call, device, len(batches))
     t_compile = time.perf_counter()
     with jax.default_device(device):  # ahead of time: the first epoch's examples/sec is training only
-        step = _fit_step.lower(state, jnp.zeros(2, jnp.float32), X_train, y_train, jnp.zeros(n, jnp.int32), 0,
-                               batch_size=batches[0][1]).compile()  # fmt: skip
+        compiled = compile_steps(state, X_train, y_train, batch_size=config.batch_size, steps_per_call=k)
     compile_seconds = time.perf_counter() - t_compile
     history = []
     for epoch in range(first, config.epochs + 1):
         steps = train_steps(state, X_train, y_train, seed=config.seed, batch_size=config.batch_size, epochs=(epoch,),
-                            device=device, step_fn=step)  # fmt: skip
+                            device=device, steps_per_call=k, compiled=compiled)  # fmt: skip
         t0 = time.perf_counter()
-        losses = []
+        calls = []  # each compiled call's losses, read once at the end of the epoch
         for s in bar(steps, f"epoch {epoch}/{config.epochs}", config.progress, total=len(batches)):
-            losses.append(s.loss)
+            if s.ends_call:
+                calls.append(s.call_losses)
         state, perm = s.state, s.perm
         loss_sum, correct = (float(v) for v in np.asarray(s.totals))  # the one sync per epoch
         seconds = time.perf_counter() - t0
@@ -266,7 +350,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
             precise = _precise_test_acc(config, model, state, X_train, np.asarray(perm), X_test, y_test)
         m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, evaluate(state, X_test, y_test),
                           device_name(device), test_acc_precise=precise, precise_seconds=time.perf_counter() - t1)  # fmt: skip
-        m["step_losses"] = np.asarray(jnp.stack(losses), np.float64).tolist()
+        m["step_losses"] = np.asarray(jnp.stack(calls) if k == 1 else jnp.concatenate(calls), np.float64).tolist()
         m["compile_seconds"] = compile_seconds if epoch == first else 0.0
         check_finite_loss(epoch, m["step_losses"])
         history.append(m)
