@@ -40,7 +40,7 @@ CHECKPOINT = "checkpoint"
 #: the TrainConfig fields a resumed run takes from the command line (typed or default), never from
 #: the run's config.json: the epoch target (the run's own when not typed), how it reports, where
 #: its extra outputs go, and the data (checked to be the data the run trained on)
-RESUMABLE = ("epochs", "progress", "data_dir", "download", "plot", "json", "steps_per_call")  # the last: speed only
+RESUMABLE = ("epochs", "progress", "data_dir", "download", "plot", "json")
 
 
 def default_run_dir(config) -> str:

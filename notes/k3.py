@@ -1,4 +1,4 @@
-import sys; sys.path.insert(0,'/tmp/wt18')
+import sys; sys.path.insert(0,'.')
 import numpy as np, jax, jax.numpy as jnp, functools
 from bnref.jax import train as jt
 from bnref.jax.models import LeNetBN

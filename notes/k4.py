@@ -1,5 +1,5 @@
-import sys; sys.path.insert(0,'/tmp/wt18')
-exec(open('/tmp/x/k3.py').read().split("for k in (1,2,3):")[0])
+import sys; sys.path.insert(0,'.')
+exec(open('notes/k3.py').read().split("for k in (1,2,3):")[0])
 nod = jax.jit(lambda s,t,X,y,p,i: jt._batch_step(s,t,X,y,p,i,32))
 scan1 = jax.jit(lambda s,t,X,y,p: jax.lax.scan(lambda c,i: (jt._batch_step(c[0],c[1],X,y,p,i,32)[:2], 0.0), (s,t), jnp.arange(1))[0])
 a=mk(); a,_,_=jt._fit_step(a,jnp.zeros(2),X,y,perm,0,batch_size=32)

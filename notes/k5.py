@@ -1,5 +1,5 @@
-import sys; sys.path.insert(0,'/tmp/wt18')
-exec(open('/tmp/x/k3.py').read().split("for k in (1,2,3):")[0])
+import sys; sys.path.insert(0,'.')
+exec(open('notes/k3.py').read().split("for k in (1,2,3):")[0])
 Xb, yb = X[:32], y[:32]
 one = jax.jit(lambda s: jt._loss_and_updates(s, Xb, yb)[0])
 sc = jax.jit(lambda s: jax.lax.scan(lambda c, _: (jt._loss_and_updates(c, Xb, yb)[0], 0.0), s, None, length=1)[0])

@@ -5,16 +5,18 @@ rounds in ONE process (only ratios measured side by side mean anything on a shar
 
 - ``bnref BN``: bnref.jax.BatchNorm (two-pass variance), bnref's loop (:func:`bnref.jax.train.train_steps`,
   what fit runs: data on the device, batches gathered inside the jitted step, no per-step sync);
+- ``bnref BN fused``: the same with ``--steps-per-call K`` steps per compiled call (``lax.scan``);
+- ``bnref BN bfloat16``: ``bnref BN`` in bfloat16 (``--precision bfloat16``);
 - ``flax BN``: flax.linen.BatchNorm as users get it (``use_fast_variance=True``), bnref's loop;
 - ``no BN``: plain LeNet, bnref's loop;
 - ``flax-examples loop``: flax.linen.BatchNorm again, driven like flax/examples/mnist's
   ``train_epoch``: a NumPy permutation, each batch indexed from host NumPy arrays and fed to
   a jitted ``train_step(state, X, y)`` every step, per-step losses collected in a list.
 
-Compile time is excluded (one warm-up step per variant); each round times ``--steps`` steps
-per variant; the median over ``--rounds`` is reported, with the ratios
-``bnref BN / flax BN`` (target >= 0.9) and ``bnref loop / flax-examples loop`` (same model:
-flax BN; target >= 2).
+Compile time is excluded (one warm-up call per variant, its seconds reported); each round times
+``--steps`` steps per variant (a fused variant whole calls, at least ``--steps``); the median over
+``--rounds`` is reported, with the ratios in :data:`RATIOS` (``bnref BN / flax BN``: target >= 0.9)
+and the fastest float32 bnref variant over the flax-examples loop (target >= 1.2, issue 18).
 """
 
 from __future__ import annotations
@@ -29,27 +31,35 @@ import numpy as np
 
 from bnref._cli import int_at_least, positive_int, seed
 
-VARIANTS = ("bnref BN", "flax BN", "no BN", "flax-examples loop")
+VARIANTS = ("bnref BN", "bnref BN fused", "bnref BN bfloat16", "flax BN", "no BN", "flax-examples loop")
 
 
 class _OnDeviceLoop:
     """bnref's loop (the code ``fit`` runs: ``train_steps``): the dataset and the permutation
-    live on the device, epoch after epoch in bnref's example order."""
+    live on the device, epoch after epoch in bnref's example order; ``steps_per_call`` steps
+    per compiled call, in ``precision``."""
 
-    def __init__(self, bn, X, y, batch_size, lr, seed):
+    def __init__(self, bn, X, y, batch_size, lr, seed, steps_per_call=1, precision="float32"):
         import jax
 
+        from bnref.config import TrainConfig
         from bnref.jax import train as T
-        from bnref.jax.models import LeNetBN
 
         X, y = jax.device_put(T.prepare_images(X)), jax.device_put(np.asarray(y, np.int32))
-        state = T.create_train_state(LeNetBN(bn=bn), jax.random.key(seed), lr, X[:1])
-        self.steps = T.train_steps(state, X, y, seed=seed, batch_size=batch_size, epochs=itertools.count(1))
+        model = T.make_model(TrainConfig(backend="jax", bn=bn, precision=precision))
+        state = T.create_train_state(model, jax.random.key(seed), lr, X[:1])
+        self.steps = T.train_steps(state, X, y, seed=seed, batch_size=batch_size, epochs=itertools.count(1),
+                                   steps_per_call=steps_per_call)  # fmt: skip
 
-    def run(self, steps: int) -> None:
-        for s in itertools.islice(self.steps, steps):
-            pass
+    def run(self, steps: int) -> int:
+        """At least ``steps`` steps, ending with a compiled call: the number of steps run."""
+        done = 0
+        for s in self.steps:
+            done += 1
+            if done >= steps and s.ends_call:
+                break
         np.asarray(s.totals)  # one sync at the end, as fit() does once per epoch
+        return done
 
 
 class _FlaxExamplesLoop:
@@ -61,26 +71,29 @@ class _FlaxExamplesLoop:
         from bnref.jax import train as T
         from bnref.jax.models import LeNetBN
 
-        self.T = T
+        self.step = T.train_step
         self.X, self.y = T.prepare_images(X), np.asarray(y, np.int32)  # host NumPy
         self.perms = perm[: len(perm) // batch_size * batch_size].reshape(-1, batch_size)
         self.state = T.create_train_state(LeNetBN(bn=bn), jax.random.key(seed), lr, self.X[:1])
         self.i = 0
 
-    def run(self, steps: int) -> None:
+    def run(self, steps: int) -> int:
         losses = []
         for _ in range(steps):
             idx = self.perms[self.i % len(self.perms)]
             batch_images, batch_labels = self.X[idx, ...], self.y[idx, ...]  # host-side gather
-            self.state, loss, _ = self.T.train_step(self.state, batch_images, batch_labels)
+            self.state, loss, _ = self.step(self.state, batch_images, batch_labels)
             losses.append(loss)
             self.i += 1
         float(np.mean(losses))  # the example reads its metrics at the end of the epoch
+        return steps
 
 
-def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: int = 0, log=print) -> Dict:
+def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: int = 0, log=print,
+            variants=VARIANTS, steps_per_call=None, device: str = "auto") -> Dict:
     """Run the interleaved benchmark on the training split of ``ds`` (a ``bnref.data.FashionMNIST``;
-    at most the examples it needs); returns examples/sec per variant (median and all rounds)."""
+    at most the examples it needs); returns examples/sec per variant (median and all rounds).
+    ``steps_per_call``: the fused variants' K (default: ``steps``, one compiled call per round)."""
     import jax
 
     from bnref.jax.train import device_name, resolve_device
@@ -90,37 +103,60 @@ def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: i
         raise ValueError(f"{ds.source}: {len(ds.train_labels)} training examples, fewer than one batch of {batch_size}")
     X, y, source = ds.train_images[:n], ds.train_labels[:n], ds.source
     n = len(X)
+    k = steps_per_call or steps
     perm = np.random.default_rng(seed).permutation(n).astype(np.int32)
-    runners = {
-        "bnref BN": _OnDeviceLoop("bnref", X, y, batch_size, 0.1, seed),
-        "flax BN": _OnDeviceLoop("builtin", X, y, batch_size, 0.1, seed),
-        "no BN": _OnDeviceLoop("none", X, y, batch_size, 0.1, seed),
-        "flax-examples loop": _FlaxExamplesLoop("builtin", X, y, perm, batch_size, 0.1, seed),
+    dev = resolve_device(device)
+    make = {
+        "bnref BN": lambda: _OnDeviceLoop("bnref", X, y, batch_size, 0.1, seed),
+        "bnref BN fused": lambda: _OnDeviceLoop("bnref", X, y, batch_size, 0.1, seed, steps_per_call=k),
+        "bnref BN bfloat16": lambda: _OnDeviceLoop("bnref", X, y, batch_size, 0.1, seed, precision="bfloat16"),
+        "flax BN": lambda: _OnDeviceLoop("builtin", X, y, batch_size, 0.1, seed),
+        "no BN": lambda: _OnDeviceLoop("none", X, y, batch_size, 0.1, seed),
+        "flax-examples loop": lambda: _FlaxExamplesLoop("builtin", X, y, perm, batch_size, 0.1, seed),
     }
-    device = device_name(resolve_device("auto"))
-    log(f"data: {source}, {n} examples; batch {batch_size}, {steps} steps x {rounds} rounds; device {device}; jax {jax.__version__}")
-    for r in runners.values():  # compile and warm up, excluded from timing
-        r.run(2)
-    per_round: Dict[str, List[float]] = {k: [] for k in runners}
-    for rnd in range(rounds):
-        for name, r in runners.items():  # interleaved: every round runs every variant
+    with jax.default_device(dev), jax.default_matmul_precision("float32"):
+        runners = {name: make[name]() for name in variants}
+        log(f"data: {source}, {n} examples; batch {batch_size}, {steps} steps x {rounds} rounds; fused: {k} steps per "
+            f"call; device {device_name(dev)} ({dev.device_kind}); jax {jax.__version__}")  # fmt: skip
+        compile_s = {}
+        for name, r in runners.items():  # compile and warm up, excluded from timing
             t0 = time.perf_counter()
-            r.run(steps)
-            per_round[name].append(steps * batch_size / (time.perf_counter() - t0))
-        log(f"round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in per_round.items()))
-    median = {k: statistics.median(v) for k, v in per_round.items()}
-    ratios = {
-        "bnref BN / flax BN": median["bnref BN"] / median["flax BN"],
-        "bnref loop / flax-examples loop": median["flax BN"] / median["flax-examples loop"],
-        "bnref BN / no BN": median["bnref BN"] / median["no BN"],
-    }
+            r.run(2)
+            compile_s[name] = time.perf_counter() - t0
+        per_round: Dict[str, List[float]] = {name: [] for name in runners}
+        for rnd in range(rounds):
+            for name, r in runners.items():  # interleaved: every round runs every variant
+                t0 = time.perf_counter()
+                done = r.run(steps)
+                per_round[name].append(done * batch_size / (time.perf_counter() - t0))
+            log(f"round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in per_round.items()))
+    median = {name: statistics.median(v) for name, v in per_round.items()}
+    ratios = {}
+    for label, (a, b) in RATIOS.items():
+        if a in median and b in median:
+            ratios[label] = median[a] / median[b]
+    if "flax-examples loop" in median:
+        best = max((v for v in median if v != "flax-examples loop" and v in FLOAT32_LIKE), key=median.get, default=None)
+        if best is not None:
+            ratios[f"fastest float32 bnref ({best}) / flax-examples loop"] = median[best] / median["flax-examples loop"]
     return {
-        "device": device, "source": source, "batch_size": batch_size, "steps": steps, "rounds": rounds,
-        "examples_per_sec": median, "rounds_examples_per_sec": per_round, "ratios": ratios,
-    }
+        "device": device_name(dev), "device_kind": dev.device_kind, "source": source, "batch_size": batch_size,
+        "steps": steps, "rounds": rounds, "steps_per_call": k, "examples_per_sec": median,
+        "rounds_examples_per_sec": per_round, "warmup_seconds": compile_s, "ratios": ratios,
+    }  # fmt: skip
 
 
-TARGETS = {"bnref BN / flax BN": 0.9, "bnref loop / flax-examples loop": 2.0}
+#: ratio label -> (numerator variant, denominator variant)
+RATIOS = {
+    "bnref BN / flax BN": ("bnref BN", "flax BN"),
+    "bnref loop / flax-examples loop": ("flax BN", "flax-examples loop"),
+    "bnref BN / no BN": ("bnref BN", "no BN"),
+    "fused / one step per call": ("bnref BN fused", "bnref BN"),
+    "bfloat16 / float32": ("bnref BN bfloat16", "bnref BN"),
+}
+#: the variants that train LeNet-BN with BN in float32 (what the flax-examples loop trains)
+FLOAT32_LIKE = ("bnref BN", "bnref BN fused", "flax BN")
+TARGETS = {"bnref BN / flax BN": 0.9, "fastest": 1.2}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,16 +166,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds (the median is reported)")
     p.add_argument("--batch-size", type=int_at_least(2), default=256)
     p.add_argument("--seed", type=seed, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--steps-per-call", type=positive_int, default=None, metavar="K",
+                   help="the fused variants' steps per compiled call (default: --steps)")
+    p.add_argument("--variants", type=_variants, default=VARIANTS, metavar="A,B,...",
+                   help=f"which to measure, comma-separated (default: all of {', '.join(VARIANTS)})")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, gpu/cuda or cuda:N")
+    args = p.parse_args(argv)
+    from bnref.jax.train import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def _variants(text: str):
+    names = tuple(v.strip() for v in text.split(","))
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    return names
 
 
 def run(args: argparse.Namespace) -> Dict:
     """Measure, print the medians and the ratios; returns the measurements (for ``--json``)."""
-    res = measure(args.data, args.steps, args.rounds, args.batch_size, args.seed, log=lambda s: print(s, flush=True))
-    for name in VARIANTS:
-        print(f"{name:>20}: {res['examples_per_sec'][name]:9.1f} examples/sec (median)")
+    res = measure(args.data, args.steps, args.rounds, args.batch_size, args.seed, log=lambda s: print(s, flush=True),
+                  variants=args.variants, steps_per_call=args.steps_per_call, device=args.device)  # fmt: skip
+    for name in args.variants:
+        print(f"{name:>24}: {res['examples_per_sec'][name]:9.1f} examples/sec (median; warm-up incl. compile "
+              f"{res['warmup_seconds'][name]:.1f} s)")  # fmt: skip
     for name, value in res["ratios"].items():
-        target = TARGETS.get(name)
+        target = TARGETS.get(name.split(" (")[0], TARGETS.get(name))
         note = f" (target >= {target}: {'met' if value >= target else 'NOT met'})" if target else ""
         print(f"ratio {name}: {value:.3f}{note}")
     return res

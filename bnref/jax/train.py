@@ -48,6 +48,7 @@ __all__ = [
     "resolve_device",
     "device_name",
     "make_model",
+    "matmul_precision",
     "prepare_images",
     "create_train_state",
     "train_step",
@@ -92,8 +93,19 @@ def device_name(device: jax.Device) -> str:
 
 
 def make_model(config) -> LeNetBN:
-    """The LeNet-BN of ``config`` (``bn`` and ``convention``)."""
-    return LeNetBN(bn=config.bn, convention=config.bn_convention)
+    """The LeNet-BN of ``config`` (``bn``, ``convention`` and ``precision``: with "bfloat16" every
+    layer computes in bfloat16, ``dtype=bfloat16``, while parameters stay float32,
+    ``param_dtype=float32``, and BN reduces its statistics and keeps its running averages in
+    float32, as Flax's ``force_float32_reductions``; ``bnref.spec.PRECISIONS``)."""
+    dtype = jnp.bfloat16 if config.precision == "bfloat16" else None
+    return LeNetBN(bn=config.bn, convention=config.bn_convention, dtype=dtype)
+
+
+def matmul_precision(tf32: bool):
+    """The context training runs in: float32 matmuls and convolutions computed in float32
+    (``"float32"``, JAX's HIGHEST; on GPUs JAX's own default lets them use TF32), or TF32 where
+    the GPU has it (``"tensorfloat32"``, ``--tf32``). On a CPU both are float32."""
+    return jax.default_matmul_precision("tensorfloat32" if tf32 else "float32")
 
 
 def prepare_images(images: np.ndarray) -> np.ndarray:
@@ -119,7 +131,8 @@ def _loss_and_updates(state: TrainState, X, y):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, X, train=True, mutable=["batch_stats"]
         )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        # bfloat16 logits (--precision bfloat16): the loss in float32, as the gradients it starts
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
         return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -133,7 +146,8 @@ def train_step(state: TrainState, X, y):
     """One SGD step on the batch ``X`` (B, 28, 28, 1), ``y`` (B,) int: ``(state, loss, correct)``.
 
     ``loss`` is the batch's mean cross-entropy, ``correct`` the number of right predictions
-    (training mode). ``state`` is donated: do not reuse it after the call.
+    (training mode). ``state`` is donated: do not reuse it after the call. The same numbers as
+    :func:`fit`'s steps on the same batch with one step per call.
     """
     return _loss_and_updates(state, X, y)
 
@@ -156,11 +170,10 @@ def _batch_step(state: TrainState, totals, X_all, y_all, perm, i, batch_size: in
 
 @functools.partial(jax.jit, static_argnames=("batch_size",), donate_argnums=(0, 1))
 def _fit_step(state: TrainState, totals, X_all, y_all, perm, i, *, batch_size: int):
-    """One step (:func:`_batch_step`) per compiled call; ``state`` and ``totals`` are donated."""
-    return _batch_step(state, totals, X_all, y_all, perm, i, batch_size)
-
-
-UNROLL = 1
+    """One step (:func:`_batch_step`) per compiled call; ``state`` and ``totals`` are donated.
+    Returns the state, the totals and the batch loss as a ``(1,)`` array (as :func:`_fit_steps`)."""
+    state, totals, loss = _batch_step(state, totals, X_all, y_all, perm, i, batch_size)
+    return state, totals, loss[None]
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "k"), donate_argnums=(0, 1))
@@ -168,15 +181,34 @@ def _fit_steps(state: TrainState, totals, X_all, y_all, perm, i0, *, batch_size:
     """``k`` consecutive steps (:func:`_batch_step` on batches ``i0 .. i0 + k - 1``) in one
     compiled call, a ``lax.scan`` (Keras' ``steps_per_execution``): one dispatch instead of
     ``k``. Returns the state, the totals and the ``k`` batch losses ``(k,)``; ``state`` and
-    ``totals`` are donated."""
+    ``totals`` are donated.
+
+    Not bit-identical to :func:`_fit_step` on the CPU (``SCAN_AGREEMENT``): XLA compiles a
+    loop body differently from a top-level computation (the convolutions' weight gradients
+    keep non-canonical layouts, ``f01b_i01o->01bf``, that the CPU's fast convolution does not
+    take, so a scanned step is also several times slower there; ``notes/steps-per-call.md``)."""
 
     def body(carry, i):
-        state, totals = jax.lax.optimization_barrier(carry)
-        state, totals, loss = _batch_step(state, totals, X_all, y_all, perm, i, batch_size)
-        return jax.lax.optimization_barrier((state, totals)), loss
+        state, totals, loss = _batch_step(*carry, X_all, y_all, perm, i, batch_size)
+        return (state, totals), loss
 
-    (state, totals), losses = jax.lax.scan(body, (state, totals), i0 + jnp.arange(k), unroll=UNROLL)
+    (state, totals), losses = jax.lax.scan(body, (state, totals), i0 + jnp.arange(k))
     return state, totals, losses
+
+
+#: how far K steps per call may drift from one step per call, measured on the CPU (jaxlib 0.10.2):
+#: per step, parameters differ by up to ~2e-7 (a float32 rounding of the convolutions' weight
+#: gradients, see :func:`_fit_steps`); after 2 epochs of 9 steps (batch 32, lr 0.5) the losses agree
+#: to 4.8e-7 and the weights to 5.0e-6 (/tmp/x/k8.py in the note). ``tests/test_jax_train.py``
+#: holds fused runs to these bounds (about 10x the measured drift).
+SCAN_AGREEMENT = {"loss": 1e-5, "weights": 5e-5}
+
+
+def _call(k: int, size: int):
+    """The compiled call for ``k`` steps of batch ``size``: :func:`_fit_step` for one."""
+    if k == 1:
+        return functools.partial(_fit_step, batch_size=size)
+    return functools.partial(_fit_steps, batch_size=size, k=k)
 
 
 def compile_steps(state: TrainState, X, y, *, batch_size: int, steps_per_call: int = 1) -> Dict[int, Any]:
@@ -187,25 +219,21 @@ def compile_steps(state: TrainState, X, y, *, batch_size: int, steps_per_call: i
     slices = batch_slices(n, batch_size)
     size = slices[0][1]
     totals, perm = jnp.zeros(2, jnp.float32), jnp.zeros(n, jnp.int32)
-    if steps_per_call == 1:
-        return {1: _fit_step.lower(state, totals, X, y, perm, 0, batch_size=size).compile()}
     sizes = {min(steps_per_call, len(slices)), len(slices) % steps_per_call} - {0}
-    return {k: _fit_steps.lower(state, totals, X, y, perm, 0, batch_size=size, k=k).compile() for k in sorted(sizes)}
+    return {k: _call(k, size).func.lower(state, totals, X, y, perm, 0, **_call(k, size).keywords).compile()
+            for k in sorted(sizes)}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One SGD step of :func:`train_steps`: step ``step`` of ``steps`` (1-based) of ``epoch``.
 
-    ``loss``: the batch's mean loss; ``state``: the state after the step; ``totals``: the epoch's
-    (loss sum, number correct) so far; ``perm``: the epoch's example order (N,). All on the
-    device, unread (no sync). ``state`` and ``totals`` are donated to the next call: use them
-    before advancing the iterator (or copy them).
-
-    With several steps per compiled call, ``state`` and ``totals`` are those after the call's
-    last step (the steps in between happen inside the call), ``call_losses`` holds the losses
-    of every step of the call ``(k,)`` and ``index`` this step's place in it; with one step per
-    call, ``call_losses`` is the step's loss and ``index`` is None."""
+    Steps run K at a time in one compiled call (``steps_per_call``; K = 1: one per call).
+    ``state``: the state after the call's last step; ``totals``: the epoch's (loss sum, number
+    correct) after it; ``perm``: the epoch's example order (N,); ``call_losses``: the losses of
+    every step of the call ``(K,)``, ``index`` this step's place in it. All on the device,
+    unread (no sync). ``state`` and ``totals`` are donated to the next call: use them before
+    advancing the iterator past :attr:`ends_call` (or copy them)."""
 
     epoch: int
     step: int
@@ -214,16 +242,17 @@ class Step:
     totals: Any
     perm: Any
     call_losses: Any
-    index: Optional[int] = None
+    index: int = 0
 
     @property
     def loss(self):
-        return self.call_losses if self.index is None else self.call_losses[self.index]
+        """This step's mean batch loss (a device scalar)."""
+        return self.call_losses[self.index]
 
     @property
     def ends_call(self) -> bool:
-        """Whether this is the last step of its compiled call (where ``state`` is exact)."""
-        return self.index is None or self.index == self.call_losses.shape[0] - 1
+        """Whether this is the last step of its compiled call (where ``state`` is this step's)."""
+        return self.index == self.call_losses.shape[0] - 1
 
 
 def train_steps(state: TrainState, X, y, *, seed: int, batch_size: int, epochs: Iterable[int], device=None,
@@ -236,8 +265,8 @@ def train_steps(state: TrainState, X, y, *, seed: int, batch_size: int, epochs: 
     permutation and the totals are put on ``device`` (default: JAX's).
 
     ``steps_per_call``: K steps in one compiled call (``lax.scan``, :func:`_fit_steps`), the last
-    call of an epoch taking the rest; the same numbers as K = 1 (bit-identical on the CPU,
-    ``tests/test_jax_train.py``). ``compiled``: the step functions of :func:`compile_steps`
+    call of an epoch taking the rest; the same training as K = 1 within :data:`SCAN_AGREEMENT`
+    (not bit-identical: see :func:`_fit_steps`). ``compiled``: the step functions of :func:`compile_steps`
     (:func:`fit` compiles them ahead of time); by default they are jitted on first use."""
     n = int(X.shape[0])
     slices = batch_slices(n, batch_size)
@@ -245,18 +274,10 @@ def train_steps(state: TrainState, X, y, *, seed: int, batch_size: int, epochs: 
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
     if compiled is None:
-        if steps_per_call == 1:
-            compiled = {1: functools.partial(_fit_step, batch_size=size)}
-        else:
-            compiled = {k: functools.partial(_fit_steps, batch_size=size, k=k) for k in range(1, steps_per_call + 1)}
+        compiled = {k: _call(k, size) for k in range(1, steps_per_call + 1)}
     for epoch in epochs:
         perm = jax.device_put(epoch_permutation(seed, epoch, n), device)  # (N,) example order
         totals = jax.device_put(jnp.zeros(2, jnp.float32), device)  # loss sum, number correct
-        if steps_per_call == 1:
-            for k, (start, _) in enumerate(slices, start=1):
-                state, totals, loss = compiled[1](state, totals, X, y, perm, start // size)
-                yield Step(epoch, k, len(slices), state, totals, perm, loss)
-            continue
         for first in range(0, len(slices), steps_per_call):
             k = min(steps_per_call, len(slices) - first)
             state, totals, losses = compiled[k](state, totals, X, y, perm, first)
@@ -284,8 +305,9 @@ def evaluate(state: TrainState, X, y, batch_size: int = 1000) -> float:
 
 
 #: steps per compiled call when ``--steps-per-call`` is not given, per platform. The CPU: 1,
-#: measured (``python -m bnref.bench --backend jax``: a scan over many steps was no faster than a
-#: jitted call per step on this 2-core CPU, where a step's arithmetic outweighs its dispatch).
+#: measured (``python -m bnref.bench --backend jax --variants "bnref BN,bnref BN fused"``: a step
+#: inside a scan is several times slower on XLA's CPU backend, whose fast convolution does not
+#: take the layouts it gives the weight gradients in a loop body; see :func:`_fit_steps`).
 #: GPUs and TPUs: the whole epoch (None), as Keras' on-device loops do; a launch-bound step on
 #: a GPU is where one call per step costs most. Not yet measured on a GPU.
 DEFAULT_STEPS_PER_CALL = {"cpu": 1}
@@ -307,9 +329,14 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     ``run.resuming`` the run starts from its checkpoint. On one device the step is compiled
     ahead of the first epoch: ``compile_seconds`` (epoch 1) is that time, and
     ``examples_per_sec`` excludes it."""
-    if config.replicas > 1:
-        distributed.join_processes(config)  # a no-op unless this is one process of several (and has not joined yet)
-        return _fit_replicated(config, data, on_epoch, run)
+    with matmul_precision(config.tf32):
+        if config.replicas > 1:
+            distributed.join_processes(config)  # a no-op unless this is one process of several (and has not joined yet)
+            return _fit_replicated(config, data, on_epoch, run)
+        return _fit_one_device(config, data, on_epoch, run)
+
+
+def _fit_one_device(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     device = resolve_device(config.device)
     model = make_model(config)
     with jax.default_device(device):
@@ -350,7 +377,7 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
             precise = _precise_test_acc(config, model, state, X_train, np.asarray(perm), X_test, y_test)
         m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, evaluate(state, X_test, y_test),
                           device_name(device), test_acc_precise=precise, precise_seconds=time.perf_counter() - t1)  # fmt: skip
-        m["step_losses"] = np.asarray(jnp.stack(calls) if k == 1 else jnp.concatenate(calls), np.float64).tolist()
+        m["step_losses"] = np.asarray(jnp.concatenate(calls), np.float64).tolist()
         m["compile_seconds"] = compile_seconds if epoch == first else 0.0
         check_finite_loss(epoch, m["step_losses"])
         history.append(m)
