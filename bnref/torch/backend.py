@@ -14,10 +14,17 @@ __all__ = ["resolve_device", "device_name", "prepare", "check_checkpoint", "fit"
 
 
 def prepare(config) -> str:
-    """Check the device (``ValueError`` for one that is not there); the device description.
-    Replicas are processes, started by :func:`fit` (or by torchrun): nothing to join yet."""
-    device = device_name(resolve_device(config.device))
-    return device if config.replicas == 1 else f"{config.replicas} x {device}"
+    """Check the device (``ValueError`` for one that is not there) and, with ``config.compile``,
+    that torch.compile can run on it (``bnref.torch.compiled.check_compile_support``: a torch
+    without it, no C++ compiler or Triton); the device description. Replicas are processes,
+    started by :func:`fit` (or by torchrun): nothing to join yet."""
+    from bnref.torch.compiled import check_compile_support
+
+    device = resolve_device(config.device)
+    if config.compile:
+        check_compile_support(device.type)
+    name = device_name(device)
+    return name if config.replicas == 1 else f"{config.replicas} x {name}"
 
 
 def load_run(config, checkpoint: str):

@@ -10,24 +10,37 @@ example-level permutation (``bnref.schedule.epoch_permutation``: NumPy, the same
 JAX backend's) and each batch is an index slice of it (``bnref.schedule.batch_slices``: full
 batches only, and why). Loss and accuracy are accumulated on the device, so nothing waits for the
 device inside an epoch (no ``.item()`` per step). Same seed, same device: same curve.
+
+The step is :class:`EagerStep` by default; ``config.compile`` makes it
+:class:`bnref.torch.compiled.CompiledStep` (torch.compile, on CUDA with CUDA graphs: that module
+says what is compiled and why), compiled ahead of the first epoch (``compile_seconds``; the
+epochs' ``examples_per_sec`` exclude it). ``config.precision == "bfloat16"`` runs the forward (and
+evaluation) under ``torch.autocast(device_type, dtype=torch.bfloat16)`` (:func:`compute_context`):
+convolutions and matmuls in bfloat16; parameters, gradients, SGD's state, BN's batch statistics
+(bnref's layer reduces bfloat16 input in float32, ``bnref.torch._core.normalize_train``) and its
+running averages stay float32, and the loss is taken on float32 logits. ``config.tf32`` sets
+torch's TF32 switches for the run (:func:`float32_matmuls`), off unless asked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from bnref import spec
 from bnref.torch import distributed
+from bnref.torch.compiled import CompiledStep, check_compile_support
 from bnref.torch.models import LeNetBN
 from bnref.schedule import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
 __all__ = ["fit", "resolve_device", "device_name", "make_model", "load_tensors", "train_step", "train_steps", "run_steps",
-           "evaluate"]
+           "evaluate", "compute_context", "forward_loss", "EagerStep", "make_step", "float32_matmuls"]
 
 #: batch size for test-set evaluation (eval mode: the result does not depend on it)
 EVAL_BATCH = 1024
@@ -86,20 +99,78 @@ def load_tensors(images, labels, device: torch.device) -> Tuple[torch.Tensor, to
     return x, y
 
 
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor):
+def _check_precision(precision: str) -> str:
+    if precision not in spec.PRECISIONS:
+        raise ValueError(f"precision must be one of {spec.PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def compute_context(device_type: str, precision: str = "float32"):
+    """Where the forward computes: ``torch.autocast(device_type, dtype=torch.bfloat16)`` for
+    ``"bfloat16"`` (convolutions and matmuls in bfloat16, the parameters float32), nothing for
+    ``"float32"``; ``ValueError`` for another precision."""
+    if _check_precision(precision) == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def forward_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor, precision: str = "float32"):
+    """``(loss, correct)`` of ``model`` on the batch ``(X, y)`` in the mode it is in: the mean
+    cross-entropy, on float32 logits whatever the precision (so the loss and its gradient's start
+    are float32), and the number of correct predictions (0-d int64), both on the device. What the
+    compiled step compiles (:mod:`bnref.torch.compiled`)."""
+    with compute_context(X.device.type, precision):
+        logits = model(X)  # (B, 10), bfloat16 under autocast
+    loss = nn.functional.cross_entropy(logits.float(), y)  # mean over the batch; .float() is a no-op in float32
+    return loss, (logits.argmax(1) == y).sum()
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor,
+          precision: str = "float32"):  # fmt: skip
     model.train()
-    logits = model(X)  # (B, 10)
-    loss = nn.functional.cross_entropy(logits, y)  # mean over the batch
+    loss, correct = forward_loss(model, X, y, precision)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # outside autocast, as torch's AMP recipe says: the backward runs in each op's forward dtype
     optimizer.step()
-    return loss.detach(), logits.detach()
+    return loss.detach(), correct
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor,
+               precision: str = "float32") -> torch.Tensor:  # fmt: skip
     """One optimizer step on the batch ``(X, y)`` (cross-entropy, model in train mode);
     returns the batch's mean loss as a detached 0-d tensor (no device sync)."""
-    return _step(model, optimizer, X, y)[0]
+    return _step(model, optimizer, X, y, _check_precision(precision))[0]
+
+
+class EagerStep:
+    """``step(X, y, idx) -> (loss, correct)``: one eager SGD step of ``model`` on ``(X[idx],
+    y[idx])`` (one gather per batch), in ``precision``; the loss detached and the count of correct
+    train-mode predictions, 0-d device tensors, unread (no sync). :class:`bnref.torch.compiled.CompiledStep`
+    has the same contract; ``warm_up`` is there for symmetry (nothing to compile: 0 seconds)."""
+
+    compile_seconds = 0.0
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, precision: str = "float32"):
+        self.model, self.optimizer, self.precision = model, optimizer, _check_precision(precision)
+
+    def __call__(self, X: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _step(self.model, self.optimizer, X[idx], y[idx], self.precision)  # (B, 1, 28, 28), (B,)
+
+    def warm_up(self, X, y, idx) -> float:
+        return 0.0
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, *, compile: bool = False,
+              precision: str = "float32"):
+    """The step :func:`train_steps` takes: :class:`EagerStep`, or with ``compile``
+    :class:`bnref.torch.compiled.CompiledStep` for ``device`` (``ValueError`` where torch.compile
+    cannot run there: see ``check_compile_support``)."""
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    _check_precision(precision)
+    if not compile:
+        return EagerStep(model, optimizer, precision)
+    return CompiledStep(model, optimizer, device, functools.partial(forward_loss, precision=precision), precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,23 +191,29 @@ class Step:
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor, *, seed: int,
-                batch_size: int, epochs: Iterable[int], rank: int = 0, world: int = 1) -> Iterator[Step]:
+                batch_size: int, epochs: Iterable[int], rank: int = 0, world: int = 1, step=None) -> Iterator[Step]:
     """The training loop :func:`fit` runs, one :class:`Step` per optimizer step: for each epoch
     of ``epochs`` (1-based numbers; ``itertools.count(1)`` for as many as wanted), the examples of
     ``X`` (N, 1, 28, 28), ``y`` (N,) in ``bnref.schedule.epoch_permutation(seed, epoch, N)``'s
     order, in the full batches of ``batch_slices(N, batch_size)``: one gather per batch on the
     device, no per-example work, no sync. Data parallel (replica ``rank`` of ``world``): each
-    global batch split into ``world`` equal consecutive slices, this replica taking its own."""
+    global batch split into ``world`` equal consecutive slices, this replica taking its own.
+
+    ``step``: :func:`make_step`'s step for this ``model`` and ``optimizer`` (compiled, bfloat16);
+    default an eager float32 :class:`EagerStep`."""
+    if step is None:
+        step = EagerStep(model, optimizer)
+    elif getattr(step, "model", None) is not model or getattr(step, "optimizer", None) is not optimizer:
+        raise ValueError("train_steps: step was made for another model or optimizer (make_step(model, optimizer, ...))")
     n = X.shape[0]
     size = min(batch_size // world, n)  # each replica's slice of every global batch
     starts = [start + rank * (full // world) for start, full in batch_slices(n, batch_size)]
     for epoch in epochs:
         perm = torch.from_numpy(epoch_permutation(seed, epoch, n)).long().to(X.device)  # (N,) example order
         for k, i in enumerate(starts, start=1):
-            idx = perm[i : i + size]
-            Xb, yb = X[idx], y[idx]  # (B, 1, 28, 28), (B,): one gather per batch, no per-example work
-            loss, logits = _step(model, optimizer, Xb, yb)
-            yield Step(epoch, k, len(starts), loss, (logits.argmax(1) == yb).sum(), yb.shape[0], perm)
+            idx = perm[i : i + size]  # (B,) this batch's examples: the step gathers them, no per-example work
+            loss, correct = step(X, y, idx)
+            yield Step(epoch, k, len(starts), loss, correct, idx.shape[0], perm)
 
 
 def run_steps(steps: Iterable[Step], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int, List[torch.Tensor], Step]:
@@ -155,12 +232,15 @@ def run_steps(steps: Iterable[Step], device: torch.device) -> Tuple[torch.Tensor
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = EVAL_BATCH) -> float:
-    """Accuracy of ``model`` in eval mode (running statistics) on ``(X, y)``."""
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = EVAL_BATCH,
+             precision: str = "float32") -> float:  # fmt: skip
+    """Accuracy of ``model`` in eval mode (running statistics) on ``(X, y)``, computing in
+    ``precision`` (:func:`compute_context`), eagerly."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=X.device)
-    for i in range(0, X.shape[0], batch_size):
-        correct += (model(X[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()
+    with compute_context(X.device.type, precision):
+        for i in range(0, X.shape[0], batch_size):
+            correct += (model(X[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()
     return correct.item() / X.shape[0]
 
 
@@ -176,6 +256,24 @@ def _deterministic(device: torch.device):
         yield
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@contextlib.contextmanager
+def float32_matmuls(tf32: bool):
+    """TF32 for float32 matmuls and cuDNN convolutions (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.backends.cudnn.allow_tf32``) exactly as asked for the duration, both set either way:
+    off unless ``tf32`` (torch's own default lets cuDNN convolutions use TF32; parity and the
+    trajectory need full float32), and put back afterwards, so that a run leaves the process's
+    switches as it found them (a test or a notebook that trains next is not silently in TF32).
+    On the CPU they change nothing but are set all the same."""
+    if not isinstance(tf32, bool):
+        raise ValueError(f"tf32 must be True or False, got {tf32!r}")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _sync(device: torch.device) -> None:
@@ -199,9 +297,17 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
 
     ``run`` (a :class:`bnref.runs.RunDir`): a checkpoint after every epoch (rank 0 writes it),
     and with ``run.resuming`` the run starts from its checkpoint.
+
+    ``config.compile`` / ``config.precision`` / ``config.tf32``: the step (see the module
+    docstring); with ``compile``, ``compile_seconds`` (epoch ``first``) is the warm-up that compiled
+    it, run before the epoch's clock starts and undone, so the run trains as it would without it
+    and a resumed compiled run equals an uninterrupted one. TF32's switches are set for the run
+    and put back when it returns (:func:`float32_matmuls`).
     """
     env = distributed.torchrun_env()
     if env is not None and env["world"] > 1:
+        if config.compile or config.precision != "float32":  # TrainConfig refuses them with replicas > 1 too
+            raise ValueError("compile and bfloat16 are for one device; torchrun's replicas train eagerly in float32")
         device = _replica_device(config.device, env["local_rank"])
         distributed.init_from_env(distributed.backend_for(device))
         try:
@@ -218,7 +324,10 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
         results = distributed.launch(_replica_worker, config.replicas, (config, data, run), on_message=on_epoch,
                                      backend=distributed.backend_for(device))  # fmt: skip
         return results[0]
-    return _train(config, data, on_epoch, resolve_device(config.device), 0, 1, run)
+    device = resolve_device(config.device)
+    if config.compile:
+        check_compile_support(device.type)  # before any data moves
+    return _train(config, data, on_epoch, device, 0, 1, run)
 
 
 def _replica_device(name: str, local_rank: int) -> torch.device:
@@ -319,12 +428,16 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
         first = done + 1
     starts = batch_slices(X_train.shape[0], config.batch_size)
     history = []
-    with _deterministic(device):
+    with _deterministic(device), float32_matmuls(config.tf32):
+        step = make_step(net, optimizer, device, compile=config.compile, precision=config.precision)
+        # Compiled: compile now, on a batch of the run's one shape, and undo that step (see warm_up).
+        size = min(config.batch_size // world, X_train.shape[0])  # train_steps' batch (eager: nothing to warm up)
+        compile_seconds = step.warm_up(X_train, y_train, torch.arange(size, device=device))
         for epoch in range(first, config.epochs + 1):
             _sync(device)
             t0 = time.perf_counter()
             steps = train_steps(net, optimizer, X_train, y_train, seed=config.seed, batch_size=config.batch_size,
-                                epochs=(epoch,), rank=rank, world=world)  # fmt: skip
+                                epochs=(epoch,), rank=rank, world=world, step=step)  # fmt: skip
             steps = bar(steps, f"epoch {epoch}/{config.epochs}", config.progress and rank == 0, total=len(starts))
             loss_sum, correct, seen, losses, last = run_steps(steps, device)
             perm = last.perm
@@ -338,14 +451,14 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
                     torch.distributed.broadcast(buffer, 0)
             _sync(device)
             seconds = time.perf_counter() - t0
-            test_acc = _evaluate_shared(model, X_test, y_test, rank, world)
+            test_acc = _evaluate_shared(model, X_test, y_test, rank, world, config.precision)
             t1 = time.perf_counter()
             precise = _precise_test_acc(config, model, X_train, perm, X_test, y_test) if config.precise_bn else None
             where = str(device) if world == 1 else f"{world} x {device.type}"
             m = epoch_metrics(config, epoch, float(totals[0]), float(totals[1]), int(totals[2]), seconds, test_acc, where,
                               test_acc_precise=precise, precise_seconds=time.perf_counter() - t1)  # fmt: skip
             m["step_losses"] = step_losses.tolist()
-            m["compile_seconds"] = 0.0  # eager: nothing is compiled
+            m["compile_seconds"] = compile_seconds if epoch == first else 0.0  # eager: 0, nothing is compiled
             check_finite_loss(epoch, m["step_losses"])
             history.append(m)
             if rank == 0:
@@ -365,20 +478,21 @@ def _precise_test_acc(config, model, X_train, perm, X_test, y_test) -> float:
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     idx = precise_batch_indices(config, perm.cpu().numpy())
     try:
-        precise_bn(model, [X_train[torch.from_numpy(i).to(X_train.device)] for i in idx], variant=config.precise_variant,
-                   progress=config.progress)  # fmt: skip
-        return evaluate(model, X_test, y_test)
+        with compute_context(X_train.device.type, config.precision):  # the activations evaluation will see
+            precise_bn(model, [X_train[torch.from_numpy(i).to(X_train.device)] for i in idx],
+                       variant=config.precise_variant, progress=config.progress)  # fmt: skip
+        return evaluate(model, X_test, y_test, precision=config.precision)
     finally:
         model.load_state_dict(saved)
 
 
-def _evaluate_shared(model, X, y, rank: int, world: int) -> float:
+def _evaluate_shared(model, X, y, rank: int, world: int, precision: str = "float32") -> float:
     """Test accuracy, each replica evaluating every ``world``-th example (eval mode: the result
     does not depend on how the examples are grouped), the counts summed."""
     if world == 1:
-        return evaluate(model, X, y)
+        return evaluate(model, X, y, precision=precision)
     mine = len(X[rank::world])
-    correct = torch.tensor(evaluate(model, X[rank::world], y[rank::world]) * mine if mine else 0.0,
+    correct = torch.tensor(evaluate(model, X[rank::world], y[rank::world], precision=precision) * mine if mine else 0.0,
                            dtype=torch.float64, device=X.device)  # fmt: skip
     torch.distributed.all_reduce(correct)
     return float(correct) / X.shape[0]
