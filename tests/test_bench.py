@@ -3,6 +3,7 @@ measured (on main at 7b1ede4 `--variants ''` and `--threads 0` crashed, and `--b
 --threads 1` failed only after the whole torch half had run)."""
 
 import json
+import re
 
 import pytest
 
@@ -14,6 +15,8 @@ from bnref import bench
     [
         (["--backend", "torch", "--variants", ""], "--variants names no variant"),
         (["--backend", "torch", "--variants", "bnref,nope"], "unknown variants"),
+        (["--backend", "torch", "--variants", "bnref+compiled,bnref+compiled"], "names a variant twice"),
+        (["--backend", "torch", "--variants", "seed+compiled"], "unknown variants ['seed+compiled']"),
         (["--backend", "torch", "--threads", "0"], "argument --threads: must be >= 1"),
         (["--backend", "torch", "--steps", "0"], "argument --steps: must be >= 1"),
         (["--backend", "torch", "--settle", "nan"], "argument --settle: must be a finite number >= 0"),
@@ -21,7 +24,8 @@ from bnref import bench
         (["--backend", "all", "--threads", "1"], "unrecognized arguments: --threads 1"),
         (["--backend", "all", "--json", "/no/such/dir/bench.json"], "does not exist"),
     ],
-    ids=["variants-empty", "variants-unknown", "threads-0", "steps-0", "settle-nan", "jax-batch-1", "all-threads", "json-dir"],
+    ids=["variants-empty", "variants-unknown", "variants-twice", "seed-compiled", "threads-0", "steps-0", "settle-nan",
+         "jax-batch-1", "all-threads", "json-dir"],
 )
 def test_bad_options_fail_before_any_measurement(argv, message, usage_error):
     captured = usage_error(bench.main, argv)
@@ -66,3 +70,36 @@ def test_synthetic_data_is_used_only_when_asked_and_said(monkeypatch, capsys):
     monkeypatch.setattr(torch_bench, "run", lambda args: seen.append(args.data.source) or {})
     assert bench.main(["--backend", "torch", "--synthetic"]) == 0
     assert seen == ["synthetic(seed=0)"] and "NOT Fashion-MNIST" in capsys.readouterr().out
+
+
+def test_torch_variant_names_say_bn_step_and_precision():
+    from bnref.torch import bench as torch_bench
+
+    assert torch_bench.describe("torch.nn+compiled+bfloat16") == {"bn": "torch.nn", "compiled": True, "precision": "bfloat16"}
+    assert torch_bench.describe("none") == {"bn": "none", "compiled": False, "precision": "float32"}
+    assert set(torch_bench.DEFAULT_VARIANTS) <= set(torch_bench.VARIANTS)
+    assert torch_bench.parse_args(["--variants", "all", "--device", "cpu"]).variants == list(torch_bench.VARIANTS)
+    with pytest.raises(ValueError, match="not a loop variant: 'seed'"):
+        torch_bench.describe("seed")
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_torch_compiled_and_bfloat16_variants_report_side_by_side(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    variants = "bnref,bnref+compiled,torch.nn+compiled,bnref+bfloat16,bnref+compiled+bfloat16"
+    assert bench.main(["--backend", "torch", "--synthetic", "--steps", "2", "--rounds", "2", "--warmup", "1",
+                       "--batch-size", "32", "--device", "cpu", "--variants", variants, "--json", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "compile s" in text and "TF32 off" in text
+    for v in variants.split(","):  # a row each: median, min, max, compile seconds ('-' for eager)
+        compiled = r"\d+\.\d" if "compiled" in v else "-"
+        assert re.search(rf"^{re.escape(v)}\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\s+{compiled}$", text, re.M), (v, text)
+    for a, b in [("bnref+compiled", "bnref"), ("bnref+compiled", "torch.nn+compiled"), ("bnref+bfloat16", "bnref"),
+                 ("bnref+compiled+bfloat16", "bnref+compiled")]:  # fmt: skip
+        assert re.search(rf"^ratio {re.escape(a)} / {re.escape(b)}: \d+\.\d\d$", text, re.M), (a, b)
+    saved = json.loads(out.read_text())["variants"]
+    assert list(saved) == variants.split(",")
+    assert saved["bnref+compiled+bfloat16"]["precision"] == "bfloat16" and saved["bnref+compiled+bfloat16"]["compiled"]
+    for v, row in saved.items():
+        assert len(row["examples_per_sec"]) == 2 and row["examples_per_sec_median"] > 0
+        assert (row["compile_seconds"] > 0) == ("compiled" in v), v

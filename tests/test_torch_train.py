@@ -98,8 +98,10 @@ def test_bench_runs_end_to_end_and_prints_ratios(tmp_path, capsys):
     assert dispatcher.main(["--backend", "torch", "--steps", "2", "--rounds", "2", "--warmup", "1", "--batch-size", "32",
                             "--workers", "0", "--device", "cpu", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    for variant in bench.VARIANTS:
+    for variant in bench.DEFAULT_VARIANTS:  # the eager four, bnref and torch.nn compiled, bnref in bfloat16
         assert re.search(rf"^{re.escape(variant)}\s+\d+\.\d", text, re.M), variant
+    assert re.search(r"^ratio bnref\+compiled / bnref: \d+\.\d\d$", text, re.M)
+    assert re.search(r"^ratio bnref\+bfloat16 / bnref: \d+\.\d\d$", text, re.M)
     assert re.search(r"^ratio bnref / torch.nn: \d+\.\d\d \(target >= 0.9", text, re.M)
     assert re.search(r"^ratio bnref / seed: \d+\.\d\d \(target >= 1.5", text, re.M)
     assert out.exists()

@@ -1,21 +1,30 @@
 """PyTorch training-throughput benchmark: ``python -m bnref.bench --backend torch [options]``.
 
-Training examples/second of LeNet-BN (batch 256, SGD lr 1.0), four variants set up once
-and then measured in interleaved rounds (each round runs every variant for ``--steps``
-steps), reporting per-variant medians and the medians of the per-round ratios, which are
-what these noisy machines can measure:
+Training examples/second of LeNet-BN (batch 256, SGD lr 1.0), variants set up once and then
+measured in interleaved rounds (each round runs every variant for ``--steps`` steps),
+reporting per-variant medians and the medians of the per-round ratios, which are what these
+noisy machines can measure:
 
 - ``bnref``: bnref's training loop (``bnref.torch.train.train_steps``: data on the device,
   index-sliced shuffled batches, on-device metrics) with bnref's from-scratch BN;
 - ``torch.nn``: the same loop with ``torch.nn.BatchNorm1d/2d``;
 - ``none``: the same loop, no BN (the floor BN's cost sits on);
 - ``seed``: the seed's own code (``bnref.torch._seed``: d2l's from-scratch BN and
-  ``train_ch6`` loop over a shuffling DataLoader with 4 workers, ``float()`` syncs per step).
+  ``train_ch6`` loop over a shuffling DataLoader with 4 workers, ``float()`` syncs per step);
+- ``<bn>+compiled``, ``<bn>+bfloat16``, ``<bn>+compiled+bfloat16`` (``<bn>``: bnref, torch.nn
+  or none): that loop with fit's ``--compile`` step (``bnref.torch.compiled``: inductor, on CUDA
+  with CUDA graphs) and/or its ``--precision bfloat16`` (autocast). A compiled variant is
+  compiled ahead of the rounds (``CompiledStep.warm_up``, then undone), and its compile seconds
+  are reported in their own column, never in a rate.
 
-Targets (issue 3): ``bnref / torch.nn >= 0.9`` and ``bnref / seed >= 1.5``. The seed's
-loader is started (and its workers spawned) during warm-up; a new DataLoader iterator
+``--variants`` chooses (``all``: every one); the default, :data:`DEFAULT_VARIANTS`, adds the
+compiled bnref and torch.nn loops and bnref in bfloat16 to the four eager float32 ones (on this
+2-core CPU inductor compiles each compiled variant in about 30 s the first time, 3-5 s from its
+cache). Targets (issue 3): ``bnref / torch.nn >= 0.9`` and ``bnref / seed >= 1.5``; the other
+ratios (:data:`COMPARISONS`: compiled / eager, bfloat16 / float32) are reported without a target.
+The seed's loader is started (and its workers spawned) during warm-up; a new DataLoader iterator
 (one per d2l epoch) is only started again if an epoch's batches run out, so the seed is
-measured at its steady-state speed.
+measured at its steady-state speed. TF32 is off unless ``--tf32`` (as in ``fit``).
 """
 
 from __future__ import annotations
@@ -33,25 +42,57 @@ import torch
 
 from bnref._cli import int_at_least, non_negative_float, positive_int
 from bnref.torch import _seed
-from bnref.torch.train import _sync, load_tensors, make_model, resolve_device, run_steps, train_steps
+from bnref.torch.compiled import check_compile_support
+from bnref.torch.train import (_sync, float32_matmuls, load_tensors, make_model, make_step, resolve_device, run_steps,
+                               train_steps)  # fmt: skip
 
-VARIANTS = ("bnref", "torch.nn", "none", "seed")
+#: the BN of each loop variant (``bnref.config.BN_CHOICES``' names)
+BNS = {"bnref": "bnref", "torch.nn": "builtin", "none": "none"}
+#: what a loop variant's name may add to its BN: fit's --compile step and --precision bfloat16
+SUFFIXES = ("", "+compiled", "+bfloat16", "+compiled+bfloat16")
+VARIANTS = ("bnref", "torch.nn", "none", "seed") + tuple(
+    f"{bn}{suffix}" for suffix in SUFFIXES[1:] for bn in BNS)  # fmt: skip
+DEFAULT_VARIANTS = ("bnref", "torch.nn", "none", "seed", "bnref+compiled", "torch.nn+compiled", "bnref+bfloat16")
 TARGETS = {("bnref", "torch.nn"): 0.9, ("bnref", "seed"): 1.5}
+#: ratios reported without a target, where both variants were measured
+COMPARISONS = (("bnref+compiled", "bnref"), ("torch.nn+compiled", "torch.nn"), ("none+compiled", "none"),
+               ("bnref+compiled", "torch.nn+compiled"), ("bnref+bfloat16", "bnref"), ("torch.nn+bfloat16", "torch.nn"),
+               ("bnref+bfloat16", "torch.nn+bfloat16"), ("bnref+compiled+bfloat16", "bnref+compiled"),
+               ("torch.nn+compiled+bfloat16", "torch.nn+compiled"))  # fmt: skip
+
+
+def describe(variant: str) -> Dict:
+    """``{"bn", "compiled", "precision"}`` of a loop variant's name (``"bnref+compiled"``:
+    bnref's BN, compiled, float32); ``ValueError`` for a name not in :data:`VARIANTS` or ``seed``."""
+    if variant not in VARIANTS or variant == "seed":
+        raise ValueError(f"not a loop variant: {variant!r}")
+    bn, *extras = variant.split("+")
+    return {"bn": bn, "compiled": "compiled" in extras, "precision": "bfloat16" if "bfloat16" in extras else "float32"}
 
 
 class _BnrefLoop:
     """bnref's training loop (the code ``fit`` runs: ``train_steps`` added up by ``run_steps``)
-    with the given BN, epoch after epoch in bnref's example order."""
+    with the given BN, step (eager or compiled) and precision, epoch after epoch in bnref's
+    example order. :meth:`prepare` compiles a compiled step (and undoes that step)."""
 
-    def __init__(self, bn: str, images, labels, batch_size: int, device: torch.device):
+    def __init__(self, bn: str, images, labels, batch_size: int, device: torch.device, *, compiled: bool = False,
+                 precision: str = "float32"):  # fmt: skip
         from bnref.config import TrainConfig
 
         self.model = make_model(TrainConfig(backend="torch", bn=bn)).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1.0)
-        X, y = load_tensors(images, labels, device)
-        self.steps = train_steps(self.model, self.optimizer, X, y, seed=0, batch_size=batch_size,
-                                 epochs=itertools.count(1))  # fmt: skip
+        self.X, self.y = load_tensors(images, labels, device)
+        self.step = make_step(self.model, self.optimizer, device, compile=compiled, precision=precision)
+        self.steps = train_steps(self.model, self.optimizer, self.X, self.y, seed=0, batch_size=batch_size,
+                                 epochs=itertools.count(1), step=self.step)  # fmt: skip
+        self.batch = min(batch_size, self.X.shape[0])  # train_steps' batch
         self.device = device
+        self.compile_seconds = 0.0
+
+    def prepare(self) -> float:
+        """Compile now (a compiled step; eager: nothing); the seconds it took."""
+        self.compile_seconds = self.step.warm_up(self.X, self.y, torch.arange(self.batch, device=self.device))
+        return self.compile_seconds
 
     def run(self, steps: int) -> int:
         loss_sum, correct, seen, _, _ = run_steps(itertools.islice(self.steps, steps), self.device)
@@ -157,22 +198,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds (medians over these)")
     p.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed steps per variant first")
     p.add_argument("--batch-size", type=int_at_least(2), default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, gpu/cuda or cuda:N")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 float32 matmuls/convolutions on GPUs (off: as fit)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--workers", type=int_at_least(0), default=None,
                    help="the seed's DataLoader workers (default: d2l's get_dataloader_workers() = 4)")
     p.add_argument("--settle", type=non_negative_float, default=0.5,
                    help="seconds to wait after each seed round for its loader workers to go idle")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, or 'all'; default {','.join(DEFAULT_VARIANTS)}; choose from {VARIANTS}")
     args = p.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v]
+    args.variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     bad = set(args.variants) - set(VARIANTS)
     if bad:
         p.error(f"unknown variants {sorted(bad)}; choose from {VARIANTS}")
     if not args.variants:
         p.error(f"--variants names no variant; choose from {VARIANTS}")
+    if len(set(args.variants)) != len(args.variants):
+        p.error(f"--variants names a variant twice: {args.variants}")
     try:
         args.device = resolve_device(args.device)
+        if any(describe(v)["compiled"] for v in args.variants if v != "seed"):
+            check_compile_support(args.device.type)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -182,21 +229,31 @@ def run(args: argparse.Namespace) -> Dict:
     """Measure, print the table and the ratios; returns the measurements (for ``--json``)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    with float32_matmuls(args.tf32):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> Dict:
     device = args.device
     ds = args.data  # the dispatcher's (bnref.bench): Fashion-MNIST, or --synthetic; throughput is the same on either
     images, labels, source = ds.train_images, ds.train_labels, ds.source
     print(f"LeNet-BN training throughput: batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds "
-          f"(interleaved), {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, data {source}",
-          flush=True)
+          f"(interleaved), {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, data {source}, "
+          f"TF32 {'on' if args.tf32 else 'off'}", flush=True)  # fmt: skip
     loops = {}
     for v in args.variants:
         if v == "seed":
             loops[v] = _SeedInOwnProcess(images, labels, args.batch_size, device, args.workers, args.threads)
         else:
-            loops[v] = _BnrefLoop({"bnref": "bnref", "torch.nn": "builtin", "none": "none"}[v], images, labels,
-                                  args.batch_size, device)
+            d = describe(v)
+            loops[v] = _BnrefLoop(BNS[d["bn"]], images, labels, args.batch_size, device, compiled=d["compiled"],
+                                  precision=d["precision"])  # fmt: skip
+    compile_seconds: Dict[str, float] = {}
     try:
-        for loop in loops.values():  # warm-up: allocator, kernels, loader workers
+        for v, loop in loops.items():  # compile (compiled variants), then warm up: allocator, kernels, loader workers
+            if isinstance(loop, _BnrefLoop) and describe(v)["compiled"]:
+                print(f"(compiling {v} ...)", flush=True)
+                compile_seconds[v] = loop.prepare()
             loop.run(args.warmup) if args.warmup else None
         rates: Dict[str, List[float]] = {v: [] for v in loops}
         names = list(loops)
@@ -221,15 +278,32 @@ def run(args: argparse.Namespace) -> Dict:
             loops["seed"].close()
     if "seed" in loops:
         print(f"(seed: its own process, DataLoader with {loops['seed'].num_workers} workers, as d2l, on {os.cpu_count()} CPUs)")
-    print(f"{'variant':10s} {'examples/sec (median)':>22s} {'min':>10s} {'max':>10s}")
+    width = max(10, *(len(v) for v in rates))
+    print(f"{'variant':{width}s} {'examples/sec (median)':>22s} {'min':>10s} {'max':>10s} {'compile s':>10s}")
     for v, rs in rates.items():
-        print(f"{v:10s} {statistics.median(rs):22.1f} {min(rs):10.1f} {max(rs):10.1f}")
+        compiled = f"{compile_seconds[v]:10.1f}" if v in compile_seconds else f"{'-':>10s}"
+        print(f"{v:{width}s} {statistics.median(rs):22.1f} {min(rs):10.1f} {max(rs):10.1f} {compiled}")
     ratios = {}
     for (a, b), target in TARGETS.items():
-        if a in rates and b in rates:  # median of the per-round (side-by-side) ratios
-            ratio = statistics.median(x / y for x, y in zip(rates[a], rates[b]))
-            ratios[f"{a}/{b}"] = ratio
+        if a in rates and b in rates:
+            ratios[f"{a}/{b}"] = ratio = _ratio(rates[a], rates[b])
             verdict = "met" if ratio >= target else "NOT met"
             print(f"ratio {a} / {b}: {ratio:.2f} (target >= {target}: {verdict})")
+    for a, b in COMPARISONS:
+        if a in rates and b in rates:
+            ratios[f"{a}/{b}"] = ratio = _ratio(rates[a], rates[b])
+            print(f"ratio {a} / {b}: {ratio:.2f}")
+    variants = {}
+    for v, rs in rates.items():
+        variants[v] = {**({"bn": "seed", "compiled": False, "precision": "float32"} if v == "seed" else describe(v)),
+                       "examples_per_sec_median": statistics.median(rs), "examples_per_sec_min": min(rs),
+                       "examples_per_sec_max": max(rs), "examples_per_sec": rs,
+                       "compile_seconds": compile_seconds.get(v, 0.0)}  # fmt: skip
     return {"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-            "steps": args.steps, "rounds": args.rounds, "data": source, "examples_per_sec": rates, "ratios": ratios}
+            "steps": args.steps, "rounds": args.rounds, "data": source, "tf32": args.tf32, "torch": torch.__version__,
+            "examples_per_sec": rates, "variants": variants, "ratios": ratios}  # fmt: skip
+
+
+def _ratio(a: List[float], b: List[float]) -> float:
+    """The median of the per-round (side-by-side) ratios ``a[r] / b[r]``."""
+    return statistics.median(x / y for x, y in zip(a, b))
