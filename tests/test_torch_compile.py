@@ -194,6 +194,35 @@ def test_compiled_bfloat16_keeps_float32_state_and_follows_eager_bfloat16():
 # --- the seams, on the CPU -------------------------------------------------------------------
 
 
+def test_the_cuda_strategy_s_plain_code_runs_on_the_cpu(monkeypatch):
+    """CUDA's strategy but inductor's default mode, on the CPU: 3 warm-up calls, static addresses
+    marked (the batch buffers, the parameters, BN's buffers), a CUDA-graph step begun per call and
+    the outputs cloned; the steps still equal eager ones."""
+    cuda = compiled.compile_strategy("cuda")
+    monkeypatch.setitem(compiled._STRATEGIES, "cpu", dataclasses.replace(cuda, mode="default"))
+    marked = []
+    real_mark = torch._dynamo.mark_static_address
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t, *a, **k: marked.append(t) or real_mark(t, *a, **k))
+    begun = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: begun.append(1))
+    ds = data.synthetic(64, 16)
+    X, y = torch_train.load_tensors(ds.train_images, ds.train_labels, CPU)
+    results = []
+    for compile in (False, True):
+        model = torch_train.make_model(TrainConfig(backend="torch"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        step = torch_train.make_step(model, optimizer, CPU, compile=compile)
+        step.warm_up(X, y, torch.arange(BATCH))
+        losses = [step(X, y, torch.arange(i, i + BATCH))[0] for i in (0, 16, 32)]
+        results.append((losses, model))
+    (eager, _), (comp, model) = results
+    assert begun == [1] * (cuda.warmup_calls + 3)  # a new CUDA-graph step at every call, warm-up's included
+    assert max(abs(float(a) - float(b)) for a, b in zip(comp, eager)) <= 1e-5
+    ids = {id(t) for t in marked}
+    expected = [*model.parameters(), *model.buffers()]
+    assert all(id(t) in ids for t in expected) and len(marked) == len(expected) + 2  # + the batch's X and y
+
+
 @pytest.mark.parametrize("device_type,mode,cudagraphs", [("cpu", "default", False), ("cuda", "reduce-overhead", True)])
 def test_compile_strategy_by_device_type(device_type, mode, cudagraphs):
     s = compiled.compile_strategy(device_type)

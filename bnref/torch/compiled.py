@@ -55,8 +55,9 @@ class Strategy:
     ``mode``: ``torch.compile``'s mode. ``cudagraphs``: the mode records CUDA graphs, whose
     outputs the next replay overwrites (so the step's loss and count are cloned out, and every
     step is marked as a new one with ``torch.compiler.cudagraph_mark_step_begin``).
-    ``static_inputs``: mark :class:`StaticBatch`'s buffers as static addresses, so the CUDA graph
-    reads them where they are instead of copying them in. ``warmup_calls``: calls that compile
+    ``static_inputs``: mark :class:`StaticBatch`'s buffers, the parameters and the model's buffers
+    as static addresses, so the CUDA graphs read (and write) them where they are instead of
+    copying them in. ``warmup_calls``: calls that compile
     and record everything (inductor compiles on the first; CUDA graph trees run eagerly once,
     record on the second, replay from the third)."""
 
@@ -261,9 +262,11 @@ class CompiledStep:
         self.batch: Optional[StaticBatch] = None
         self.compile_seconds = 0.0
         self.params = [p for p in optimizer.param_groups[0]["params"]]
-        if self.strategy.static_inputs:  # the SGD graph writes them in place: CUDA graphs keep their addresses
-            for p in self.params:
-                torch._dynamo.mark_static_address(p)
+        if self.strategy.static_inputs:
+            # Written in place by the graphs (SGD's update; BN's running statistics and count):
+            # marked static, a CUDA graph keeps reading and writing them where they are.
+            for t in (*self.params, *model.buffers()):
+                torch._dynamo.mark_static_address(t)
 
         def forward(X, y):
             return forward_loss(model, X, y)
