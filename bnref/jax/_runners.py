@@ -27,12 +27,13 @@ from bnref.testing import NotExpressible
 __all__ = ["run_functional", "run_layer", "run_builtin", "RUNNERS"]
 
 
-def _prepare(inputs, dtype: str):
+def _prepare(inputs, dtype: str, param_dtype=None):
     import jax.numpy as jnp
 
-    jdt = jnp.dtype(dtype)
+    jdt, pdt = jnp.dtype(dtype), jnp.dtype(param_dtype or dtype)
     sdt = jnp.promote_types(jdt, jnp.float32)  # statistics dtype
-    x, gamma, beta, dy = (jnp.asarray(np.asarray(inputs[k]), jdt) for k in ("x", "gamma", "beta", "dy"))
+    x, dy = (jnp.asarray(np.asarray(inputs[k]), jdt) for k in ("x", "dy"))
+    gamma, beta = (jnp.asarray(np.asarray(inputs[k]), pdt) for k in ("gamma", "beta"))
     rm = jnp.asarray(np.asarray(inputs["running_mean"]), sdt)
     rv = jnp.asarray(np.asarray(inputs["running_var"]), sdt)
     return x, gamma, beta, rm, rv, dy
@@ -42,12 +43,13 @@ def _to_numpy(out, dtype: str):
     return {k: np.asarray(v.astype(dtype)) for k, v in out.items()}
 
 
-def _run(forward, inputs, dtype, train):
-    """``forward(x, gamma, beta, rm, rv) -> (y, new_rm, new_rv)``, jitted with its gradients."""
+def _run(forward, inputs, dtype, train, param_dtype=None):
+    """``forward(x, gamma, beta, rm, rv) -> (y, new_rm, new_rv)``, jitted with its gradients;
+    gamma and beta in ``param_dtype`` (default ``dtype``)."""
     import jax
 
     with x64(dtype == "float64"):
-        x, gamma, beta, rm, rv, dy = _prepare(inputs, dtype)
+        x, gamma, beta, rm, rv, dy = _prepare(inputs, dtype, param_dtype)
         if not train:
             y, nrm, nrv = jax.jit(forward)(x, gamma, beta, rm, rv)
             return _to_numpy({"y": y, "running_mean": nrm, "running_var": nrv}, dtype)
@@ -61,12 +63,12 @@ def _run(forward, inputs, dtype, train):
         return _to_numpy(out, dtype)
 
 
-def run_functional(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
-    """``bnref.jax.batch_norm``."""
+def run_functional(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool, param_dtype=None):
+    """``bnref.jax.batch_norm`` (``scale``/``bias`` in ``param_dtype``, default ``dtype``)."""
     from bnref.jax.functional import batch_norm
 
     fwd = functools.partial(batch_norm, train=train, convention=convention, axis=axis)
-    return _run(fwd, inputs, dtype, train)
+    return _run(fwd, inputs, dtype, train, param_dtype)
 
 
 def _module_forward(module, train):
@@ -80,17 +82,19 @@ def _module_forward(module, train):
     return forward
 
 
-def run_layer(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
-    """``bnref.jax.BatchNorm`` via ``apply(..., mutable=["batch_stats"])`` with the given variables."""
+def run_layer(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool, param_dtype=None):
+    """``bnref.jax.BatchNorm`` via ``apply(..., mutable=["batch_stats"])`` with the given variables
+    (``dtype=dtype, param_dtype=param_dtype``, default ``dtype``)."""
     import jax.numpy as jnp
 
     from bnref.jax.layers import BatchNorm
 
-    module = BatchNorm(axis=axis, convention=convention, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
-    return _run(_module_forward(module, train), inputs, dtype, train)
+    pd = jnp.dtype(param_dtype or dtype)
+    module = BatchNorm(axis=axis, convention=convention, dtype=jnp.dtype(dtype), param_dtype=pd)
+    return _run(_module_forward(module, train), inputs, dtype, train, param_dtype)
 
 
-def run_builtin(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
+def run_builtin(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool, param_dtype=None):
     """``flax.linen.BatchNorm`` configured to ``convention`` (two-pass variance)."""
     import flax.linen as nn
     import jax.numpy as jnp
@@ -102,10 +106,10 @@ def run_builtin(inputs, convention: spec.Convention, axis: int, dtype: str, trai
         momentum=convention.decay,
         epsilon=convention.eps,
         dtype=jnp.dtype(dtype),
-        param_dtype=jnp.dtype(dtype),
+        param_dtype=jnp.dtype(param_dtype or dtype),
         use_fast_variance=False,
     )
-    return _run(_module_forward(module, train), inputs, dtype, train)
+    return _run(_module_forward(module, train), inputs, dtype, train, param_dtype)
 
 
 RUNNERS = {"functional": run_functional, "layer": run_layer, "builtin": run_builtin}

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from bnref import _cli, _io, backends, spec
 from bnref._cli import finite_positive_float, int_at_least, positive_int
-from bnref.parity.matrix import DTYPES, IMPLEMENTATIONS, conventions_table, format_table, matrix
+from bnref.parity.matrix import DTYPES, FULL_DTYPES, IMPLEMENTATIONS, conventions_table, format_table, matrix
 from bnref.parity.replicas import REPLICA_IMPLEMENTATIONS, replicas_matrix
 from bnref.parity.trajectory import _stand_in_sizes, format_trajectory, trajectory
 
@@ -26,7 +26,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--preset", action="append", choices=sorted(spec.PRESETS), help="only these presets (repeatable)")
     p.add_argument("--impl", action="append", choices=sorted(IMPLEMENTATIONS), help="only these implementations")
-    p.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes (matrix); trajectory dtype")
+    p.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes (matrix); trajectory dtype "
+                   "(float32 or float64)")
+    p.add_argument("--precision", choices=spec.PRECISIONS, default="float32",
+                   help="trajectory: train as --precision does (bfloat16: float32 parameters and statistics)")
     p.add_argument("--conventions-table", action="store_true", help="print the README conventions table and exit")
     p.add_argument("--trajectory", action="store_true", help="train LeNet-BN in both frameworks and compare")
     p.add_argument("--steps", type=positive_int, default=100, help="trajectory: number of SGD steps")
@@ -45,7 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         backends.provide_host_devices(args.replicas)  # R JAX devices on a CPU, before JAX starts
     if args.replicas is not None and not args.trajectory:
         start = time.perf_counter()
-        results = replicas_matrix(args.replicas, presets=args.preset or ("torch", "d2l"), dtypes=args.dtype or DTYPES,
+        if args.dtype and set(args.dtype) - set(FULL_DTYPES):
+            p.error(f"--replicas compares --dtype {' or '.join(FULL_DTYPES)}")
+        results = replicas_matrix(args.replicas, presets=args.preset or ("torch", "d2l"), dtypes=args.dtype or FULL_DTYPES,
                                   impls=[i for i in REPLICA_IMPLEMENTATIONS if not args.impl or i in args.impl])  # fmt: skip
         return _report(results, args.json, start)
     if args.conventions_table:
@@ -53,11 +58,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.trajectory:
         dtype = (args.dtype or ["float32"])[-1]
+        if dtype not in FULL_DTYPES:
+            p.error(f"--trajectory trains in --dtype {' or '.join(FULL_DTYPES)}; for bfloat16 use --precision bfloat16")
+        if args.precision != "float32" and (dtype != "float32" or args.replicas is not None):
+            p.error("--precision bfloat16 trains float32 parameters on one device: no --dtype float64, no --replicas")
         ds = _cli.load_data(p, args, file=sys.stderr if args.json else None, **_stand_in_sizes(args.batch_size, 0))
         if len(ds.train_labels) < args.batch_size:
             p.error(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training examples of {ds.source}")
         report = trajectory(args.steps, dtype=dtype, lr=args.lr, batch_size=args.batch_size,
-                            convention=args.convention, replicas=args.replicas, data=ds)  # fmt: skip
+                            convention=args.convention, replicas=args.replicas, data=ds,
+                            precision=args.precision)  # fmt: skip
         print(_io.dumps(report) if args.json else format_trajectory(report))
         return 0 if report["passed"] else 1
     start = time.perf_counter()

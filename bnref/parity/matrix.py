@@ -18,7 +18,15 @@ from bnref.testing import TOLERANCES, NotExpressible, compare, make_inputs, roun
 IMPLEMENTATIONS = backends.parity_implementations()
 #: torch-side layout -> (shape with 3 channels on axis 1, the JAX-side layout's name)
 LAYOUTS = {"NC": ((16, 3), "NC"), "NCL": ((6, 3, 7), "NLC"), "NCHW": ((4, 3, 5, 6), "NHWC")}
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16")
+#: the parameters' and running statistics' dtype per matrix dtype, where it is not the dtype itself:
+#: a bfloat16 cell is BN as ``--precision bfloat16`` trains it (bfloat16 activations, float32
+#: gamma, beta and statistics: torch.autocast, Flax ``param_dtype=float32``), judged by
+#: ``bnref.spec.BF16_TOLERANCE``
+PARAM_DTYPES = {"bfloat16": "float32"}
+#: the dtypes a whole-model run (the trajectory, the replicas) trains in; bfloat16 is its
+#: ``precision`` (``bnref.spec.PRECISIONS``), on float32 parameters
+FULL_DTYPES = ("float32", "float64")
 STEPS = 3
 
 
@@ -66,17 +74,19 @@ def run_cell(preset: str, layout: str, dtype: str, impl: str, steps: int = STEPS
     result = CellResult(preset, f"{layout}/{jax_layout}", dtype, impl, "pass")
     worst: Dict[str, List[float]] = {}
     failures: List[str] = []
+    pdtype = PARAM_DTYPES.get(dtype, dtype)
+    extra = {"param_dtype": pdtype} if pdtype != dtype else {}
 
     def run_step(step: int, train: bool, spec_state, impl_state):
         base = make_inputs(shape, 1, seed=100 * step + 1)
-        # The oracle sees the inputs rounded to the backend's dtype, as the backend does.
-        ref_in = {k: round_to(v, dtype) for k, v in base.items()}
+        # The oracle sees the inputs rounded to the backend's dtypes, as the backend does.
+        ref_in = {k: round_to(v, dtype if k in ("x", "dy") else pdtype) for k, v in base.items()}
         ref_in["running_mean"], ref_in["running_var"] = spec_state
         expected = spec_run(ref_in, convention, 1, train)
         impl_in = dict(ref_in, running_mean=impl_state[0], running_var=impl_state[1])
         if channels_last:
             impl_in["x"], impl_in["dy"] = _channels_last(impl_in["x"]), _channels_last(impl_in["dy"])
-        actual = dict(runner(impl_in, convention, axis, dtype, train))
+        actual = dict(runner(impl_in, convention, axis, dtype, train, **extra))
         if channels_last:
             for k in ("y", "dx"):
                 if k in actual:
@@ -94,7 +104,7 @@ def run_cell(preset: str, layout: str, dtype: str, impl: str, steps: int = STEPS
         return (expected["running_mean"], expected["running_var"]), (as64(actual["running_mean"]), as64(actual["running_var"]))
 
     init = make_inputs(shape, 1, seed=0)
-    state0 = (round_to(init["running_mean"], dtype), round_to(init["running_var"], dtype))
+    state0 = (round_to(init["running_mean"], pdtype), round_to(init["running_var"], pdtype))
     spec_state, impl_state = state0, state0
     try:
         for step in range(steps):
@@ -143,6 +153,9 @@ def format_table(results: Sequence[CellResult]) -> str:
                "max(|expected|, atol)")  # fmt: skip
     out.append(f"pass: every element's |err| <= atol + rtol * |expected| (atol + rtol: {tol}), so an element near 0 "
                "may show a rel err above rtol and pass; no NaN or inf passes")  # fmt: skip
+    if any(r.dtype in PARAM_DTYPES for r in results):
+        out.append("bfloat16 cells: bfloat16 x and dy, float32 gamma, beta and running statistics (--precision bfloat16 "
+                   "training); the bound is bnref.spec.BF16_TOLERANCE, why is stated there")  # fmt: skip
     return "\n".join(out)
 
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from bnref import backends, spec
-from bnref.parity.matrix import DTYPES, IMPLEMENTATIONS, STEPS, CellResult, _tally
+from bnref.parity.matrix import FULL_DTYPES as DTYPES, IMPLEMENTATIONS, STEPS, CellResult, _tally
 from bnref.parity.verdicts import TRAJECTORY_TOLERANCE, loss_verdict
 from bnref.testing import NotExpressible, compare, round_to
 

@@ -11,9 +11,9 @@ from typing import Dict, Optional
 import numpy as np
 
 from bnref import spec
-from bnref.parity.matrix import DTYPES
+from bnref.parity.matrix import FULL_DTYPES as DTYPES
 from bnref.parity.replicas import _format_replicas, replica_trajectories
-from bnref.parity.verdicts import TRAJECTORY_TOLERANCE, loss_verdict, trajectory_verdict  # noqa: F401
+from bnref.parity.verdicts import TRAJECTORY_JUDGED_STEPS, TRAJECTORY_TOLERANCE, loss_verdict, trajectory_verdict  # noqa: F401
 
 
 
@@ -61,6 +61,7 @@ def trajectory(
     seed: int = 0,
     replicas: Optional[int] = None,
     data=None,
+    precision: str = "float32",
 ) -> Dict:
     """Train one LeNet-BN in both frameworks and compare them step by step.
 
@@ -71,6 +72,12 @@ def trajectory(
     torch layout) and of the running statistics. ``passed`` when the max loss difference is
     within :data:`TRAJECTORY_TOLERANCE`.
 
+    ``precision="bfloat16"``: both train as ``--precision bfloat16`` does (float32 parameters,
+    statistics and SGD; torch under ``torch.autocast(dtype=bfloat16)``, Flax with
+    ``dtype=bfloat16``), judged by ``TRAJECTORY_TOLERANCE["bfloat16"]``. Float32 matmuls and
+    convolutions never use TF32 here (JAX ``default_matmul_precision("float32")``, torch's
+    ``allow_tf32`` flags off for the run).
+
     ``data``: a ``bnref.data.FashionMNIST`` to take the batches from (default:
     :func:`trajectory_data` of ``data_dir``: Fashion-MNIST, an error when absent).
 
@@ -80,7 +87,11 @@ def trajectory(
     :func:`replica_trajectories` for what is compared and what must pass.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {DTYPES} (bfloat16 is a precision: precision='bfloat16'), got {dtype!r}")
+    if precision not in spec.PRECISIONS:
+        raise ValueError(f"precision must be one of {spec.PRECISIONS}, got {precision!r}")
+    if precision != "float32" and (dtype != "float32" or replicas is not None):
+        raise ValueError("precision bfloat16 trains float32 parameters on one device: dtype float32, no replicas")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not (math.isfinite(lr) and lr > 0):
@@ -93,6 +104,34 @@ def trajectory(
         if batch_size % replicas or batch_size // replicas < 2:
             raise ValueError(f"batch_size {batch_size} must split into {replicas} equal slices of at least 2 examples "
                              "(unsynchronized BN normalizes each slice alone)")  # fmt: skip
+    import jax
+
+    from bnref import convert
+    from bnref.torch.train import float32_matmuls
+
+    with float32_matmuls(False), jax.default_matmul_precision("float32"):
+        rows, tmodel, state, initial, weight_keys, stat_keys, batches, source, conv = _train_both(
+            steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision)
+    key = precision if precision != "float32" else dtype  # the tolerance's
+    judged = min(steps, TRAJECTORY_JUDGED_STEPS.get(key, steps))
+    report = {
+        "steps": steps, "dtype": dtype, "precision": precision, "lr": lr, "batch_size": batch_size, "convention": convention,
+        "data": source, "tolerance": TRAJECTORY_TOLERANCE[key], "judged_steps": judged,
+        **trajectory_verdict(rows[:judged], TRAJECTORY_TOLERANCE[key]),
+        "rows": rows,
+    }  # fmt: skip
+    if replicas is not None:
+        single = {"torch": {k: v.detach().numpy() for k, v in tmodel.state_dict().items()},
+                  "jax": convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})}  # fmt: skip
+        report["replicas"] = replica_trajectories(initial, batches, rows, single, replicas, dtype=dtype, lr=lr,
+                                                  convention=conv, weight_keys=weight_keys, stat_keys=stat_keys)  # fmt: skip
+        report["passed"] = report["passed"] and report["replicas"]["passed"]
+    return report
+
+
+def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision):
+    """The trajectory's two trainings, step by step: ``(rows, torch model, Flax state, initial
+    torch state, weight keys, statistics keys, batches, data source, convention)``."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -115,9 +154,11 @@ def trajectory(
     stat_keys = [k for k in tmodel.state_dict() if k.endswith(("running_mean", "running_var"))]
     weight_keys = [k for k, _ in tmodel.named_parameters()]
     rows = []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
     with jax.enable_x64(dtype == "float64"), jax.default_device(jax.devices("cpu")[0]):
         jdtype = jnp.dtype(dtype)
-        fmodel = FlaxLeNetBN(bn="bnref", convention=conv, dtype=jdtype, param_dtype=jdtype)
+        compute = jnp.bfloat16 if precision == "bfloat16" else jdtype
+        fmodel = FlaxLeNetBN(bn="bnref", convention=conv, dtype=compute, param_dtype=jdtype)
         variables = convert.torch_to_flax(tmodel.state_dict())
         cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jdtype), tree)  # noqa: E731
         state = jtrain.TrainState.create(
@@ -126,7 +167,8 @@ def trajectory(
         )  # fmt: skip
         for step, (images, labels) in enumerate(batches, start=1):
             tX, ty = ttrain.load_tensors(images, labels, cpu)
-            t_loss = float(ttrain.train_step(tmodel, opt, tX.to(tdtype), ty))
+            with autocast:
+                t_loss = float(ttrain.train_step(tmodel, opt, tX.to(tdtype), ty))
             jX = jnp.asarray(jtrain.prepare_images(images), jdtype)
             state, j_loss, _ = jtrain.train_step(state, jX, jnp.asarray(labels))
             back = convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})
@@ -135,18 +177,7 @@ def trajectory(
             j_loss = float(j_loss)
             rows.append({"step": step, "loss_torch": t_loss, "loss_jax": j_loss, "loss_diff": abs(t_loss - j_loss),
                          "weight_diff": diff(weight_keys), "stat_diff": diff(stat_keys)})  # fmt: skip
-    report = {
-        "steps": steps, "dtype": dtype, "lr": lr, "batch_size": batch_size, "convention": convention,
-        "data": source, "tolerance": TRAJECTORY_TOLERANCE[dtype], **trajectory_verdict(rows, TRAJECTORY_TOLERANCE[dtype]),
-        "rows": rows,
-    }  # fmt: skip
-    if replicas is not None:
-        single = {"torch": {k: v.detach().numpy() for k, v in tmodel.state_dict().items()},
-                  "jax": convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})}  # fmt: skip
-        report["replicas"] = replica_trajectories(initial, batches, rows, single, replicas, dtype=dtype, lr=lr,
-                                                  convention=conv, weight_keys=weight_keys, stat_keys=stat_keys)  # fmt: skip
-        report["passed"] = report["passed"] and report["replicas"]["passed"]
-    return report
+    return rows, tmodel, state, initial, weight_keys, stat_keys, batches, source, conv
 
 
 def format_trajectory(report: Dict) -> str:
@@ -154,7 +185,8 @@ def format_trajectory(report: Dict) -> str:
     rows = report["rows"]
     out = [
         f"LeNet-BN trajectory: {report['steps']} SGD steps, lr {report['lr']}, batch {report['batch_size']}, "
-        f"{report['dtype']}, convention {report['convention']}, data {report['data']}",
+        f"{report['dtype']}{', precision bfloat16' if report.get('precision') == 'bfloat16' else ''}, "
+        f"convention {report['convention']}, data {report['data']}, TF32 off",
         f"{'step':>5}  {'loss torch':>12}  {'loss jax':>12}  {'|loss diff|':>11}  {'max |dW|':>9}  {'max |d stats|':>13}",
     ]
     stride = max(1, len(rows) // 20)
@@ -171,7 +203,10 @@ def format_trajectory(report: Dict) -> str:
     ]
     out.append("drift (max |loss diff| / max |dW|): " + "; ".join(growth))
     one_device = not report["nonfinite_steps"] and report["max_loss_diff"] <= report["tolerance"]
-    line = f"{'PASS' if one_device else 'FAIL'}: max |loss diff| {report['max_loss_diff']:.2e} (tolerance {report['tolerance']:g})"
+    judged = report.get("judged_steps", report["steps"])
+    over = "" if judged == report["steps"] else f" over steps 1-{judged} (the judged steps of {report['precision']})"
+    line = (f"{'PASS' if one_device else 'FAIL'}: max |loss diff| {report['max_loss_diff']:.2e}{over} "
+            f"(tolerance {report['tolerance']:g})")  # fmt: skip
     if report.get("nonfinite_steps"):
         steps = report["nonfinite_steps"]
         line += f"; a loss is NaN or infinite at {len(steps)} step(s), first at step {steps[0]}"

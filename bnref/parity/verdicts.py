@@ -10,10 +10,17 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["TRAJECTORY_TOLERANCE", "trajectory_verdict", "loss_verdict"]
+__all__ = ["TRAJECTORY_TOLERANCE", "TRAJECTORY_JUDGED_STEPS", "trajectory_verdict", "loss_verdict"]
 
-#: trajectory pass criterion: max |loss_torch - loss_jax| over all steps, per dtype
-TRAJECTORY_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
+#: trajectory pass criterion: max |loss_torch - loss_jax| over the judged steps, per dtype (or
+#: precision: "bfloat16" is ``--precision bfloat16``, float32 parameters)
+TRAJECTORY_TOLERANCE = {"float32": 1e-3, "float64": 1e-9, "bfloat16": 5e-2}
+#: where not every step is judged: bfloat16's first 10. Why: each bfloat16 step's gradients are off
+#: by a few roundings (2**-8 relative, ``bnref.spec.BF16_UNIT_ROUNDOFF``) differently in the two
+#: frameworks, so after one step at lr 1.0 the weights already differ by ~lr * |g| * 2**-8 (3.9e-2
+#: measured), and SGD at d2l's lr 1.0 amplifies that chaotically: max |loss diff| 2.4e-2 over steps
+#: 1-10, 0.48 at step 19 (lr 0.1: 1.1e-2 over 100 steps). Later steps are reported, not judged.
+TRAJECTORY_JUDGED_STEPS = {"bfloat16": 10}
 
 
 def trajectory_verdict(rows: Sequence[Dict], tolerance: float) -> Dict:

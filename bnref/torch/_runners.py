@@ -50,10 +50,14 @@ def _result(y, rm, rv, x, gamma, beta, dy, train: bool) -> Dict[str, np.ndarray]
     return out
 
 
-def run_functional(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
-    """``bnref.torch.batch_norm`` on the inputs, any layout (``axis``)."""
-    x, gamma, beta = (_tensor(inputs[k], dtype, grad=train) for k in ("x", "gamma", "beta"))
-    rm, rv, dy = (_tensor(inputs[k], dtype) for k in ("running_mean", "running_var", "dy"))
+def run_functional(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool, param_dtype=None):
+    """``bnref.torch.batch_norm`` on the inputs, any layout (``axis``). ``param_dtype`` (default
+    ``dtype``): of gamma, beta and the running statistics, e.g. float32 for a bfloat16 ``x``
+    (what training under ``torch.autocast`` feeds a BN layer)."""
+    pd = param_dtype or dtype
+    x, dy = _tensor(inputs["x"], dtype, grad=train), _tensor(inputs["dy"], dtype)
+    gamma, beta = (_tensor(inputs[k], pd, grad=train) for k in ("gamma", "beta"))
+    rm, rv = (_tensor(inputs[k], pd) for k in ("running_mean", "running_var"))
     y, new_rm, new_rv = batch_norm(x, gamma, beta, rm, rv, train=train, convention=convention, axis=axis)
     return _result(y, new_rm, new_rv, x, gamma, beta, dy, train)
 
@@ -67,7 +71,7 @@ def _layer_class(ndim: int, builtin: bool):
     return classes[ndim]
 
 
-def _run_module(layer, inputs, axis: int, dtype: str, train: bool):
+def _run_module(layer, inputs, axis: int, dtype: str, train: bool, param_dtype=None):
     """Load the inputs into ``layer`` (weight, bias, running stats), run one forward/backward.
 
     Layers take channels first (axis 1). Other layouts are transposed to channels-first and
@@ -80,31 +84,34 @@ def _run_module(layer, inputs, axis: int, dtype: str, train: bool):
     inv = list(np.argsort(perm))  # back to the original layout
     x = _tensor(inputs["x"], dtype, grad=train)
     dy = _tensor(inputs["dy"], dtype)
+    pd = param_dtype or dtype
     with torch.no_grad():
-        layer.weight.copy_(_tensor(inputs["gamma"], dtype))
-        layer.bias.copy_(_tensor(inputs["beta"], dtype))
-        layer.running_mean.copy_(_tensor(inputs["running_mean"], dtype))
-        layer.running_var.copy_(_tensor(inputs["running_var"], dtype))
+        layer.weight.copy_(_tensor(inputs["gamma"], pd))
+        layer.bias.copy_(_tensor(inputs["beta"], pd))
+        layer.running_mean.copy_(_tensor(inputs["running_mean"], pd))
+        layer.running_var.copy_(_tensor(inputs["running_var"], pd))
     layer.train(train)
     y = layer(x.permute(perm)).permute(inv)
     return _result(y, layer.running_mean, layer.running_var, x, layer.weight, layer.bias, dy, train)
 
 
-def run_layer(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
-    """bnref's ``BatchNorm1d/2d/3d`` configured with ``convention``."""
+def run_layer(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool, param_dtype=None):
+    """bnref's ``BatchNorm1d/2d/3d`` configured with ``convention`` (its parameters and buffers in
+    ``param_dtype``, default ``dtype``)."""
     c = inputs["x"].shape[axis]
-    layer = _layer_class(inputs["x"].ndim, builtin=False)(c, convention=convention, dtype=_DTYPES[dtype])
-    return _run_module(layer, inputs, axis, dtype, train)
+    layer = _layer_class(inputs["x"].ndim, builtin=False)(c, convention=convention, dtype=_DTYPES[param_dtype or dtype])
+    return _run_module(layer, inputs, axis, dtype, train, param_dtype)
 
 
-def run_builtin(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool):
-    """``torch.nn.BatchNorm1d/2d/3d`` with ``momentum = 1 - decay`` and the convention's eps."""
+def run_builtin(inputs, convention: spec.Convention, axis: int, dtype: str, train: bool, param_dtype=None):
+    """``torch.nn.BatchNorm1d/2d/3d`` with ``momentum = 1 - decay`` and the convention's eps
+    (parameters and buffers in ``param_dtype``, default ``dtype``)."""
     if convention.running_var == "biased":
         raise NotExpressible("torch.nn always uses the unbiased variance in its running average")
     c = inputs["x"].shape[axis]
     cls = _layer_class(inputs["x"].ndim, builtin=True)
-    layer = cls(c, eps=convention.eps, momentum=convention.torch_momentum, dtype=_DTYPES[dtype])
-    return _run_module(layer, inputs, axis, dtype, train)
+    layer = cls(c, eps=convention.eps, momentum=convention.torch_momentum, dtype=_DTYPES[param_dtype or dtype])
+    return _run_module(layer, inputs, axis, dtype, train, param_dtype)
 
 
 #: name -> runner, for ``python -m bnref.parity`` and the tests
