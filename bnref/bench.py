@@ -9,10 +9,11 @@ backend's ``bench_args`` / ``bench`` (``bnref.backends``) does the work; this is
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-from bnref import _cli, _io, backends
+from bnref import _cli, _io, backends, hardware
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -39,9 +40,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, m in modules.items():
         print(f"=== {name}", flush=True)
         results[name] = m.bench(parsed[name])
+        results[name]["distance_to_peak"] = distance_to_peak(results[name])
+        print(format_distance(results[name]["distance_to_peak"]), flush=True)
     if args.json_path is not None:
         _io.write_json(args.json_path, results if len(results) > 1 else results[names[0]])
     return 0
+
+
+def distance_to_peak(result: Dict) -> Dict[str, Dict]:
+    """Per variant of a backend's result: its median examples/sec as achieved FLOP/s of LeNet-BN
+    training and the fraction of the device's peak (``bnref.hardware``), bfloat16 variants
+    against the bfloat16 peak."""
+    device = result.get("device_kind") or result.get("device", "cpu")
+    rows = {}
+    for variant, rate in result["examples_per_sec"].items():
+        rate = statistics.median(rate) if isinstance(rate, list) else rate
+        precision = "bfloat16" if "bfloat16" in variant else "float32"
+        rows[variant] = hardware.fraction_of_peak(rate, device, precision, bool(result.get("tf32", False)))
+    return rows
+
+
+def format_distance(rows: Dict[str, Dict]) -> str:
+    """The lines ``bench`` prints: the FLOPs per example, the peak used, each variant's fraction."""
+    if not rows:
+        return ""
+    first = next(iter(rows.values()))
+    out = [f"distance to the limit: {first['flops_per_example'] / 1e6:.2f} MFLOP per training example "
+           f"(bnref.hardware); peak: {first['peak_source']}"]  # fmt: skip
+    for variant, r in rows.items():
+        frac = "peak unknown" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.2f} % of peak"
+        peak = "" if r["peak_flops"] is None else f" of {r['peak_flops'] / 1e12:.3g} TFLOP/s"
+        out.append(f"  {variant:>26}: {r['achieved_flops'] / 1e9:8.2f} GFLOP/s achieved, {frac}{peak}")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -103,3 +103,38 @@ def test_torch_compiled_and_bfloat16_variants_report_side_by_side(tmp_path, caps
     for v, row in saved.items():
         assert len(row["examples_per_sec"]) == 2 and row["examples_per_sec_median"] > 0
         assert (row["compile_seconds"] > 0) == ("compiled" in v), v
+
+
+# --- issue 18: the distance to the hardware's limit -------------------------------------------------
+
+
+def test_lenet_flops_per_training_example_are_counted_from_its_layers():
+    from bnref import hardware
+
+    forward_macs = 86_400 + 153_600 + 30_720 + 10_080 + 840  # conv1, conv2, fc1, fc2, fc3
+    assert hardware.lenet_train_flops() == 3 * 2 * forward_macs == 1_689_840
+
+
+def test_peak_figures_name_their_source_and_an_unknown_device_has_none():
+    from bnref import hardware
+
+    assert hardware.peak_flops("NVIDIA H200", "bfloat16") == (989e12, "H200 data-sheet dense bfloat16 peak")
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3", "float32")[0] == 67e12
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3", "float32", tf32=True)[0] == 495e12
+    peak, why = hardware.peak_flops("cpu")
+    assert peak is None or (peak > 1e9 and "cores x" in why)
+    assert hardware.peak_flops("Some TPU") == (None, "no peak figure known for 'Some TPU'")
+
+
+def test_the_bench_prints_each_variant_s_fraction_of_peak():
+    from bnref import bench as dispatcher
+
+    result = {"device": "cuda:0", "device_kind": "NVIDIA H200", "tf32": False,
+              "examples_per_sec": {"bnref": [1e6, 3e6, 2e6], "bnref+bfloat16": 4e6}}  # fmt: skip
+    rows = dispatcher.distance_to_peak(result)
+    assert rows["bnref"]["achieved_flops"] == 2e6 * 1_689_840  # the median of the rounds
+    assert rows["bnref"]["fraction_of_peak"] == pytest.approx(2e6 * 1_689_840 / 67e12)
+    assert rows["bnref+bfloat16"]["fraction_of_peak"] == pytest.approx(4e6 * 1_689_840 / 989e12)
+    text = dispatcher.format_distance(rows)
+    assert "1.69 MFLOP per training example" in text and "H200 data-sheet dense float32 peak" in text
+    assert "5.04 % of peak of 67 TFLOP/s" in text

@@ -138,7 +138,8 @@ def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: i
     if "flax-examples loop" in median:
         best = max((v for v in median if v != "flax-examples loop" and v in FLOAT32_LIKE), key=median.get, default=None)
         if best is not None:
-            ratios[f"fastest float32 bnref ({best}) / flax-examples loop"] = median[best] / median["flax-examples loop"]
+            label = f"fastest float32 variant of bnref's loop ({best}) / flax-examples loop"
+            ratios[label] = median[best] / median["flax-examples loop"]
     return {
         "device": device_name(dev), "device_kind": dev.device_kind, "source": source, "batch_size": batch_size,
         "steps": steps, "rounds": rounds, "steps_per_call": k, "examples_per_sec": median,
@@ -169,7 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-call", type=positive_int, default=None, metavar="K",
                    help="the fused variants' steps per compiled call (default: --steps)")
     p.add_argument("--variants", type=_variants, default=VARIANTS, metavar="A,B,...",
-                   help=f"which to measure, comma-separated (default: all of {', '.join(VARIANTS)})")
+                   help=f"which to measure, comma-separated, or all (default: all of {', '.join(VARIANTS)})")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, gpu/cuda or cuda:N")
     args = p.parse_args(argv)
     from bnref.jax.train import resolve_device
@@ -182,6 +183,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _variants(text: str):
+    if text.strip() == "all":
+        return VARIANTS
     names = tuple(v.strip() for v in text.split(","))
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
@@ -197,7 +200,7 @@ def run(args: argparse.Namespace) -> Dict:
         print(f"{name:>24}: {res['examples_per_sec'][name]:9.1f} examples/sec (median; warm-up incl. compile "
               f"{res['warmup_seconds'][name]:.1f} s)")  # fmt: skip
     for name, value in res["ratios"].items():
-        target = TARGETS.get(name.split(" (")[0], TARGETS.get(name))
+        target = next((t for key, t in TARGETS.items() if name.startswith(key)), None)
         note = f" (target >= {target}: {'met' if value >= target else 'NOT met'})" if target else ""
         print(f"ratio {name}: {value:.3f}{note}")
     return res

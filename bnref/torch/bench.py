@@ -299,7 +299,8 @@ def _run(args: argparse.Namespace) -> Dict:
                        "examples_per_sec_median": statistics.median(rs), "examples_per_sec_min": min(rs),
                        "examples_per_sec_max": max(rs), "examples_per_sec": rs,
                        "compile_seconds": compile_seconds.get(v, 0.0)}  # fmt: skip
-    return {"device": str(device), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": str(device), "device_kind": kind, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "steps": args.steps, "rounds": args.rounds, "data": source, "tf32": args.tf32, "torch": torch.__version__,
             "examples_per_sec": rates, "variants": variants, "ratios": ratios}  # fmt: skip
 
