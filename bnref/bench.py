@@ -40,8 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, m in modules.items():
         print(f"=== {name}", flush=True)
         results[name] = m.bench(parsed[name])
-        results[name]["distance_to_peak"] = distance_to_peak(results[name])
-        print(format_distance(results[name]["distance_to_peak"]), flush=True)
+        if results[name].get("examples_per_sec"):
+            results[name]["distance_to_peak"] = distance_to_peak(results[name])
+            print(format_distance(results[name]["distance_to_peak"]), flush=True)
     if args.json_path is not None:
         _io.write_json(args.json_path, results if len(results) > 1 else results[names[0]])
     return 0
