@@ -268,12 +268,19 @@ def float32_matmuls(tf32: bool):
     On the CPU they change nothing but are set all the same."""
     if not isinstance(tf32, bool):
         raise ValueError(f"tf32 must be True or False, got {tf32!r}")
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    cudnn = torch.backends.cudnn
+    current = {"enabled": cudnn.enabled, "benchmark": cudnn.benchmark, "deterministic": cudnn.deterministic}
+    if hasattr(cudnn, "benchmark_limit"):
+        current["benchmark_limit"] = cudnn.benchmark_limit
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        yield
+        # cudnn's flags through its own context manager: setting them directly raises once torch's
+        # test tools have called torch.backends.disable_global_flags() (as the test suite does)
+        with cudnn.flags(**current, allow_tf32=tf32):
+            yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _sync(device: torch.device) -> None:
