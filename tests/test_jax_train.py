@@ -82,6 +82,10 @@ def test_bench_runs_end_to_end(capsys):
     out = capsys.readouterr().out
     assert re.search(r"^ratio bnref BN / flax BN: \d+\.\d{3}", out, re.M), out
     assert re.search(r"^ratio bnref loop / flax-examples loop: \d+\.\d{3}", out, re.M), out
+    assert "peak device memory, all variants together (JAX keeps one peak per device): not reported by the cpu backend" in out
+    assert re.search(r"^ratio fastest float32 variant of bnref's loop \(.+\) / flax-examples loop: \d+\.\d{3} "
+                     r"\(target >= 1.2: (met|NOT met)\)$", out, re.M), out  # fmt: skip
+    assert re.search(r"^distance to the limit: 1.69 MFLOP per training example", out, re.M), out
     for name in bench.VARIANTS:
         assert re.search(rf"{re.escape(name)}: +\d+\.\d examples/sec", out), out
 

@@ -1,5 +1,6 @@
 """Training LeNet-BN with the torch backend through the real CLI, and the benchmark's entry point."""
 
+import json
 import dataclasses
 import math
 import re
@@ -105,6 +106,12 @@ def test_bench_runs_end_to_end_and_prints_ratios(tmp_path, capsys):
     assert re.search(r"^ratio bnref / torch.nn: \d+\.\d\d \(target >= 0.9", text, re.M)
     assert re.search(r"^ratio bnref / seed: \d+\.\d\d \(target >= 1.5", text, re.M)
     assert out.exists()
+    # peak memory beside speed: BN forward+backward of both layers on 256 MiB, in fresh processes
+    m = re.search(r"^BN forward\+backward peak memory, 256 MiB float32 NCHW input on cpu \(.+\): bnref (\d+) MiB, "
+                  r"torch.nn (\d+) MiB, ratio (\d+\.\d\d) \(target <= 1.1\)$", text, re.M)  # fmt: skip
+    assert m and int(m[1]) > 0 and int(m[2]) > 0, text
+    saved = json.loads(out.read_text())
+    assert saved["bn_memory"]["ratio"] == pytest.approx(int(m[1]) / int(m[2]), rel=0.05)
 
 
 @pytest.mark.slow

@@ -130,6 +130,8 @@ def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: i
                 done = r.run(steps)
                 per_round[name].append(done * batch_size / (time.perf_counter() - t0))
             log(f"round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in per_round.items()))
+    stats = dev.memory_stats() or {}  # None on the CPU backend
+    peak = stats.get("peak_bytes_in_use")
     median = {name: statistics.median(v) for name, v in per_round.items()}
     ratios = {}
     for label, (a, b) in RATIOS.items():
@@ -144,6 +146,7 @@ def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: i
         "device": device_name(dev), "device_kind": dev.device_kind, "source": source, "batch_size": batch_size,
         "steps": steps, "rounds": rounds, "steps_per_call": k, "examples_per_sec": median,
         "rounds_examples_per_sec": per_round, "warmup_seconds": compile_s, "ratios": ratios,
+        "peak_device_memory_mib": None if peak is None else peak / 2**20,
     }  # fmt: skip
 
 
@@ -172,6 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", type=_variants, default=VARIANTS, metavar="A,B,...",
                    help=f"which to measure, comma-separated, or all (default: all of {', '.join(VARIANTS)})")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, gpu/cuda or cuda:N")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="do not report peak device memory")
     args = p.parse_args(argv)
     from bnref.jax.train import resolve_device
 
@@ -199,6 +203,10 @@ def run(args: argparse.Namespace) -> Dict:
     for name in args.variants:
         print(f"{name:>24}: {res['examples_per_sec'][name]:9.1f} examples/sec (median; warm-up incl. compile "
               f"{res['warmup_seconds'][name]:.1f} s)")  # fmt: skip
+    if args.memory:
+        peak = res["peak_device_memory_mib"]
+        print("peak device memory, all variants together (JAX keeps one peak per device): "
+              + (f"{peak:.1f} MiB" if peak is not None else f"not reported by the {res['device']} backend"))
     for name, value in res["ratios"].items():
         target = next((t for key, t in TARGETS.items() if name.startswith(key)), None)
         note = f" (target >= {target}: {'met' if value >= target else 'NOT met'})" if target else ""

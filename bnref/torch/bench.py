@@ -207,6 +207,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds to wait after each seed round for its loader workers to go idle")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, or 'all'; default {','.join(DEFAULT_VARIANTS)}; choose from {VARIANTS}")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory measurements (BN forward+backward in fresh processes; on CUDA each "
+                        "variant's warm-up peak)")  # fmt: skip
     args = p.parse_args(argv)
     args.variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     bad = set(args.variants) - set(VARIANTS)
@@ -249,12 +252,17 @@ def _run(args: argparse.Namespace) -> Dict:
             loops[v] = _BnrefLoop(BNS[d["bn"]], images, labels, args.batch_size, device, compiled=d["compiled"],
                                   precision=d["precision"])  # fmt: skip
     compile_seconds: Dict[str, float] = {}
+    peak_mib: Dict[str, float] = {}  # CUDA: each variant's peak allocated memory over its warm-up
     try:
         for v, loop in loops.items():  # compile (compiled variants), then warm up: allocator, kernels, loader workers
             if isinstance(loop, _BnrefLoop) and describe(v)["compiled"]:
                 print(f"(compiling {v} ...)", flush=True)
                 compile_seconds[v] = loop.prepare()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             loop.run(args.warmup) if args.warmup else None
+            if device.type == "cuda" and isinstance(loop, _BnrefLoop):
+                peak_mib[v] = torch.cuda.max_memory_allocated(device) / 2**20
         rates: Dict[str, List[float]] = {v: [] for v in loops}
         names = list(loops)
         for r in range(args.rounds):
@@ -300,9 +308,25 @@ def _run(args: argparse.Namespace) -> Dict:
                        "examples_per_sec_max": max(rs), "examples_per_sec": rs,
                        "compile_seconds": compile_seconds.get(v, 0.0)}  # fmt: skip
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": str(device), "device_kind": kind, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+    memory = _bn_memory(device) if args.memory else None
+    if peak_mib:
+        print("peak CUDA memory over each variant's warm-up (torch.cuda.max_memory_allocated): "
+              + ", ".join(f"{v} {m:.1f} MiB" for v, m in peak_mib.items()))  # fmt: skip
+    return {"device": str(device), "device_kind": kind, "peak_memory_mib": peak_mib, "bn_memory": memory, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "steps": args.steps, "rounds": args.rounds, "data": source, "tf32": args.tf32, "torch": torch.__version__,
             "examples_per_sec": rates, "variants": variants, "ratios": ratios}  # fmt: skip
+
+
+def _bn_memory(device: torch.device) -> Dict:
+    """bnref's and torch.nn's training-mode BN forward+backward peak memory on a 256 MiB float32
+    NCHW input (:func:`bnref.torch.memory.compare_peak_memory`, a fresh process each), printed."""
+    from bnref.torch.memory import compare_peak_memory
+
+    m = compare_peak_memory(device=str(device))
+    print(f"BN forward+backward peak memory, 256 MiB float32 NCHW input on {device} ({m['bnref']['method']}): "
+          f"bnref {m['bnref']['peak_mib']:.0f} MiB, torch.nn {m['torch.nn']['peak_mib']:.0f} MiB, "
+          f"ratio {m['ratio']:.2f} (target <= 1.1)")  # fmt: skip
+    return m
 
 
 def _ratio(a: List[float], b: List[float]) -> float:
