@@ -159,10 +159,10 @@ def _fused_run(steps_per_call, epochs=(1, 2), n=300, batch_size=32):
 
 
 @pytest.mark.parametrize("k", [2, 4, 9])
-def test_k_steps_per_call_train_as_one_step_per_call_within_the_stated_bound(k):
-    """K steps in one lax.scan call: every step's loss and the final state agree with one step per
-    call within SCAN_AGREEMENT (not bit-identical on the CPU: the note says why), the epoch's
-    steps numbered as before, calls of K steps and a shorter last call (9 batches an epoch)."""
+def test_k_steps_per_call_are_bit_identical_to_one_step_per_call(k):
+    """K steps in one lax.scan call: every step's loss and the final weights and statistics equal
+    one step per call bit for bit, the epoch's steps numbered as before, in calls of K steps and a
+    shorter last call (9 batches an epoch)."""
     ref_losses, ref_numbering, ref_calls, ref_final = _fused_run(1)
     losses, numbering, calls, final = _fused_run(k)
     assert [t[:3] for t in numbering] == [t[:3] for t in ref_numbering] and len(losses) == 18
@@ -170,19 +170,45 @@ def test_k_steps_per_call_train_as_one_step_per_call_within_the_stated_bound(k):
     per_epoch = [k] * (9 // k) + ([9 % k] if 9 % k else [])
     assert calls == per_epoch * 2
     assert [t[3] for t in numbering[:9]] == [j for c in per_epoch for j in range(c)]
-    bound = jtrain.SCAN_AGREEMENT
-    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=bound["loss"])
+    assert losses == ref_losses
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(ref_final)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=bound["weights"])
-    assert not np.array_equal(jax.tree.leaves(final)[0], jax.tree.leaves(_fused_run(1, epochs=(1,))[3])[0])  # it trained
+        np.testing.assert_array_equal(a, b)
 
 
-def test_a_fused_step_would_fail_the_bound_if_it_skipped_a_step():
-    """The agreement test can fail: the same run one step short is far outside SCAN_AGREEMENT."""
+def test_with_lax_s_own_convolution_a_scanned_step_rounds_differently():
+    """Why LeNet-BN's convolutions take their gradients from bnref.jax.conv: with lax's own, one
+    step inside a scan differs from the same step jitted alone (measured 1.2e-7 on the CPU,
+    jaxlib 0.10.2), with bnref.jax.conv's it does not, and the two convolutions agree exactly."""
+    from bnref.jax.models import LeNetBN
+
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.random((64, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 64), jnp.int32)
+
+    def scanned(state):
+        return jax.lax.scan(lambda s, _: (jtrain._loss_and_updates(s, X, y)[0], None), state, None, length=1)[0]
+
+    def after(model, step):
+        state = jtrain.create_train_state(model, jax.random.key(0), 0.5, X[:1])
+        return [np.asarray(a) for a in jax.tree.leaves(jax.jit(step)(state).params)]
+
+    plain = lambda s: jtrain._loss_and_updates(s, X, y)[0]  # noqa: E731
+    ours, lax_own = LeNetBN(), LeNetBN(canonical_conv_grads=False)
+    for a, b in zip(after(ours, plain), after(ours, scanned)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(after(ours, plain), after(lax_own, plain)):
+        np.testing.assert_array_equal(a, b)  # the same numbers as lax's at the top level
+    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(after(lax_own, plain), after(lax_own, scanned)))
+    if worst == 0.0:
+        pytest.skip("this XLA compiles lax's convolution gradients alike inside a scan: the workaround is moot here")
+    assert worst < 1e-5
+
+
+def test_a_fused_run_that_skipped_a_step_would_fail_the_comparison():
+    """The bit-identity test can fail: the same run one step short differs."""
     ref = _fused_run(1)[3]
     short = _fused_run(4, n=268)[3]  # 8 batches an epoch instead of 9
-    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(ref)))
-    assert worst > 100 * jtrain.SCAN_AGREEMENT["weights"]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(ref)))
 
 
 def test_steps_per_call_defaults_per_platform_and_is_capped_by_the_epoch():
@@ -200,12 +226,12 @@ def test_steps_per_call_defaults_per_platform_and_is_capped_by_the_epoch():
 
 
 def test_cli_steps_per_call_trains_checkpoints_and_resumes(tiny_fashion_dir, tmp_path):
-    """--steps-per-call 3 through the CLI: the same curve as one step per call within the bound, a
+    """--steps-per-call 3 through the CLI: the same curve as one step per call, bit for bit, and a
     run directory whose resume continues it exactly (the run's own K, from its config)."""
     args = ["--train-limit", "256", "--test-limit", "128", "--batch-size", "32"]
     one = _run_cli(tiny_fashion_dir, *args, "--no-out")
     fused = _run_cli(tiny_fashion_dir, *args, "--steps-per-call", "3", "--out", str(tmp_path / "run"))
-    np.testing.assert_allclose([m["loss"] for m in fused], [m["loss"] for m in one], atol=jtrain.SCAN_AGREEMENT["loss"])
+    assert [m["step_losses"] for m in fused] == [m["step_losses"] for m in one]
     assert len(fused[0]["step_losses"]) == 8
     part = _run_cli(tiny_fashion_dir, *args, "--steps-per-call", "3", "--epochs", "1", "--out", str(tmp_path / "part"))
     resumed = cli.main(["--resume", str(tmp_path / "part"), "--epochs", "2", "--no-progress", "--data-dir", str(tiny_fashion_dir)])

@@ -183,10 +183,10 @@ def _fit_steps(state: TrainState, totals, X_all, y_all, perm, i0, *, batch_size:
     ``k``. Returns the state, the totals and the ``k`` batch losses ``(k,)``; ``state`` and
     ``totals`` are donated.
 
-    Not bit-identical to :func:`_fit_step` on the CPU (``SCAN_AGREEMENT``): XLA compiles a
-    loop body differently from a top-level computation (the convolutions' weight gradients
-    keep non-canonical layouts, ``f01b_i01o->01bf``, that the CPU's fast convolution does not
-    take, so a scanned step is also several times slower there; ``notes/steps-per-call.md``)."""
+    Bit-identical to ``k`` calls of :func:`_fit_step` (``tests/test_jax_train.py``): LeNet-BN's
+    convolutions take their gradients from ``bnref.jax.conv``, in the layouts XLA compiles the
+    same way inside a loop body as at the top level (with lax's own, a scanned step rounded
+    differently, ~2e-7, and ran 4-10x slower on a CPU; ``notes/steps-per-call.md``)."""
 
     def body(carry, i):
         state, totals, loss = _batch_step(*carry, X_all, y_all, perm, i, batch_size)
@@ -194,14 +194,6 @@ def _fit_steps(state: TrainState, totals, X_all, y_all, perm, i0, *, batch_size:
 
     (state, totals), losses = jax.lax.scan(body, (state, totals), i0 + jnp.arange(k))
     return state, totals, losses
-
-
-#: how far K steps per call may drift from one step per call, measured on the CPU (jaxlib 0.10.2):
-#: per step, parameters differ by up to ~2e-7 (a float32 rounding of the convolutions' weight
-#: gradients, see :func:`_fit_steps`); after 2 epochs of 9 steps (batch 32, lr 0.5) the losses agree
-#: to 4.8e-7 and the weights to 5.0e-6 (/tmp/x/k8.py in the note). ``tests/test_jax_train.py``
-#: holds fused runs to these bounds (about 10x the measured drift).
-SCAN_AGREEMENT = {"loss": 1e-5, "weights": 5e-5}
 
 
 def _call(k: int, size: int):
@@ -265,8 +257,8 @@ def train_steps(state: TrainState, X, y, *, seed: int, batch_size: int, epochs: 
     permutation and the totals are put on ``device`` (default: JAX's).
 
     ``steps_per_call``: K steps in one compiled call (``lax.scan``, :func:`_fit_steps`), the last
-    call of an epoch taking the rest; the same training as K = 1 within :data:`SCAN_AGREEMENT`
-    (not bit-identical: see :func:`_fit_steps`). ``compiled``: the step functions of :func:`compile_steps`
+    call of an epoch taking the rest; the same numbers as K = 1, bit for bit (see
+    :func:`_fit_steps`). ``compiled``: the step functions of :func:`compile_steps`
     (:func:`fit` compiles them ahead of time); by default they are jitted on first use."""
     n = int(X.shape[0])
     slices = batch_slices(n, batch_size)
@@ -305,9 +297,10 @@ def evaluate(state: TrainState, X, y, batch_size: int = 1000) -> float:
 
 
 #: steps per compiled call when ``--steps-per-call`` is not given, per platform. The CPU: 1,
-#: measured (``python -m bnref.bench --backend jax --variants "bnref BN,bnref BN fused"``: a step
-#: inside a scan is several times slower on XLA's CPU backend, whose fast convolution does not
-#: take the layouts it gives the weight gradients in a loop body; see :func:`_fit_steps`).
+#: measured (``python -m bnref.bench --backend jax --variants "bnref BN,bnref BN fused"
+#: --steps-per-call K``: fused / one step per call 1.08 at K = 50, 1.01 at K = 8, 0.90 at K = 200,
+#: the machine's noise; a step's ~30 ms of arithmetic dwarfs its dispatch), which keeps the
+#: progress bar moving per step.
 #: GPUs and TPUs: the whole epoch (None), as Keras' on-device loops do; a launch-bound step on
 #: a GPU is where one call per step costs most. Not yet measured on a GPU.
 DEFAULT_STEPS_PER_CALL = {"cpu": 1}
