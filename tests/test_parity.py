@@ -224,7 +224,8 @@ def test_bfloat16_trajectory_trains_float32_parameters_and_judges_its_first_step
     assert report["max_loss_diff"] == max(r["loss_diff"] for r in report["rows"][:10])
     assert max(r["loss_diff"] for r in report["rows"]) > 0  # bfloat16 on both sides: not bit-equal
     text = parity.format_trajectory(report)
-    assert "precision bfloat16" in text and "over steps 1-10" in text and "TF32 off" in text
+    assert "precision bfloat16" in text and "over steps 1-10" in text and "on cpu, TF32 off" in text
+    assert report["device"] == "cpu"
 
 
 def _stand_in():
@@ -237,6 +238,9 @@ def _stand_in():
     (["--trajectory", "--dtype", "bfloat16"], "for bfloat16 use --precision bfloat16"),
     (["--trajectory", "--precision", "bfloat16", "--dtype", "float64"], "no --dtype float64"),
     (["--replicas", "2", "--dtype", "bfloat16"], "--replicas compares --dtype float32 or float64"),
+    (["--trajectory", "--device", "cuda"], "device 'cuda' is not available"),
+    (["--trajectory", "--device", "tpu"], "unknown device"),
+    (["--trajectory", "--replicas", "2", "--device", "auto"], "--replicas run as CPU processes and devices"),
 ])  # fmt: skip
 def test_bfloat16_where_a_run_cannot_take_it_is_one_line_exit_2(argv, message, usage_error):
     assert message in usage_error(parity.main, [*argv, "--synthetic"]).err

@@ -28,6 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--impl", action="append", choices=sorted(IMPLEMENTATIONS), help="only these implementations")
     p.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes (matrix); trajectory dtype "
                    "(float32 or float64)")
+    p.add_argument("--device", default="cpu", help="trajectory: where both train: cpu (default), auto (a GPU when "
+                   "there is one), cuda or cuda:N; the matrix and the replicas run on the CPU")
     p.add_argument("--precision", choices=spec.PRECISIONS, default="float32",
                    help="trajectory: train as --precision does (bfloat16: float32 parameters and statistics)")
     p.add_argument("--conventions-table", action="store_true", help="print the README conventions table and exit")
@@ -60,6 +62,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dtype = (args.dtype or ["float32"])[-1]
         if dtype not in FULL_DTYPES:
             p.error(f"--trajectory trains in --dtype {' or '.join(FULL_DTYPES)}; for bfloat16 use --precision bfloat16")
+        if args.replicas is not None and args.device != "cpu":
+            p.error("--replicas run as CPU processes and devices: no --device")
+        try:
+            from bnref.jax.train import resolve_device as jax_device
+            from bnref.torch.train import resolve_device as torch_device
+
+            torch_device(args.device), jax_device(args.device)
+        except ValueError as e:
+            p.error(str(e))
         if args.precision != "float32" and (dtype != "float32" or args.replicas is not None):
             p.error("--precision bfloat16 trains float32 parameters on one device: no --dtype float64, no --replicas")
         ds = _cli.load_data(p, args, file=sys.stderr if args.json else None, **_stand_in_sizes(args.batch_size, 0))
@@ -67,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training examples of {ds.source}")
         report = trajectory(args.steps, dtype=dtype, lr=args.lr, batch_size=args.batch_size,
                             convention=args.convention, replicas=args.replicas, data=ds,
-                            precision=args.precision)  # fmt: skip
+                            precision=args.precision, device=args.device)  # fmt: skip
         print(_io.dumps(report) if args.json else format_trajectory(report))
         return 0 if report["passed"] else 1
     start = time.perf_counter()

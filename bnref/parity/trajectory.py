@@ -62,6 +62,7 @@ def trajectory(
     replicas: Optional[int] = None,
     data=None,
     precision: str = "float32",
+    device: str = "cpu",
 ) -> Dict:
     """Train one LeNet-BN in both frameworks and compare them step by step.
 
@@ -78,6 +79,9 @@ def trajectory(
     convolutions never use TF32 here (JAX ``default_matmul_precision("float32")``, torch's
     ``allow_tf32`` flags off for the run).
 
+    ``device``: where both train (``"cpu"``, ``"auto"``: a GPU when there is one, ``"cuda"`` /
+    ``"cuda:N"``); the replicas always run on the CPU.
+
     ``data``: a ``bnref.data.FashionMNIST`` to take the batches from (default:
     :func:`trajectory_data` of ``data_dir``: Fashion-MNIST, an error when absent).
 
@@ -90,6 +94,8 @@ def trajectory(
         raise ValueError(f"dtype must be one of {DTYPES} (bfloat16 is a precision: precision='bfloat16'), got {dtype!r}")
     if precision not in spec.PRECISIONS:
         raise ValueError(f"precision must be one of {spec.PRECISIONS}, got {precision!r}")
+    if replicas is not None and device != "cpu":
+        raise ValueError("replicas run as CPU processes and devices: device must be 'cpu'")
     if precision != "float32" and (dtype != "float32" or replicas is not None):
         raise ValueError("precision bfloat16 trains float32 parameters on one device: dtype float32, no replicas")
     if steps < 1:
@@ -111,11 +117,11 @@ def trajectory(
 
     with float32_matmuls(False), jax.default_matmul_precision("float32"):
         rows, tmodel, state, initial, weight_keys, stat_keys, batches, source, conv = _train_both(
-            steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision)
+            steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision, device)
     key = precision if precision != "float32" else dtype  # the tolerance's
     judged = min(steps, TRAJECTORY_JUDGED_STEPS.get(key, steps))
     report = {
-        "steps": steps, "dtype": dtype, "precision": precision, "lr": lr, "batch_size": batch_size, "convention": convention,
+        "steps": steps, "dtype": dtype, "precision": precision, "device": device, "lr": lr, "batch_size": batch_size, "convention": convention,
         "data": source, "tolerance": TRAJECTORY_TOLERANCE[key], "judged_steps": judged,
         **trajectory_verdict(rows[:judged], TRAJECTORY_TOLERANCE[key]),
         "rows": rows,
@@ -129,7 +135,7 @@ def trajectory(
     return report
 
 
-def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision):
+def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision, device):
     """The trajectory's two trainings, step by step: ``(rows, torch model, Flax state, initial
     torch state, weight keys, statistics keys, batches, data source, convention)``."""
     import jax
@@ -146,33 +152,35 @@ def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, 
     conv = spec.preset(convention)
     batches, source = _trajectory_batches(steps, batch_size, data if data is not None else trajectory_data(data_dir), seed)
     tdtype = getattr(torch, dtype)
-    cpu = torch.device("cpu")
+    tdev, jdev = ttrain.resolve_device(device), jtrain.resolve_device(device)  # ValueError for one not there
     torch.manual_seed(seed)
     tmodel = TorchLeNetBN(bn="bnref", convention=conv).to(tdtype)
-    opt = torch.optim.SGD(tmodel.parameters(), lr=lr)
     initial = {k: v.detach().numpy().copy() for k, v in tmodel.state_dict().items()}
+    tmodel = tmodel.to(tdev)
+    opt = torch.optim.SGD(tmodel.parameters(), lr=lr)
+    host = lambda: {k: v.detach().cpu() for k, v in tmodel.state_dict().items()}  # noqa: E731
     stat_keys = [k for k in tmodel.state_dict() if k.endswith(("running_mean", "running_var"))]
     weight_keys = [k for k, _ in tmodel.named_parameters()]
     rows = []
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
-    with jax.enable_x64(dtype == "float64"), jax.default_device(jax.devices("cpu")[0]):
+    autocast = torch.autocast(tdev.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    with jax.enable_x64(dtype == "float64"), jax.default_device(jdev):
         jdtype = jnp.dtype(dtype)
         compute = jnp.bfloat16 if precision == "bfloat16" else jdtype
         fmodel = FlaxLeNetBN(bn="bnref", convention=conv, dtype=compute, param_dtype=jdtype)
-        variables = convert.torch_to_flax(tmodel.state_dict())
+        variables = convert.torch_to_flax(host())
         cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jdtype), tree)  # noqa: E731
         state = jtrain.TrainState.create(
             apply_fn=fmodel.apply, params=cast(variables["params"]),
             batch_stats=cast(variables["batch_stats"]), tx=optax.sgd(lr),
         )  # fmt: skip
         for step, (images, labels) in enumerate(batches, start=1):
-            tX, ty = ttrain.load_tensors(images, labels, cpu)
+            tX, ty = ttrain.load_tensors(images, labels, tdev)
             with autocast:
                 t_loss = float(ttrain.train_step(tmodel, opt, tX.to(tdtype), ty))
             jX = jnp.asarray(jtrain.prepare_images(images), jdtype)
             state, j_loss, _ = jtrain.train_step(state, jX, jnp.asarray(labels))
             back = convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})
-            sd = tmodel.state_dict()
+            sd = host()
             diff = lambda keys: max(float(np.max(np.abs(back[k] - sd[k].numpy()))) for k in keys)  # noqa: E731
             j_loss = float(j_loss)
             rows.append({"step": step, "loss_torch": t_loss, "loss_jax": j_loss, "loss_diff": abs(t_loss - j_loss),
@@ -186,7 +194,7 @@ def format_trajectory(report: Dict) -> str:
     out = [
         f"LeNet-BN trajectory: {report['steps']} SGD steps, lr {report['lr']}, batch {report['batch_size']}, "
         f"{report['dtype']}{', precision bfloat16' if report.get('precision') == 'bfloat16' else ''}, "
-        f"convention {report['convention']}, data {report['data']}, TF32 off",
+        f"convention {report['convention']}, data {report['data']}, on {report.get('device', 'cpu')}, TF32 off",
         f"{'step':>5}  {'loss torch':>12}  {'loss jax':>12}  {'|loss diff|':>11}  {'max |dW|':>9}  {'max |d stats|':>13}",
     ]
     stride = max(1, len(rows) // 20)
