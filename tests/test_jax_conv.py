@@ -61,3 +61,16 @@ def test_forward_mode_through_the_rewritten_convolution_is_refused_and_lax_s_tak
         else:
             with pytest.raises(TypeError, match="custom_vjp"):
                 jax.jvp(f, (x,), (x,))
+
+
+def test_a_flax_whose_conv_takes_no_function_gets_lax_s_convolution(monkeypatch):
+    """Older Flax (before Conv's conv_general_dilated field): the model still builds, with lax's
+    convolution (a version check, not a crash); this Flax has the field."""
+    from bnref.jax import models
+
+    assert models.CONV_TAKES_A_FUNCTION
+    monkeypatch.setattr(models, "CONV_TAKES_A_FUNCTION", False)
+    x = jnp.ones((2, 28, 28, 1))
+    model = models.LeNetBN()
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert jax.jvp(lambda x: model.apply(variables, x, train=False), (x,), (x,))[1].shape == (2, 10)

@@ -13,6 +13,7 @@ converter permutes ``fc1``'s rows when it moves weights to/from torch's NCHW ord
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Union
 
 import jax.numpy as jnp
@@ -25,6 +26,10 @@ from bnref.jax.functional import resolve_convention
 from bnref.jax.layers import BatchNorm
 
 __all__ = ["LeNetBN", "BN_CHOICES"]
+
+#: whether this Flax's Conv takes its convolution as a field (Flax >= 0.7); an older one runs lax's
+#: own, and K steps per call are then not bit-identical to one on a CPU (``bnref.jax.conv``)
+CONV_TAKES_A_FUNCTION = "conv_general_dilated" in {f.name for f in dataclasses.fields(nn.Conv)}
 
 
 class LeNetBN(nn.Module):
@@ -78,7 +83,8 @@ class LeNetBN(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        conv = dict(kw, conv_general_dilated=_conv.conv_general_dilated) if self.canonical_conv_grads else kw
+        canonical = self.canonical_conv_grads and CONV_TAKES_A_FUNCTION
+        conv = dict(kw, conv_general_dilated=_conv.conv_general_dilated) if canonical else kw
 
         def norm(h, name):
             if self.bn == "none":
