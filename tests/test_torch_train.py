@@ -248,14 +248,20 @@ def test_bfloat16_reaches_float32_test_accuracy_on_real_fashion_mnist(real_fashi
 @pytest.mark.parametrize("tf32", [False, True])
 def test_tf32_switches_are_set_as_asked_for_the_run_and_put_back(tiny_fashion_dir, tf32):
     switches = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
-    saved = switches()
+    saved = torch.backends.cuda.matmul.allow_tf32
     during = []
+    cudnn = torch.backends.cudnn
+    # cuDNN's switches through its flags() context (setting them directly raises once torch's test
+    # tools have run disable_global_flags(), as they have earlier in the suite)
+    before = cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=not tf32)  # fmt: skip
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32  # the opposite, before
-        config = train.TrainConfig(backend="torch", epochs=1, batch_size=128, data_dir=str(tiny_fashion_dir),
-                                   download=False, progress=False, tf32=tf32)  # fmt: skip
-        train.train_and_evaluate(config, on_epoch=lambda m: during.append(switches()))
-        after = switches()
+        with before:
+            torch.backends.cuda.matmul.allow_tf32 = not tf32  # the opposite, before
+            config = train.TrainConfig(backend="torch", epochs=1, batch_size=128, data_dir=str(tiny_fashion_dir),
+                                       download=False, progress=False, tf32=tf32)  # fmt: skip
+            train.train_and_evaluate(config, on_epoch=lambda m: during.append(switches()))
+            after = switches()
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32 = saved
     assert during == [(tf32, tf32)] and after == (not tf32, not tf32)

@@ -51,7 +51,29 @@ def _conv_valid_bwd(residuals, g):
     x_t = x.transpose(3, 1, 2, 0)  # (Ci, H, W, N)
     g_t = g.transpose(1, 2, 0, 3)  # (Ho, Wo, N, Co)
     dw = lax.conv_general_dilated(x_t, g_t, (1, 1), "VALID", dimension_numbers=_DN)  # (Ci, kh, kw, Co)
-    return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+    return _as_primal(dx.astype(x.dtype), x), _as_primal(dw.transpose(1, 2, 0, 3).astype(w.dtype), w)
+
+
+def _as_primal(cotangent, primal):
+    """``cotangent`` summed over the ``shard_map`` axes it varies along and ``primal`` does not
+    (a replicated kernel meeting a sharded batch): what JAX's own transpose of the implicit
+    ``pvary`` does, so that data-parallel gradients come out replicated and summed as with lax's
+    convolution. A no-op outside ``shard_map`` and on a JAX without varying-axis types."""
+    extra = _varying(cotangent) - _varying(primal)
+    return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
+def _varying(x) -> frozenset:
+    """The ``shard_map`` axes ``x`` varies along: ``typeof(x).manual_axis_type.varying`` (JAX
+    0.10), ``typeof(x).vma`` (JAX 0.6-0.9), none on a JAX without either."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return frozenset()
+    aval = typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", frozenset()))
 
 
 conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)

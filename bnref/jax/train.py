@@ -132,7 +132,9 @@ def _loss_and_updates(state: TrainState, X, y):
             {"params": params, "batch_stats": state.batch_stats}, X, train=True, mutable=["batch_stats"]
         )
         # bfloat16 logits (--precision bfloat16): the loss in float32, as the gradients it starts
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+        # (a float64 model's stays float64)
+        logits32 = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits32, y).mean()
         return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

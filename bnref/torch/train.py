@@ -116,12 +116,14 @@ def compute_context(device_type: str, precision: str = "float32"):
 
 def forward_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor, precision: str = "float32"):
     """``(loss, correct)`` of ``model`` on the batch ``(X, y)`` in the mode it is in: the mean
-    cross-entropy, on float32 logits whatever the precision (so the loss and its gradient's start
-    are float32), and the number of correct predictions (0-d int64), both on the device. What the
+    cross-entropy, on logits of at least float32 whatever the precision (so the loss and its
+    gradient's start are float32 under bfloat16), and the number of correct predictions (0-d int64), both on the device. What the
     compiled step compiles (:mod:`bnref.torch.compiled`)."""
     with compute_context(X.device.type, precision):
         logits = model(X)  # (B, 10), bfloat16 under autocast
-    loss = nn.functional.cross_entropy(logits.float(), y)  # mean over the batch; .float() is a no-op in float32
+    # mean over the batch, on logits of at least float32 (bfloat16 ones under autocast promoted; a
+    # float64 model's stay float64: .float() would round the trajectory's float64 loss to float32)
+    loss = nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
     return loss, (logits.argmax(1) == y).sum()
 
 
