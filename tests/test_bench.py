@@ -139,3 +139,15 @@ def test_the_bench_prints_each_variant_s_fraction_of_peak():
     text = dispatcher.format_distance(rows)
     assert "1.69 MFLOP per training example" in text and "H200 data-sheet dense float32 peak" in text
     assert "5.04 % of peak of 67 TFLOP/s" in text
+
+
+def test_the_options_bench_backend_all_passes_to_both_backends_parse_in_both():
+    """`python -m bnref.bench --backend all` hands the same options to every backend: the shared
+    ones (device, variants, TF32, memory) must parse in each."""
+    import bnref.jax.bench as jax_bench
+    import bnref.torch.bench as torch_bench
+
+    argv = ["--device", "cpu", "--variants", "all", "--tf32", "--no-memory", "--steps", "3", "--rounds", "1"]
+    for module in (jax_bench, torch_bench):
+        args = module.parse_args(argv)
+        assert args.tf32 and not args.memory and list(args.variants) == list(module.VARIANTS)

@@ -90,7 +90,7 @@ class _FlaxExamplesLoop:
 
 
 def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: int = 0, log=print,
-            variants=VARIANTS, steps_per_call=None, device: str = "auto") -> Dict:
+            variants=VARIANTS, steps_per_call=None, device: str = "auto", tf32: bool = False) -> Dict:
     """Run the interleaved benchmark on the training split of ``ds`` (a ``bnref.data.FashionMNIST``;
     at most the examples it needs); returns examples/sec per variant (median and all rounds).
     ``steps_per_call``: the fused variants' K (default: ``steps``, one compiled call per round)."""
@@ -114,10 +114,12 @@ def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: i
         "no BN": lambda: _OnDeviceLoop("none", X, y, batch_size, 0.1, seed),
         "flax-examples loop": lambda: _FlaxExamplesLoop("builtin", X, y, perm, batch_size, 0.1, seed),
     }
-    with jax.default_device(dev), jax.default_matmul_precision("float32"):
+    from bnref.jax.train import matmul_precision
+
+    with jax.default_device(dev), matmul_precision(tf32):
         runners = {name: make[name]() for name in variants}
         log(f"data: {source}, {n} examples; batch {batch_size}, {steps} steps x {rounds} rounds; fused: {k} steps per "
-            f"call; device {device_name(dev)} ({dev.device_kind}); jax {jax.__version__}")  # fmt: skip
+            f"call; device {device_name(dev)} ({dev.device_kind}); jax {jax.__version__}; TF32 {'on' if tf32 else 'off'}")  # fmt: skip
         compile_s = {}
         for name, r in runners.items():  # compile and warm up, excluded from timing
             t0 = time.perf_counter()
@@ -146,7 +148,7 @@ def measure(ds, steps: int = 50, rounds: int = 5, batch_size: int = 256, seed: i
         "device": device_name(dev), "device_kind": dev.device_kind, "source": source, "batch_size": batch_size,
         "steps": steps, "rounds": rounds, "steps_per_call": k, "examples_per_sec": median,
         "rounds_examples_per_sec": per_round, "warmup_seconds": compile_s, "ratios": ratios,
-        "peak_device_memory_mib": None if peak is None else peak / 2**20,
+        "peak_device_memory_mib": None if peak is None else peak / 2**20, "tf32": tf32,
     }  # fmt: skip
 
 
@@ -176,6 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"which to measure, comma-separated, or all (default: all of {', '.join(VARIANTS)})")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, gpu/cuda or cuda:N")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="do not report peak device memory")
+    p.add_argument("--tf32", action="store_true", help="let float32 matmuls/convolutions use TF32 on GPUs (off: as fit)")
     args = p.parse_args(argv)
     from bnref.jax.train import resolve_device
 
@@ -199,7 +202,8 @@ def _variants(text: str):
 def run(args: argparse.Namespace) -> Dict:
     """Measure, print the medians and the ratios; returns the measurements (for ``--json``)."""
     res = measure(args.data, args.steps, args.rounds, args.batch_size, args.seed, log=lambda s: print(s, flush=True),
-                  variants=args.variants, steps_per_call=args.steps_per_call, device=args.device)  # fmt: skip
+                  variants=args.variants, steps_per_call=args.steps_per_call, device=args.device,
+                  tf32=args.tf32)  # fmt: skip
     for name in args.variants:
         print(f"{name:>24}: {res['examples_per_sec'][name]:9.1f} examples/sec (median; warm-up incl. compile "
               f"{res['warmup_seconds'][name]:.1f} s)")  # fmt: skip
