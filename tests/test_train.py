@@ -37,6 +37,15 @@ BAD = {
     "train_limit": ({"train_limit": 1}, "train_limit must be an int >= 2"),
     "test_limit": ({"test_limit": 0}, "test_limit must be an int >= 1"),
     "seed": ({"seed": -1}, r"seed must be an int in \[0, 4294967295\]"),
+    # issue 18's speed options: refused where the backend or the run cannot honour them
+    "precision": ({"precision": "float16"}, r"precision must be one of \('float32', 'bfloat16'\)"),
+    "compile-not-bool": ({"backend": "torch", "compile": 1}, "compile must be True or False"),
+    "tf32-not-bool": ({"tf32": "yes"}, "tf32 must be True or False"),
+    "compile-jax": ({"backend": "jax", "compile": True}, "the jax backend's steps are always compiled"),
+    "compile-replicas": ({"backend": "torch", "compile": True, "replicas": 2}, "compile is for one device"),
+    "bf16-replicas": ({"backend": "jax", "precision": "bfloat16", "replicas": 2}, "precision bfloat16 is for one device"),
+    "steps-per-call-torch": ({"backend": "torch", "steps_per_call": 4}, "the torch backend takes one step per call"),
+    "steps-per-call-zero": ({"backend": "jax", "steps_per_call": 0}, "steps_per_call must be an int >= 1"),
 }
 
 
@@ -61,6 +70,8 @@ BAD_FLAGS = {  # each must be argparse's one-line error (exit 2) before any data
     "epochs-zero": (["--epochs", "0"], "argument --epochs: must be >= 1"),
     "device-cuda": (["--device", "cuda"], "device 'cuda' is not available"),
     "device-unknown": (["--device", "tpu7"], "device 'tpu7'"),
+    "precision-unknown": (["--precision", "float16"], "argument --precision: invalid choice"),
+    "steps-per-call-zero": (["--steps-per-call", "0"], "argument --steps-per-call: must be >= 1"),
     "plot-format": (["--plot", "{tmp}/curves.xyz"], "unknown image format '.xyz'"),
     "plot-dir-missing": (["--plot", "{tmp}/no/such/dir/c.png"], "does not exist"),
     "plot-is-dir": (["--plot", "{tmp}"], "is a directory"),
