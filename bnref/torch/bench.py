@@ -42,8 +42,8 @@ import torch
 
 from bnref._cli import int_at_least, non_negative_float, positive_int
 from bnref.torch import _seed
-from bnref.torch.compiled import check_compile_support
-from bnref.torch.train import (_sync, float32_matmuls, load_tensors, make_model, make_step, resolve_device, run_steps,
+from bnref.torch.compiled import check_compile_support, synchronize
+from bnref.torch.train import (float32_matmuls, load_tensors, make_model, make_step, resolve_device, run_steps,
                                train_steps)  # fmt: skip
 
 #: the BN of each loop variant (``bnref.config.BN_CHOICES``' names)
@@ -271,10 +271,10 @@ def _run(args: argparse.Namespace) -> Dict:
             # follows each other one equally often.
             for v in names[r % len(names):] + names[: r % len(names)]:
                 loop = loops[v]
-                _sync(device)
+                synchronize(device)
                 t0 = time.perf_counter()
                 seen = loop.run(args.steps)
-                _sync(device)
+                synchronize(device)
                 rates[v].append(seen / (time.perf_counter() - t0))
                 if v == "seed" and args.settle > 0:
                     # The seed's loader workers now refill their prefetch queue in the

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 __all__ = ["Strategy", "compile_strategy", "check_compile_support", "StaticBatch", "CompiledStep", "plain_sgd_lr",
-           "snapshot", "restore"]
+           "snapshot", "restore", "synchronize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +200,8 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing on the CPU, which runs it as called."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -297,11 +298,11 @@ class CompiledStep:
         ``idx``, then restore the model and optimizer in place: seconds taken (kept as
         ``compile_seconds``). Training afterwards is as if it had not happened."""
         saved = snapshot(self.model, self.optimizer)
-        _sync(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         for _ in range(self.strategy.warmup_calls):
             self(X, y, idx)
-        _sync(self.device)
+        synchronize(self.device)
         self.compile_seconds = time.perf_counter() - t0
         restore(self.model, self.optimizer, saved)
         return self.compile_seconds

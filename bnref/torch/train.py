@@ -35,7 +35,7 @@ from torch import nn
 
 from bnref import spec
 from bnref.torch import distributed
-from bnref.torch.compiled import CompiledStep, check_compile_support
+from bnref.torch.compiled import CompiledStep, check_compile_support, synchronize
 from bnref.torch.models import LeNetBN
 from bnref.schedule import batch_slices, check_finite_loss, epoch_metrics, epoch_permutation
 
@@ -285,11 +285,6 @@ def float32_matmuls(tf32: bool):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     """Train LeNet-BN per ``config`` (a ``bnref.config.TrainConfig``) on ``data`` (a
     ``bnref.data.FashionMNIST``); returns one metrics dict per epoch, each also passed to
@@ -443,7 +438,7 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
         size = min(config.batch_size // world, X_train.shape[0])  # train_steps' batch (eager: nothing to warm up)
         compile_seconds = step.warm_up(X_train, y_train, torch.arange(size, device=device))
         for epoch in range(first, config.epochs + 1):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             steps = train_steps(net, optimizer, X_train, y_train, seed=config.seed, batch_size=config.batch_size,
                                 epochs=(epoch,), rank=rank, world=world, step=step)  # fmt: skip
@@ -458,7 +453,7 @@ def _train(config, data, on_epoch: Callable[[Dict], None], device: torch.device,
                 step_losses /= world  # equal slices: the global batch's mean loss
                 for buffer in model.buffers():  # the running statistics evaluation uses: rank 0's
                     torch.distributed.broadcast(buffer, 0)
-            _sync(device)
+            synchronize(device)
             seconds = time.perf_counter() - t0
             test_acc = _evaluate_shared(model, X_test, y_test, rank, world, config.precision)
             t1 = time.perf_counter()
