@@ -213,9 +213,18 @@ def compile_steps(state: TrainState, X, y, *, batch_size: int, steps_per_call: i
     slices = batch_slices(n, batch_size)
     size = slices[0][1]
     totals, perm = jnp.zeros(2, jnp.float32), jnp.zeros(n, jnp.int32)
-    sizes = {min(steps_per_call, len(slices)), len(slices) % steps_per_call} - {0}
-    return {k: _call(k, size).func.lower(state, totals, X, y, perm, 0, **_call(k, size).keywords).compile()
-            for k in sorted(sizes)}  # fmt: skip
+
+    def ahead_of_time(k: int):
+        call = _call(k, size)
+        return call.func.lower(state, totals, X, y, perm, 0, **call.keywords).compile()
+
+    return {k: ahead_of_time(k) for k in _call_sizes(len(slices), steps_per_call)}
+
+
+def _call_sizes(steps: int, steps_per_call: int) -> List[int]:
+    """The numbers of steps an epoch of ``steps`` steps is called in: ``steps_per_call`` (at most
+    ``steps``) and the shorter last call's, when there is one."""
+    return sorted({min(steps_per_call, steps), steps % steps_per_call} - {0})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +277,7 @@ def train_steps(state: TrainState, X, y, *, seed: int, batch_size: int, epochs: 
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
     if compiled is None:
-        compiled = {k: _call(k, size) for k in range(1, steps_per_call + 1)}
+        compiled = {k: _call(k, size) for k in _call_sizes(len(slices), steps_per_call)}
     for epoch in epochs:
         perm = jax.device_put(epoch_permutation(seed, epoch, n), device)  # (N,) example order
         totals = jax.device_put(jnp.zeros(2, jnp.float32), device)  # loss sum, number correct
