@@ -76,8 +76,8 @@ def trajectory(
     ``precision="bfloat16"``: both train as ``--precision bfloat16`` does (float32 parameters,
     statistics and SGD; torch under ``torch.autocast(dtype=bfloat16)``, Flax with
     ``dtype=bfloat16``), judged by ``TRAJECTORY_TOLERANCE["bfloat16"]``. Float32 matmuls and
-    convolutions never use TF32 here (JAX ``default_matmul_precision("float32")``, torch's
-    ``allow_tf32`` flags off for the run).
+    convolutions never use TF32 here (``bnref.jax.train.matmul_precision`` and
+    ``bnref.torch.train.float32_matmuls``, off for the run).
 
     ``device``: where both train (``"cpu"``, ``"auto"``: a GPU when there is one, ``"cuda"`` /
     ``"cuda:N"``); the replicas always run on the CPU.
@@ -110,12 +110,11 @@ def trajectory(
         if batch_size % replicas or batch_size // replicas < 2:
             raise ValueError(f"batch_size {batch_size} must split into {replicas} equal slices of at least 2 examples "
                              "(unsynchronized BN normalizes each slice alone)")  # fmt: skip
-    import jax
-
     from bnref import convert
+    from bnref.jax.train import matmul_precision
     from bnref.torch.train import float32_matmuls
 
-    with float32_matmuls(False), jax.default_matmul_precision("float32"):
+    with float32_matmuls(False), matmul_precision(False):
         rows, tmodel, state, initial, weight_keys, stat_keys, batches, source, conv = _train_both(
             steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision, device)
     key = precision if precision != "float32" else dtype  # the tolerance's
@@ -162,7 +161,6 @@ def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, 
     stat_keys = [k for k in tmodel.state_dict() if k.endswith(("running_mean", "running_var"))]
     weight_keys = [k for k, _ in tmodel.named_parameters()]
     rows = []
-    autocast = torch.autocast(tdev.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     with jax.enable_x64(dtype == "float64"), jax.default_device(jdev):
         jdtype = jnp.dtype(dtype)
         compute = jnp.bfloat16 if precision == "bfloat16" else jdtype
@@ -175,8 +173,7 @@ def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, 
         )  # fmt: skip
         for step, (images, labels) in enumerate(batches, start=1):
             tX, ty = ttrain.load_tensors(images, labels, tdev)
-            with autocast:
-                t_loss = float(ttrain.train_step(tmodel, opt, tX.to(tdtype), ty))
+            t_loss = float(ttrain.train_step(tmodel, opt, tX.to(tdtype), ty, precision=precision))
             jX = jnp.asarray(jtrain.prepare_images(images), jdtype)
             state, j_loss, _ = jtrain.train_step(state, jX, jnp.asarray(labels))
             back = convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})

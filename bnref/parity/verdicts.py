@@ -18,8 +18,8 @@ TRAJECTORY_TOLERANCE = {"float32": 1e-3, "float64": 1e-9, "bfloat16": 5e-2}
 #: where not every step is judged: bfloat16's first 10. Why: each bfloat16 step's gradients are off
 #: by a few roundings (2**-8 relative, ``bnref.spec.BF16_UNIT_ROUNDOFF``) differently in the two
 #: frameworks, so after one step at lr 1.0 the weights already differ by ~lr * |g| * 2**-8 (3.9e-2
-#: measured), and SGD at d2l's lr 1.0 amplifies that chaotically: max |loss diff| 2.4e-2 over steps
-#: 1-10, 0.48 at step 19 (lr 0.1: 1.1e-2 over 100 steps). Later steps are reported, not judged.
+#: measured), and SGD at d2l's lr 1.0 amplifies that chaotically: max |loss diff| 2.0e-2 over steps
+#: 1-10, 0.47 at step 19 (lr 0.1: 6.5e-3 over 100 steps; measured at 5f78cc8). Later steps are reported, not judged.
 TRAJECTORY_JUDGED_STEPS = {"bfloat16": 10}
 
 
