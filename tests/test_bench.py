@@ -23,9 +23,14 @@ from bnref import bench
         (["--backend", "jax", "--batch-size", "1"], "argument --batch-size: must be >= 2"),
         (["--backend", "all", "--threads", "1"], "unrecognized arguments: --threads 1"),
         (["--backend", "all", "--json", "/no/such/dir/bench.json"], "does not exist"),
+        (["--backend", "jax", "--variants", "bnref BN,nope"], "unknown variant(s) ['nope']"),
+        (["--backend", "jax", "--steps-per-call", "0"], "argument --steps-per-call: must be >= 1"),
+        (["--backend", "jax", "--device", "cuda"], "device 'cuda' is not available"),
+        (["--backend", "torch", "--device", "cuda"], "device 'cuda' is not available"),
     ],
     ids=["variants-empty", "variants-unknown", "variants-twice", "seed-compiled", "threads-0", "steps-0", "settle-nan",
-         "jax-batch-1", "all-threads", "json-dir"],
+         "jax-batch-1", "all-threads", "json-dir", "jax-variants-unknown", "jax-steps-per-call-0", "jax-device-cuda",
+         "torch-device-cuda"],
 )
 def test_bad_options_fail_before_any_measurement(argv, message, usage_error):
     captured = usage_error(bench.main, argv)
