@@ -8,9 +8,11 @@ catch :class:`ReplicaError` without importing torch.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional
+import sys
+import traceback
+from typing import Any, Callable, Dict, Mapping, NoReturn, Optional
 
-__all__ = ["ReplicaError", "torchrun_env"]
+__all__ = ["ReplicaError", "torchrun_env", "exit_code", "exit_process", "run_and_exit"]
 
 
 class ReplicaError(RuntimeError):
@@ -56,3 +58,56 @@ def torchrun_env(environ: Optional[Mapping[str, str]] = None) -> Optional[Dict[s
         raise ValueError(f"MASTER_PORT={port} is not a TCP port (1 to 65535)")
     return {"rank": rank, "world": world, "local_rank": local_rank, "master_addr": env["MASTER_ADDR"],
             "master_port": port}  # fmt: skip
+
+
+# --- how a replica process ends ---------------------------------------------------------------------
+#
+# A process that joined a gloo group must not end through the interpreter's finalization. gloo's
+# worker threads outlive ``destroy_process_group`` (DDP keeps the group alive in C++: its threads
+# were still there after DDP was collected, measured on torch 2.13), and the last collective's
+# work is released by a worker thread, after ``wait()`` has returned. When that work holds a tensor
+# Python has dropped, the release needs the GIL; taken while the interpreter finalizes, it ends the
+# thread inside a destructor: "terminate called without an active exception", SIGABRT (a core's
+# backtrace: ``ProcessGroupGloo::AsyncWork::~AsyncWork`` -> ``decref_pyobject`` -> ``take_gil`` ->
+# ``pthread_exit``, the main thread in ``Py_FinalizeEx``). It killed torchrun's rank 1 after a
+# finished run in 3 to 7 of 12 launches here. So a replica ends with :func:`exit_process`, as
+# multiprocessing's forked children do: its files are written and closed, its output flushed,
+# then ``os._exit``.
+
+
+def exit_code(e: SystemExit) -> int:
+    """The exit status the interpreter gives ``raise SystemExit(e.code)``: None is 0, an int is
+    itself, anything else is printed on stderr and is 1."""
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process now with ``code``: stdout and stderr flushed, then ``os._exit`` (no
+    interpreter finalization, no ``atexit`` handlers). For a process whose files are closed and
+    whose gloo threads may still run (see above)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing left to say on it
+            pass
+    os._exit(code)
+
+
+def run_and_exit(main: Callable[[], Any]) -> NoReturn:
+    """Run ``main()`` and :func:`exit_process` with the status the interpreter would have given:
+    0 when it returns, :func:`exit_code` for a ``SystemExit``, 1 (traceback printed) for any other
+    exception."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = exit_code(e)
+    except BaseException:  # as the interpreter would report it
+        traceback.print_exc()
+        code = 1
+    exit_process(code)

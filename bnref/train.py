@@ -266,7 +266,17 @@ def speaks(config: TrainConfig) -> bool:
 
 
 def cli() -> int:
-    """The ``bnref-train`` console script (and ``python -m bnref.train``): exit status 0."""
+    """The ``bnref-train`` console script (and ``python -m bnref.train``): exit status 0. A
+    process torchrun launched ends through ``bnref._torchrun.run_and_exit`` (``os._exit`` once
+    its files are closed: gloo's threads can abort an interpreter that finalizes around them)."""
+    try:
+        launched = launched_world() is not None
+    except ValueError:  # a partial launch environment: main's parser says so (exit 2)
+        launched = False
+    if launched:
+        from bnref._torchrun import run_and_exit
+
+        run_and_exit(lambda: main(sys.argv[1:]))
     main(sys.argv[1:])
     return 0
 

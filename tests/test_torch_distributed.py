@@ -271,6 +271,81 @@ def test_torchrun_env_reads_a_launch_and_refuses_a_partial_one(environ, expected
         assert torchrun_env() == expected
 
 
+def _leaves_a_mark_at_exit(rank, world, send, marks):
+    import atexit
+
+    atexit.register(lambda: open(os.path.join(marks, f"finalized-{rank}"), "w").close())
+    torch.distributed.barrier()
+    return rank
+
+
+@limit(120)
+def test_launched_processes_end_without_the_interpreter_s_finalization(tmp_path):
+    # gloo's threads outlive destroy_process_group and can abort a finalizing interpreter
+    # (bnref._torchrun): a replica ends with os._exit once its result is through the pipe, so its
+    # atexit handlers never run, and the result still arrives
+    assert launch(_leaves_a_mark_at_exit, 2, (str(tmp_path),), timeout_s=30, deadline_s=90, threads=1) == [0, 1]
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def _exit_of(main):
+    from bnref import _torchrun
+
+    codes = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        codes.append(code)
+        raise Exited
+
+    original = _torchrun.exit_process
+    _torchrun.exit_process = fake_exit
+    try:
+        with pytest.raises(Exited):
+            _torchrun.run_and_exit(main)
+    finally:
+        _torchrun.exit_process = original
+    return codes[0]
+
+
+def _raise(e):
+    def main():
+        raise e
+
+    return main
+
+
+def test_run_and_exit_gives_the_status_the_interpreter_would(capsys):
+    assert _exit_of(lambda: None) == 0
+    assert _exit_of(_raise(SystemExit(2))) == 2
+    assert _exit_of(_raise(SystemExit(None))) == 0
+    assert _exit_of(_raise(SystemExit("error: bad flag"))) == 1
+    assert "error: bad flag" in capsys.readouterr().err
+    assert _exit_of(_raise(RuntimeError("boom"))) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: boom" in err
+
+
+@pytest.mark.parametrize("launched", [True, False], ids=["torchrun", "not-launched"])
+def test_a_torchrun_process_of_the_cli_ends_with_os_exit(launched, tmp_path):
+    # under torchrun, bnref.train's cli ends through run_and_exit: the status is the parser's 2, and
+    # an atexit handler never runs; launched by hand, the interpreter finalizes as usual
+    script = ("import atexit, sys; atexit.register(lambda: print('finalized', flush=True)); "
+              "from bnref.train import cli; sys.argv = ['bnref.train', '--backend', 'jax']; sys.exit(cli())")
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN}
+    if launched:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    else:
+        script = script.replace("'jax'", "'jax', '--epochs', '0'")  # a parser error without torchrun too
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert ("finalized" in proc.stdout) is not launched, proc.stdout
+    assert ("a torchrun launch trains with --backend torch" in proc.stderr) is launched, proc.stderr
+
+
 # --- the invariant: R replicas with synchronized BN = one replica --------------------------------------
 
 

@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
-from bnref._torchrun import ReplicaError, torchrun_env  # noqa: F401 - framework-free, shared with the CLI
+from bnref._torchrun import ReplicaError, exit_process, torchrun_env  # noqa: F401 - framework-free, shared with the CLI
 import torch
 import torch.distributed as dist
 
@@ -77,10 +77,14 @@ def data_parallel(model: torch.nn.Module, device: torch.device, sync_bn: bool):
 
 
 def _entry(rank, world, port, backend, timeout_s, worker, args, results, threads):
-    """One process: join the group, run the worker, report its result or its error."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    """One process: join the group, run the worker, report its result or its error, then end with
+    ``exit_process`` once the report is through the pipe (exit status 0, or 1 after an error):
+    not through the interpreter's finalization, which gloo's threads can abort
+    (``bnref._torchrun``)."""
+    code = 0
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
         try:
@@ -92,7 +96,10 @@ def _entry(rank, world, port, backend, timeout_s, worker, args, results, threads
         first = (str(e).strip().splitlines() or [""])[0]
         summary = f"{type(e).__name__}: {first}" if first else type(e).__name__
         results.put((rank, "error", (summary, traceback.format_exc())))
-        raise SystemExit(1) from None
+        code = 1
+    results.close()
+    results.join_thread()  # the queue's feeder thread has written everything put
+    exit_process(code)
 
 
 #: errors a rank raises because a *peer* went away or went silent: symptoms, never the cause
