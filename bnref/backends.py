@@ -12,7 +12,7 @@ must happen before the framework starts (XLA's host devices), which multi-proces
 backend has, and the implementations it brings to the parity matrix. Everything else is
 behind :meth:`Backend.load`.
 
-Adding a backend (the Flax NNX one, say) is one subpackage ``bnref/nnx/`` with a ``backend``
+Adding a backend (as the Flax NNX one was) is one subpackage ``bnref/<name>/`` with a ``backend``
 module implementing :data:`INTERFACE`, plus one entry in :data:`REGISTRY`;
 ``tests/test_architecture.py`` checks that every registered backend implements the interface.
 
@@ -67,6 +67,9 @@ class Backend:
     (``TrainConfig.steps_per_call``).
     ``compiles_steps``: its eager training step can be compiled on request (``TrainConfig.compile``:
     torch.compile); a backend whose steps are always compiled (JAX's jit) has False.
+    ``builds_on``: the backends whose packages this one imports (the only imports across
+    backends; ``tests/test_architecture.py`` checks it): Flax NNX is another face of the JAX
+    backend's functional core, training loop and kernels, not a second copy of them.
     """
 
     name: str
@@ -78,6 +81,7 @@ class Backend:
     packages: Tuple[str, ...] = ()
     fused_steps: bool = False
     compiles_steps: bool = False
+    builds_on: Tuple[str, ...] = ()
 
     def load(self) -> ModuleType:
         """``<package>.backend``, imported now (its framework with it) and checked against
@@ -106,6 +110,9 @@ REGISTRY: Dict[str, Backend] = {
     "jax": Backend("jax", "bnref.jax", "JAX", host_devices=True, processes="coordinator",
                    packages=("jax", "jaxlib", "flax", "optax"), fused_steps=True,
                    parity={"bnref.jax": ("run_functional", True), "flax.linen": ("run_builtin", True)}),
+    "nnx": Backend("nnx", "bnref.nnx", "Flax NNX", host_devices=True, processes="coordinator",
+                   packages=("jax", "jaxlib", "flax", "optax"), fused_steps=True, builds_on=("jax",),
+                   parity={"bnref.nnx": ("run_layer", True), "flax.nnx": ("run_builtin", True)}),
 }  # fmt: skip
 #: the names, sorted: the choices of ``--backend``
 NAMES: Tuple[str, ...] = tuple(sorted(REGISTRY))

@@ -114,7 +114,10 @@ ABOVE_BACKENDS = ("bnref.train", "bnref.training", "bnref.bench", "bnref.parity"
 
 @pytest.mark.parametrize("package", [b.package for b in backends.REGISTRY.values()])
 def test_a_backend_imports_nothing_above_it_nor_another_backend(package):
-    others = tuple(b.package for b in backends.REGISTRY.values() if b.package != package)
+    """... except the backends its registry entry says it builds on (``builds_on``: NNX on JAX)."""
+    entry = next(b for b in backends.REGISTRY.values() if b.package == package)
+    allowed = {backends.get(name).package for name in entry.builds_on} | {package}
+    others = tuple(b.package for b in backends.REGISTRY.values() if b.package not in allowed)
     for name, deps in GRAPH.items():
         if name == package or name.startswith(package + "."):
             bad = sorted(d for d in deps if d.startswith(ABOVE_BACKENDS + others))
@@ -160,8 +163,18 @@ def test_a_backend_missing_part_of_the_interface_is_refused_naming_it(monkeypatc
     monkeypatch.setitem(sys.modules, "fake.backend", incomplete)
     with pytest.raises(TypeError, match=r"backend 'fake' \(fake.backend\) does not implement resolve_device, device_name"):
         backends.Backend("fake", "fake", "Fake").load()
-    with pytest.raises(ValueError, match=r"backend must be one of \('jax', 'torch'\), got 'mxnet'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('jax', 'nnx', 'torch'\), got 'mxnet'"):
         backends.get("mxnet")
+
+
+def test_only_the_jax_backend_is_built_on_and_nothing_builds_on_the_backends_that_build():
+    """``builds_on`` names registered backends, and the graph it allows has no cycle (torch builds
+    on nothing; NNX on JAX, which builds on nothing)."""
+    for b in backends.REGISTRY.values():
+        for name in b.builds_on:
+            assert name in backends.REGISTRY and name != b.name, f"{b.name} builds on {name!r}"
+            assert not backends.get(name).builds_on, f"{b.name} builds on {name}, which builds on another"
+    assert backends.get("nnx").builds_on == ("jax",) and not backends.get("torch").builds_on
 
 
 def test_the_host_devices_are_asked_for_only_before_jax_starts(monkeypatch):

@@ -27,10 +27,32 @@ from bnref import spec
 from bnref.jax._core import check_mask, check_vector, feature_axes, normalize
 from bnref.jax.functional import resolve_convention
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "flax_convention"]
 
 _FLAX_MOMENTUM = 0.99
 _FLAX_EPSILON = 1e-5
+
+
+def flax_convention(convention, momentum: float, epsilon: float) -> spec.Convention:
+    """The convention of a Flax-style layer (linen's here, NNX's in ``bnref.nnx``) given its
+    ``convention``, ``momentum`` and ``epsilon``: Flax's (``momentum``, ``epsilon``, biased running
+    variance) when ``convention`` is None; else the convention, with ``momentum``/``epsilon`` left
+    at Flax's defaults or agreeing with it, otherwise ``ValueError`` (two different answers to one
+    question are an error, never silently resolved)."""
+    if convention is None:
+        return spec.Convention.from_flax(momentum, epsilon)
+    conv = resolve_convention(convention)
+    if momentum != _FLAX_MOMENTUM and momentum != conv.decay:
+        raise ValueError(
+            f"momentum={momentum} conflicts with convention decay={conv.decay}; "
+            "set one of them (momentum is ignored when a convention is given)"
+        )
+    if epsilon != _FLAX_EPSILON and epsilon != conv.eps:
+        raise ValueError(
+            f"epsilon={epsilon} conflicts with convention eps={conv.eps}; "
+            "set one of them (epsilon is ignored when a convention is given)"
+        )
+    return conv
 
 
 class BatchNorm(nn.Module):
@@ -86,20 +108,7 @@ class BatchNorm(nn.Module):
     @nn.nowrap  # a plain helper: Flax must not intercept it as a module method (tabulate, flops)
     def resolved_convention(self) -> spec.Convention:
         """The convention this layer applies (see ``convention`` for the precedence rule)."""
-        if self.convention is None:
-            return spec.Convention.from_flax(self.momentum, self.epsilon)
-        conv = resolve_convention(self.convention)
-        if self.momentum != _FLAX_MOMENTUM and self.momentum != conv.decay:
-            raise ValueError(
-                f"momentum={self.momentum} conflicts with convention decay={conv.decay}; "
-                "set one of them (momentum is ignored when a convention is given)"
-            )
-        if self.epsilon != _FLAX_EPSILON and self.epsilon != conv.eps:
-            raise ValueError(
-                f"epsilon={self.epsilon} conflicts with convention eps={conv.eps}; "
-                "set one of them (epsilon is ignored when a convention is given)"
-            )
-        return conv
+        return flax_convention(self.convention, self.momentum, self.epsilon)
 
     @nn.compact
     def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):

@@ -55,6 +55,8 @@ __all__ = [
     "eval_step",
     "fit",
     "train_steps",
+    "Family",
+    "LINEN",
 ]
 
 
@@ -92,13 +94,38 @@ def device_name(device: jax.Device) -> str:
     return "cpu" if device.platform == "cpu" else f"cuda:{device.id}"
 
 
-def make_model(config) -> LeNetBN:
+def make_model(config, axis_name: Optional[str] = None) -> LeNetBN:
     """The LeNet-BN of ``config`` (``bn``, ``convention`` and ``precision``: with "bfloat16" every
     layer computes in bfloat16, ``dtype=bfloat16``, while parameters stay float32,
     ``param_dtype=float32``, and BN reduces its statistics and keeps its running averages in
-    float32, as Flax's ``force_float32_reductions``; ``bnref.spec.PRECISIONS``)."""
+    float32, as Flax's ``force_float32_reductions``; ``bnref.spec.PRECISIONS``), its BN
+    statistics synchronized over the device axis ``axis_name`` when given (data parallel)."""
     dtype = jnp.bfloat16 if config.precision == "bfloat16" else None
-    return LeNetBN(bn=config.bn, convention=config.bn_convention, dtype=dtype)
+    return LeNetBN(bn=config.bn, convention=config.bn_convention, dtype=dtype, axis_name=axis_name)
+
+
+def _linen_precise(model, variables, batches, *, variant: str, progress: bool):
+    from bnref.jax.precise import precise_batch_stats
+
+    return precise_batch_stats(model, variables, batches, variant=variant, progress=progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """The model API the training loop drives: flax.linen's (:data:`LINEN`, this backend's), or
+    another behind the same two calls (``bnref.nnx.train.NNX``: an NNX model).
+
+    ``make(config, axis_name=None)``: the model, an object with linen's ``init(rng, x,
+    train=False) -> variables`` and ``apply(variables, x, train=..., mutable=["batch_stats"])``;
+    ``precise(model, variables, batches, *, variant, progress) -> batch_stats``: precise BN.
+    """
+
+    title: str
+    make: Callable[..., Any]
+    precise: Callable[..., Any]
+
+
+LINEN = Family("flax.linen", make_model, _linen_precise)
 
 
 def matmul_precision(tf32: bool):
@@ -324,8 +351,8 @@ def resolve_steps_per_call(steps_per_call: Optional[int], device, steps_per_epoc
     return max(1, min(k, steps_per_epoch))
 
 
-def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
-    """Train ``make_model(config)`` on ``data`` (a ``bnref.data.FashionMNIST``) for
+def fit(config, data, on_epoch: Callable[[Dict], None], run=None, family: Family = LINEN) -> List[Dict]:
+    """Train ``family.make(config)`` (default: :func:`make_model`, linen's LeNet-BN) on ``data`` (a ``bnref.data.FashionMNIST``) for
     ``config.epochs`` epochs; ``on_epoch(metrics)`` after each; returns all metrics.
     ``config.replicas > 1``: data parallel over that many devices (:func:`_fit_replicated`).
 
@@ -336,13 +363,13 @@ def fit(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
     with matmul_precision(config.tf32):
         if config.replicas > 1:
             distributed.join_processes(config)  # a no-op unless this is one process of several (and has not joined yet)
-            return _fit_replicated(config, data, on_epoch, run)
-        return _fit_one_device(config, data, on_epoch, run)
+            return _fit_replicated(config, data, on_epoch, run, family)
+        return _fit_one_device(config, data, on_epoch, run, family)
 
 
-def _fit_one_device(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
+def _fit_one_device(config, data, on_epoch: Callable[[Dict], None], run=None, family: Family = LINEN) -> List[Dict]:
     device = resolve_device(config.device)
-    model = make_model(config)
+    model = family.make(config)
     with jax.default_device(device):
         X_train = jax.device_put(prepare_images(data.train_images), device)  # (N, 28, 28, 1)
         y_train = jax.device_put(np.asarray(data.train_labels, np.int32), device)  # (N,)
@@ -378,7 +405,7 @@ def _fit_one_device(config, data, on_epoch: Callable[[Dict], None], run=None) ->
         seconds = time.perf_counter() - t0
         precise, t1 = None, time.perf_counter()
         if config.precise_bn:
-            precise = _precise_test_acc(config, model, state, X_train, np.asarray(perm), X_test, y_test)
+            precise = _precise_test_acc(config, family, model, state, X_train, np.asarray(perm), X_test, y_test)
         m = epoch_metrics(config, epoch, loss_sum, correct, seen, seconds, evaluate(state, X_test, y_test),
                           device_name(device), test_acc_precise=precise, precise_seconds=time.perf_counter() - t1)  # fmt: skip
         m["step_losses"] = np.asarray(jnp.concatenate(calls), np.float64).tolist()
@@ -408,7 +435,7 @@ def save_checkpoint(path: str, state, epoch: int, history: List[Dict], run_id=No
     _io.atomic_write_bytes(path, serialization.msgpack_serialize(payload))
 
 
-def check_checkpoint(path: str, config, run_id) -> int:
+def check_checkpoint(path: str, config, run_id, family: Family = LINEN) -> int:
     """The epoch of the checkpoint at ``path`` after checking that it resumes the run ``run_id``
     of ``config``: a readable msgpack checkpoint of bnref's that names that run (one without a
     run id only for a run without one, written before runs had ids), whose arrays have the
@@ -421,7 +448,7 @@ def check_checkpoint(path: str, config, run_id) -> int:
 
     raw = _read_checkpoint(path)
     check_run_id(path, raw.get("run_id"), run_id)
-    model = make_model(config)
+    model = family.make(config)
     state = create_train_state(model, jax.random.key(0), config.lr, jnp.zeros((1, 28, 28, 1), jnp.float32))
     if config.replicas == 1:
         template = serialization.to_state_dict(state)
@@ -489,20 +516,20 @@ def _read_checkpoint(path: str) -> Dict:
     return raw
 
 
-def _precise_test_acc(config, model, state: TrainState, X_train, perm: np.ndarray, X_test, y_test) -> float:
+def _precise_test_acc(config, family: Family, model, state: TrainState, X_train, perm: np.ndarray, X_test,
+                      y_test) -> float:  # fmt: skip
     """Test accuracy with ``batch_stats`` recomputed over the epoch's training batches
-    (:func:`bnref.jax.precise_batch_stats`); ``state`` keeps its running averages, so training
-    goes on exactly as without precise BN."""
-    from bnref.jax.precise import precise_batch_stats
+    (``family.precise``: :func:`bnref.jax.precise_batch_stats` for linen); ``state`` keeps its
+    running averages, so training goes on exactly as without precise BN."""
     from bnref.schedule import precise_batch_indices
 
     batches = [X_train[i] for i in precise_batch_indices(config, perm)]  # on the device, or on the host
-    stats = precise_batch_stats(model, {"params": state.params, "batch_stats": state.batch_stats}, batches,
-                                variant=config.precise_variant, progress=config.progress)  # fmt: skip
+    stats = family.precise(model, {"params": state.params, "batch_stats": state.batch_stats}, batches,
+                           variant=config.precise_variant, progress=config.progress)  # fmt: skip
     return evaluate(state.replace(batch_stats=stats), X_test, y_test)
 
 
-def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) -> List[Dict]:
+def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None, family: Family = LINEN) -> List[Dict]:
     """Data-parallel training over ``config.replicas`` devices with a ``Mesh`` and
     ``jax.shard_map``: the same example order and global batches as one device, each split into
     equal consecutive slices. With ``config.sync_bn`` the BN layers take ``axis_name`` (global
@@ -515,13 +542,13 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) ->
     mesh = Mesh(np.array(devices), (distributed.AXIS,))
     replicated = NamedSharding(mesh, P())
     sync = bool(config.sync_bn)
-    model = LeNetBN(bn=config.bn, convention=config.bn_convention, axis_name=distributed.AXIS if sync else None)
+    model = family.make(config, axis_name=distributed.AXIS if sync else None)
     sharded = NamedSharding(mesh, P(distributed.AXIS))
     batches_of = distributed.batches_on_mesh(prepare_images(data.train_images), np.asarray(data.train_labels, np.int32),
                                               sharded, devices)  # fmt: skip
     X_test, y_test = jnp.asarray(prepare_images(data.test_images)), jnp.asarray(np.asarray(data.test_labels, np.int32))
-    state = create_train_state(LeNetBN(bn=config.bn, convention=config.bn_convention), jax.random.key(config.seed),
-                               config.lr, prepare_images(data.train_images[:1]))  # fmt: skip
+    state = create_train_state(family.make(config), jax.random.key(config.seed), config.lr,
+                               prepare_images(data.train_images[:1]))  # fmt: skip
     (params, opt_state, stats), step = distributed.data_parallel(state, model, mesh, config.batch_size, sync)
     cross_replica_mean = jax.jit(lambda s: jax.tree.map(lambda a: a.mean(0), s), out_shardings=replicated)
     first, past = 1, []
@@ -536,7 +563,7 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) ->
     batches = batch_slices(n, config.batch_size)
     seen = sum(size for _, size in batches)
     X_host = prepare_images(data.train_images) if config.precise_bn else None  # precise BN goes over it
-    plain = LeNetBN(bn=config.bn, convention=config.bn_convention)  # evaluation needs no axis
+    plain = family.make(config)  # evaluation needs no axis
     t_compile = time.perf_counter()  # ahead of time, as on one device: examples/sec is training only
     sample = batches_of(epoch_permutation(config.seed, first, n))(0, batches[0][1])
     step = step.lower(params, opt_state, stats, jax.device_put(jnp.zeros(2, jnp.float32), replicated), *sample).compile()
@@ -565,7 +592,7 @@ def _fit_replicated(config, data, on_epoch: Callable[[Dict], None], run=None) ->
         test_acc = evaluate(eval_state, X_test, y_test)  # every process, on its own first device
         precise, t1 = None, time.perf_counter()
         if config.precise_bn:  # every process, the same batches: the same statistics
-            precise = _precise_test_acc(config, plain, eval_state, X_host, perm, X_test, y_test)
+            precise = _precise_test_acc(config, family, plain, eval_state, X_host, perm, X_test, y_test)
         where = f"{config.replicas} x {devices[0].platform}"
         if jax.process_count() > 1:
             where += f" in {jax.process_count()} processes"
