@@ -79,7 +79,7 @@ BAD_FLAGS = {  # each must be argparse's one-line error (exit 2) before any data
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", ["torch", "jax", "nnx"])
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
 def test_bad_flags_fail_before_data_loads(case, backend, tmp_path, usage_error, monkeypatch):
     """On main at 7b1ede4 several of these trained first, or crashed with a traceback after
@@ -90,7 +90,7 @@ def test_bad_flags_fail_before_data_loads(case, backend, tmp_path, usage_error, 
 
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
-    if case == "device-cuda" and backend == "jax":
+    if case == "device-cuda" and backend in ("jax", "nnx"):
         import jax
 
         if any(d.platform == "gpu" for d in jax.devices()):
