@@ -88,7 +88,10 @@ def _is_lenet_case(window_strides, padding, lhs_dilation, rhs_dilation, dimensio
     dims = dimension_numbers
     canonical = isinstance(dims, lax.ConvDimensionNumbers) and tuple(dims) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
     canonical = canonical or tuple(dims or ()) == _DN
-    return valid and canonical and feature_group_count == 1 and precision is None and not kwargs
+    # flax.nnx.Conv passes out_sharding=None (and preferred_element_type=None): lax's defaults, so
+    # LeNet's case still; any other value goes to lax
+    extra = {k: v for k, v in kwargs.items() if v is not None}
+    return valid and canonical and feature_group_count == 1 and precision is None and not extra
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
