@@ -66,6 +66,16 @@ corrupt ones; :mod:`bnref.convert.layers` running a model and listing and pairin
 decides (rule 3); :mod:`bnref.convert.models` any model's conversion, both ways, and its
 :class:`ConversionReport` (rule 4).
 
+**Flax NNX.** Wherever a Flax module and its variables go, an ``nnx.Module`` may go instead,
+carrying its state (:mod:`bnref.convert.nnx`): ``torch_to_flax(torch_module, nnx_model,
+sample_input)`` returns an ``nnx.State`` for ``nnx.update(nnx_model, state)``, and
+``flax_to_torch(nnx_model, torch_module, sample_input)`` converts the model's own state (or the
+``nnx.State`` / linen variables given second); its mode is NNX's, ``model.eval()``. The same
+rules, layer for layer: ``nnx.Conv``, ``nnx.Linear``, ``nnx.BatchNorm`` / ``bnref.nnx.BatchNorm``,
+an NNX list's ``blocks/0`` paired with torch's ``blocks.0``. ``flax_to_torch(nnx_model)`` is
+LeNet-BN's form for ``bnref.nnx.LeNetBN``; :func:`nnx_to_linen` / :func:`linen_to_nnx` move
+bnref's variables between the two Flax APIs (the trees are key for key the same).
+
 ``import bnref.convert`` imports NumPy only; the model paths import torch and JAX when called.
 """
 
@@ -79,6 +89,7 @@ from bnref.convert.layout import (channels_last, conv_kernel_to_flax, conv_kerne
 from bnref.convert.lenet import (BNS, CONVS, DENSES, ORDER, batch_norm_flax_to_torch, batch_norm_torch_to_flax,
                                  lenet_flax_to_torch, lenet_shapes, lenet_torch_to_flax)  # fmt: skip
 from bnref.convert.models import ConversionReport, LayerPair, module_flax_to_torch, module_torch_to_flax
+from bnref.convert.nnx import as_linen, is_nnx, is_nnx_state, linen_to_nnx, nnx_to_linen
 from bnref.convert.walk import CHECK_RTOL, CHECK_RTOL32, CHECK_RTOL64, _rel_error, check_rtol
 
 __all__ = [
@@ -92,6 +103,8 @@ __all__ = [
     "batch_norm_torch_to_flax",
     "batch_norm_flax_to_torch",
     "lenet_shapes",
+    "nnx_to_linen",
+    "linen_to_nnx",
     "ConversionReport",
     "LayerPair",
     "CHECK_RTOL",
@@ -149,12 +162,22 @@ def torch_to_flax(torch_module, flax_module=None, sample_input=None, *, eval_kwa
     undecided. With ``report=True`` returns ``(variables, ConversionReport)``: how each layer
     was paired (path or call order) and its input order. ``torch_module`` is never modified.
 
+    ``flax_module`` may be an ``nnx.Module`` (:mod:`bnref.convert.nnx`): the result is then an
+    ``nnx.State`` of its ``nnx.Param`` / ``nnx.BatchStat`` variables (``nnx.update(model,
+    state)`` loads it; the model is not modified), the model run in ``model.eval()`` mode with
+    ``eval_kwargs`` its own call's arguments besides.
+
     ``torch_to_flax(state_dict)``: bnref's LeNet-BN ``state_dict`` (the layers are known, no
     sample needed); the same layer rules, and a ``ValueError`` naming the first bad key.
     """
     if _lenet_form("torch_to_flax", torch_module, (flax_module, sample_input), report):
         return lenet_torch_to_flax(torch_module)
+    nnx_model = flax_module if is_nnx(flax_module) else None
+    if nnx_model is not None:
+        flax_module, _, _, eval_kwargs = as_linen(nnx_model, None, "torch_to_flax", eval_kwargs=eval_kwargs)
     variables, rep = module_torch_to_flax(torch_module, flax_module, sample_input, eval_kwargs=eval_kwargs, check=check)
+    if nnx_model is not None:
+        variables = linen_to_nnx(variables, nnx_model)
     return (variables, rep) if report else variables
 
 
@@ -176,16 +199,30 @@ def flax_to_torch(flax_module_or_variables, variables=None, torch_module=None, s
     written into every BN layer (pass the torch model's own count to make torch -> flax ->
     torch the identity).
 
+    ``flax_to_torch(nnx_model, torch_module, sample_input)``: an ``nnx.Module`` carries its
+    variables; an ``nnx.State`` or linen variables given second are converted instead
+    (``flax_to_torch(nnx_model, state, torch_module, sample_input)``). ``flax_to_torch(nnx_model)``
+    (or an ``nnx.State``) alone is the LeNet-BN form for ``bnref.nnx.LeNetBN``.
+
     ``as_torch`` means one thing in both forms: torch tensors (True) or NumPy arrays (False).
     Its default, None, is each form's own result: the module form returns ``torch_module``'s
     ``state_dict`` for its ``load_state_dict`` (tensors, in the torch module's dtypes), the
     LeNet-BN form one built from the Flax arrays without torch (NumPy). ``num_batches_tracked``
     is the LeNet-BN form's: the module form keeps ``torch_module``'s own counters.
     """
-    lenet = _lenet_form("flax_to_torch", flax_module_or_variables, (variables, torch_module, sample_input), report)
+    first = flax_module_or_variables
+    if is_nnx(first) and sample_input is None and variables is not None and not isinstance(variables, Mapping):
+        variables, torch_module, sample_input = None, variables, torch_module  # (nnx_model, torch_module, sample)
+    if is_nnx(first) and variables is None and torch_module is None and sample_input is None:
+        first = nnx_to_linen(first)  # the LeNet-BN form, from the model's own variables
+    elif is_nnx(first):
+        first, variables, _, eval_kwargs = as_linen(first, variables, "flax_to_torch", eval_kwargs=eval_kwargs)
+    elif is_nnx_state(first):
+        first = nnx_to_linen(first)
+    lenet = _lenet_form("flax_to_torch", first, (variables, torch_module, sample_input), report)
     as_torch = (not lenet) if as_torch is None else bool(as_torch)  # None: the form's own result, see above
     if lenet:
-        return lenet_flax_to_torch(flax_module_or_variables, num_batches_tracked=num_batches_tracked, as_torch=as_torch)
-    sd, rep = module_flax_to_torch(flax_module_or_variables, variables, torch_module, sample_input,
-                                   eval_kwargs=eval_kwargs, check=check, as_torch=as_torch)  # fmt: skip
+        return lenet_flax_to_torch(first, num_batches_tracked=num_batches_tracked, as_torch=as_torch)
+    sd, rep = module_flax_to_torch(first, variables, torch_module, sample_input, eval_kwargs=eval_kwargs, check=check,
+                                   as_torch=as_torch)  # fmt: skip
     return (sd, rep) if report else sd

@@ -2,9 +2,9 @@
 
 :func:`torch_layers` and :func:`flax_layers` run a torch or Flax model on ``sample_input`` and
 return every call of a supported layer (Conv1d/Conv2d <-> ``nn.Conv``, Linear <-> ``nn.Dense``,
-BatchNorm <-> ``nn.BatchNorm`` / bnref's) in call order, with its input and output
-(:class:`Layer`); :func:`match_layers` pairs them, by path (dots and slashes read as ``_``),
-then by call order. Also the checks of what the caller passes (:func:`check_sample`,
+BatchNorm <-> ``nn.BatchNorm`` / bnref's; their NNX twins, :mod:`bnref.convert.nnx`) in call
+order, with its input and output (:class:`Layer`); :func:`match_layers` pairs them, by path
+(dots and slashes read as ``_``), then by call order. Also the checks of what the caller passes (:func:`check_sample`,
 :func:`_check_mode_arguments`, Flax's errors as one-line ``ValueError``s) and the helpers that
 read and write one Flax layer's variables in a tree (:func:`_layer_variables`). torch and Flax
 are imported when called.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from typing import Dict, Mapping, Optional
 
 import numpy as np
@@ -57,17 +58,37 @@ def _torch_kind(m) -> Optional[str]:
     return None
 
 
+def is_nnx(obj) -> bool:
+    """Whether ``obj`` is an ``nnx.Module`` (without importing Flax: it can only be one once
+    ``flax.nnx`` is imported)."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(obj, nnx.Module)
+
+
+def _is_view(obj) -> bool:
+    """Whether ``obj`` is an NNX model's ``bnref.nnx.observe.LinenView`` (:mod:`bnref.convert.nnx`)."""
+    observe = sys.modules.get("bnref.nnx.observe")
+    return observe is not None and isinstance(obj, observe.LinenView)
+
+
 def _flax_kind(m) -> Optional[str]:
-    import flax.linen as fnn
+    """A Flax layer's kind: linen's Conv, Dense, BatchNorm and bnref.jax's; or their NNX twins
+    (:mod:`bnref.convert.nnx`): nnx.Conv, nnx.Linear, nnx's BatchNorm and bnref.nnx's."""
+    if is_nnx(m):
+        from flax import nnx as api
 
-    from bnref.jax.layers import BatchNorm
+        from bnref.nnx.layers import BatchNorm
 
-    if isinstance(m, fnn.Conv):
-        return "conv"
-    if isinstance(m, fnn.Dense):
-        return "dense"
-    if isinstance(m, (fnn.BatchNorm, BatchNorm)):
-        return "bn"
+        dense = api.Linear
+    else:
+        import flax.linen as api
+
+        from bnref.jax.layers import BatchNorm
+
+        dense = api.Dense
+    for types, kind in ((api.Conv, "conv"), (dense, "dense"), ((api.BatchNorm, BatchNorm), "bn")):
+        if isinstance(m, types):
+            return kind
     return None
 
 
@@ -119,12 +140,24 @@ def torch_layers(module, sample_input, *, train: bool = False, dtype=None, where
 def flax_layers(module, variables, sample_input, kwargs: Mapping, *, mutable=False, where: str = "flax_layers") -> tuple:
     """Apply ``module`` to ``sample_input`` (already channels-last) with ``variables`` and
     ``kwargs`` and return ``(layers, output, updates)``: every call of a supported layer (Conv,
-    Dense, flax.linen's and bnref's BatchNorm) in call order, with its input and output;
+    Dense, flax.linen's and bnref's BatchNorm; an NNX model's, through its view) in call order,
+    with its input and output;
     ``updates`` is ``{}`` unless ``mutable``. Flax's own errors for a layer that updates its
     statistics without ``mutable`` or needs an rng come back as a one-line ``ValueError``."""
     import flax.linen as fnn
 
     layers = []
+    if _is_view(module):  # an NNX model (bnref.convert.nnx): its calls reported by the view
+        from bnref.nnx.observe import path_name
+
+        def on_call(path, m, args, kw, out):
+            x = args[0] if args else next(iter(kw.values()))
+            layers.append(Layer("flax", path_name(path), _flax_kind(m), m, np.asarray(x), np.asarray(out)))
+
+        got = module.apply(variables, sample_input, mutable=bool(mutable), select=lambda m: _flax_kind(m) is not None,
+                           on_call=on_call, **kwargs)  # fmt: skip
+        out, updates = got if mutable else (got, {})
+        return layers, np.asarray(out), updates
 
     def interceptor(next_fun, args, kw, context):
         out = next_fun(*args, **kw)
