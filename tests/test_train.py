@@ -218,7 +218,7 @@ def test_epoch_permutation_is_seeded_per_epoch_and_a_permutation():
 # --- precise BN in training ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", ["torch", "jax", "nnx"])
 def test_precise_bn_reports_both_accuracies_and_trains_exactly_as_without(backend, tiny_fashion_dir, capsys):
     base = ["--backend", backend, "--data-dir", str(tiny_fashion_dir), "--epochs", "2", "--batch-size", "64",
             "--no-progress", "--lr", "0.5"]  # fmt: skip
