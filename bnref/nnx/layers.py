@@ -19,6 +19,8 @@ Differences from flax.nnx.BatchNorm, each deliberate and the same as ``bnref.jax
   of a feature, statistics built for another feature count (each a ``ValueError`` before any state
   changes); an empty batch leaves the statistics as they were (Flax stores NaN), and so does a
   feature a traced mask leaves with fewer than two values.
+- complex input: the running mean becomes complex, as flax.linen's (flax.nnx casts it into the
+  float32 BatchStat and so drops its imaginary part).
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ def write(variable, value) -> None:
         variable.set_value(value)
     else:
         variable.value = value
+
+
+def _stored_as(new, old):
+    """A new running statistic in the stored one's dtype: flax.nnx writes it in place
+    (``self.mean[...] = ...``), so float64 statistics (float64 input) are kept as the float32
+    BatchStat, and the state's dtypes never change (an ``nnx.scan`` carry or a jitted step's state
+    keeps its type). A complex mean (complex input) stays complex, as flax.linen stores it:
+    flax.nnx's write into the float32 BatchStat discards its imaginary part (a ComplexWarning),
+    and evaluation would then subtract the wrong mean (deliberate, README)."""
+    if jnp.iscomplexobj(new) and not jnp.iscomplexobj(old):
+        return new
+    return new.astype(old.dtype)
 
 
 class BatchNorm(nnx.Module):
@@ -139,7 +153,9 @@ class BatchNorm(nnx.Module):
         )  # fmt: skip
         if not isinstance(use_running_average, (bool, np.bool_)):
             raise TypeError(f"use_running_average must be a bool, got {use_running_average!r}")
-        convention = self.resolved_convention()
+        # not self.resolved_convention(): nnx.tabulate jit-traces every public method a forward pass
+        # calls, and a Convention is no JAX type
+        convention = flax_convention(self.convention, self.momentum, self.epsilon)
         x = jnp.asarray(x)
         axes = feature_axes(x.ndim, self.axis)
         fshape = tuple(x.shape[a] for a in axes)
@@ -162,12 +178,18 @@ class BatchNorm(nnx.Module):
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, stats_dtype=stats_dtype, mask=mask,
         )  # fmt: skip
         if train:
-            write(self.mean, new_mean)
-            write(self.var, new_var)
+            write(self.mean, _stored_as(new_mean, stored["mean"]))
+            write(self.var, _stored_as(new_var, stored["var"]))
         args = [a for a in (x, scale, bias) if a is not None]
         return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=self.dtype))
 
-    def set_view(self, use_running_average: Optional[bool] = None):
-        """For ``nnx.view`` (as flax.nnx.BatchNorm's)."""
+    def set_view(self, use_running_average: bool | None = None):
+        """Class method used by ``nnx.view`` (as flax.nnx.BatchNorm's; ``nnx.view_info`` reads the
+        Args section below).
+
+        Args:
+          use_running_average: if True, the stored batch statistics will be
+            used instead of computing the batch statistics on the input.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
