@@ -27,10 +27,16 @@ from bnref import bench
         (["--backend", "jax", "--steps-per-call", "0"], "argument --steps-per-call: must be >= 1"),
         (["--backend", "jax", "--device", "cuda"], "device 'cuda' is not available"),
         (["--backend", "torch", "--device", "cuda"], "device 'cuda' is not available"),
+        (["--backend", "nnx", "--variants", "bnref BN"], "unknown variant(s) ['bnref BN']"),
+        (["--backend", "nnx", "--steps-per-call", "0"], "argument --steps-per-call: must be >= 1"),
+        (["--backend", "nnx", "--device", "cuda"], "device 'cuda' is not available"),
+        (["--backend", "nnx", "--rounds", "0"], "argument --rounds: must be >= 1"),
+        (["--backend", "nnx", "--threads", "1"], "unrecognized arguments: --threads 1"),
     ],
     ids=["variants-empty", "variants-unknown", "variants-twice", "seed-compiled", "threads-0", "steps-0", "settle-nan",
          "jax-batch-1", "all-threads", "json-dir", "jax-variants-unknown", "jax-steps-per-call-0", "jax-device-cuda",
-         "torch-device-cuda"],
+         "torch-device-cuda", "nnx-variants-jax-s", "nnx-steps-per-call-0", "nnx-device-cuda", "nnx-rounds-0",
+         "nnx-threads"],
 )
 def test_bad_options_fail_before_any_measurement(argv, message, usage_error):
     captured = usage_error(bench.main, argv)
@@ -40,17 +46,20 @@ def test_bad_options_fail_before_any_measurement(argv, message, usage_error):
 
 def test_all_backends_write_one_combined_strict_json(tmp_path, monkeypatch, capsys):
     import bnref.jax.bench as jax_bench
+    import bnref.nnx.bench as nnx_bench
     import bnref.torch.bench as torch_bench
 
     ran = []
     monkeypatch.setattr(torch_bench, "run", lambda args: ran.append("torch") or {"ratios": {"bnref/torch.nn": 0.95}})
     monkeypatch.setattr(jax_bench, "run", lambda args: ran.append("jax") or {"ratios": {"x": float("nan")}})
+    monkeypatch.setattr(nnx_bench, "run", lambda args: ran.append("nnx") or {"ratios": {"bnref.nnx BN / flax.nnx BN": 1.0}})
     out = tmp_path / "bench.json"
     assert bench.main(["--backend", "all", "--json", str(out), "--steps", "3", "--synthetic"]) == 0
-    assert ran == ["torch", "jax"]
-    saved = json.loads(out.read_text())  # one file, both backends (not the second overwriting the first)
+    assert ran == ["torch", "jax", "nnx"]
+    saved = json.loads(out.read_text())  # one file, every backend (not the last overwriting the others)
     assert saved["torch"]["ratios"] == {"bnref/torch.nn": 0.95}
     assert saved["jax"]["ratios"] == {"x": None, "nonfinite": ["x"]}
+    assert saved["nnx"]["ratios"] == {"bnref.nnx BN / flax.nnx BN": 1.0}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -148,11 +157,58 @@ def test_the_bench_prints_each_variant_s_fraction_of_peak():
 
 def test_the_options_bench_backend_all_passes_to_both_backends_parse_in_both():
     """`python -m bnref.bench --backend all` hands the same options to every backend: the shared
-    ones (device, variants, TF32, memory) must parse in each."""
+    ones (device, variants, TF32, memory) must parse in each (NNX's too)."""
     import bnref.jax.bench as jax_bench
+    import bnref.nnx.bench as nnx_bench
     import bnref.torch.bench as torch_bench
 
     argv = ["--device", "cpu", "--variants", "all", "--tf32", "--no-memory", "--steps", "3", "--rounds", "1"]
-    for module in (jax_bench, torch_bench):
+    for module in (jax_bench, torch_bench, nnx_bench):
         args = module.parse_args(argv)
         assert args.tf32 and not args.memory and list(args.variants) == list(module.VARIANTS)
+
+
+# --- issue 19: the Flax NNX bench ------------------------------------------------------------------
+
+
+def test_nnx_bench_measures_bnref_nnx_against_flax_nnx_side_by_side_in_both_loops(tmp_path, capsys):
+    """A tiny run through the dispatcher: bnref.nnx's BN, flax.nnx's and no BN in bnref's loop (the
+    JAX loop over the NNX model), and both BNs in NNX's own nnx.jit step; each ratio printed and
+    saved, the targets said."""
+    out = tmp_path / "bench.json"
+    variants = "bnref.nnx BN,flax.nnx BN,no BN,bnref.nnx BN nnx.jit,flax.nnx BN nnx.jit"
+    assert bench.main(["--backend", "nnx", "--synthetic", "--steps", "1", "--rounds", "1", "--batch-size", "16",
+                       "--device", "cpu", "--variants", variants, "--json", str(out), "--no-memory"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert re.search(r"; jax [\d.]+, flax [\d.]+ \(nnx\); TF32 off$", text, re.M), text
+    for label in ("bnref.nnx BN / flax.nnx BN", "bnref.nnx BN / flax.nnx BN, nnx.jit step"):
+        assert re.search(rf"^ratio {re.escape(label)}: \d+\.\d{{3}} \(target >= 0.9: (met|NOT met)\)$", text, re.M), text
+    for label in ("bnref.nnx BN / no BN", "bnref loop / nnx.jit step"):
+        assert re.search(rf"^ratio {re.escape(label)}: \d+\.\d{{3}}$", text, re.M), text
+    assert "peak device memory" not in text and "distance to the limit" in text
+    saved = json.loads(out.read_text())
+    assert list(saved["examples_per_sec"]) == variants.split(",")
+    fastest = max(("bnref.nnx BN", "flax.nnx BN"), key=saved["examples_per_sec"].get)
+    assert set(saved["ratios"]) == {"bnref.nnx BN / flax.nnx BN", "bnref.nnx BN / flax.nnx BN, nnx.jit step",
+                                    "bnref.nnx BN / no BN", "bnref loop / nnx.jit step",
+                                    f"fastest float32 variant of bnref's loop ({fastest}) / flax.nnx BN nnx.jit"}
+    assert all(v > 0 for v in saved["ratios"].values())
+
+
+def test_nnx_bench_variants_are_the_nnx_models_as_each_loop_builds_them():
+    """``flax.nnx BN`` is flax.nnx.BatchNorm as users get it (fast variance, as the JAX bench's
+    flax BN is linen's); bnref.nnx BN the two-pass bnref.nnx.BatchNorm; the loops' models are NNX's."""
+    import numpy as np
+    from flax import nnx
+
+    from bnref.nnx import bench as nnx_bench
+    from bnref.nnx.layers import BatchNorm
+
+    X, y = np.zeros((32, 28, 28), np.uint8), np.arange(32) % 10
+    makers = nnx_bench._makers(X, y, np.arange(32, dtype=np.int32), 16, 0, 2)
+    assert tuple(makers) == nnx_bench.VARIANTS
+    tutorial = makers["flax.nnx BN nnx.jit"]()
+    assert type(tutorial.model.bn1) is nnx.BatchNorm and tutorial.model.bn1.use_fast_variance
+    mine = makers["bnref.nnx BN nnx.jit"]()
+    assert type(mine.model.bn1) is BatchNorm and not mine.model.bn1.use_fast_variance
+    assert set(nnx_bench.TARGETS) == {"bnref.nnx BN / flax.nnx BN"}

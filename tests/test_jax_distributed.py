@@ -106,8 +106,8 @@ def test_jax_replicas_beyond_the_devices_is_a_clear_error(usage_error):
 def test_parity_replicas_compares_every_implementation_with_the_spec(run_logged):
     """`python -m bnref.parity --replicas 2` (a subprocess: it provides 2 JAX host devices before JAX
     starts): bnref.torch's SyncBatchNorm on 2 gloo processes for equal, unequal and empty shards;
-    bnref.jax and flax.linen with axis_name on 2 devices for equal shards (shard_map's shards
-    are equal; the other cells say so); torch.nn's SyncBatchNorm is CUDA-only."""
+    bnref.jax and flax.linen, bnref.nnx and flax.nnx with axis_name on 2 devices for equal shards
+    (shard_map's shards are equal; the other cells say so); torch.nn's SyncBatchNorm is CUDA-only."""
     import json
 
     cmd = [sys.executable, "-m", "bnref.parity", "--replicas", "2", "--preset", "d2l", "--dtype", "float64", "--json"]
@@ -117,7 +117,7 @@ def test_parity_replicas_compares_every_implementation_with_the_spec(run_logged)
     for sharding in ("equal", "unequal", "empty"):
         assert cells[(sharding, "bnref.torch")]["status"] == "pass"
         assert "CUDA only" in cells[(sharding, "torch.nn")]["reason"]
-    for impl in ("bnref.jax", "flax.linen"):
+    for impl in ("bnref.jax", "flax.linen", "bnref.nnx", "flax.nnx"):  # NNX's layers under the same harness
         assert cells[("equal", impl)]["status"] == "pass"
         assert cells[("unequal", impl)]["status"] == "not expressible"
     assert set(cells[("equal", "bnref.jax")]["errors"]) >= {"forward/y", "backward/dx", "backward/dgamma", "eval/y"}

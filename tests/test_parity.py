@@ -1,6 +1,7 @@
 """The cross-backend parity matrix, one test per cell, so a failing cell names itself."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -20,9 +21,20 @@ def _expressible(preset, impl):
     running_var = spec.PRESETS[preset].running_var
     if impl == "torch.nn":
         return running_var == "unbiased"
-    if impl == "flax.linen":
+    if impl in ("flax.linen", "flax.nnx"):
         return running_var == "biased"
     return True
+
+
+def test_the_matrix_has_a_column_per_registered_implementation_nnx_included():
+    """Six columns: bnref's and the framework's BN in torch, flax.linen and flax.nnx; the NNX ones
+    channels-last, run by bnref.nnx._runners."""
+    assert parity.IMPLEMENTATIONS == {
+        "bnref.torch": ("torch", "run_functional", False), "torch.nn": ("torch", "run_builtin", False),
+        "bnref.jax": ("jax", "run_functional", True), "flax.linen": ("jax", "run_builtin", True),
+        "bnref.nnx": ("nnx", "run_layer", True), "flax.nnx": ("nnx", "run_builtin", True),
+    }  # fmt: skip
+    assert len(CELLS) == len(spec.PRESETS) * 3 * 3 * 6 == 216
 
 
 @pytest.mark.parametrize("preset,layout,dtype,impl", CELLS, ids=["-".join(c) for c in CELLS])
@@ -43,11 +55,16 @@ def test_cli_table_and_json(capsys):
     assert parity.main(args) == 0
     out = capsys.readouterr().out
     assert "not expressible: flax.linen always uses the biased variance" in out
+    assert "not expressible: flax.nnx always uses the biased variance" in out
     assert "NCHW/NHWC" in out and "eval y" in out
+    assert re.search(r"^\d+ passed, 0 failed, \d+ not expressible", out, re.M), out
     assert parity.main(args + ["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == len(parity.LAYOUTS) * len(parity.IMPLEMENTATIONS)
+    assert len(rows) == len(parity.LAYOUTS) * len(parity.IMPLEMENTATIONS) == 18
     assert {r["status"] for r in rows} == {"pass", "not expressible"}
+    status = {(r["layout"], r["impl"]): r["status"] for r in rows}
+    assert {status[(layout, "bnref.nnx")] for layout in ("NC/NC", "NCL/NLC", "NCHW/NHWC")} == {"pass"}
+    assert {status[(layout, "flax.nnx")] for layout in ("NC/NC", "NCL/NLC", "NCHW/NHWC")} == {"not expressible"}
 
 
 def test_cli_fails_on_a_broken_implementation(monkeypatch, capsys):
@@ -251,3 +268,94 @@ def test_the_float64_trajectory_stays_float64_end_to_end():
     the loss on float32-cast logits (a bfloat16 precaution), and the losses agreed only to 2e-7."""
     report = parity.trajectory(4, dtype="float64", batch_size=32, data=_stand_in())
     assert report["passed"] and report["max_loss_diff"] < 1e-12, parity.format_trajectory(report)
+
+
+# --- issue 19: the NNX columns and the trajectory's NNX side ----------------------------------------
+
+
+def test_a_broken_nnx_runner_fails_the_cli_naming_its_cell(monkeypatch, capsys):
+    import bnref.nnx._runners as runners
+
+    real = runners.run_builtin
+
+    def off_by_a_bit(inputs, convention, axis, dtype, train, param_dtype=None):
+        out = dict(real(inputs, convention, axis, dtype, train, param_dtype))
+        if train:
+            out["dx"] = out["dx"] * (1 + 1e-3)
+        return out
+
+    monkeypatch.setattr(runners, "run_builtin", off_by_a_bit)
+    assert parity.main(["--preset", "flax", "--dtype", "float32", "--impl", "flax.nnx"]) == 1
+    assert "backward/dx (flax.nnx, preset=flax, NHWC, float32, step 0)" in capsys.readouterr().out
+
+
+def test_an_nnx_layer_whose_statistics_update_is_lost_fails_its_cells(monkeypatch, request):
+    """The NNX runner reads the running statistics back from the module the ``nnx.jit`` call
+    updated in place: a layer that computes them but does not keep them (a BatchStat written in a
+    copy, not in the module) fails the running statistics and the evaluation, not the forward."""
+    from bnref.nnx import _runners, layers
+
+    _runners._jitted.cache_clear()  # the runners keep their nnx.jit functions: trace the patched layer
+    request.addfinalizer(_runners._jitted.cache_clear)  # and not keep it traced for the tests after this one
+
+    real = layers.BatchNorm.__call__
+
+    def forgetful(self, x, use_running_average=None, *, mask=None):
+        before = layers.read(self.mean), layers.read(self.var)
+        y = real(self, x, use_running_average, mask=mask)
+        layers.write(self.mean, before[0])
+        layers.write(self.var, before[1])
+        return y
+
+    monkeypatch.setattr(layers.BatchNorm, "__call__", forgetful)
+    r = parity.run_cell("d2l", "NCHW", "float32", "bnref.nnx")
+    assert r.status == "FAIL"
+    assert "state/running_mean (bnref.nnx, preset=d2l, NHWC, float32, step 0)" in r.reason
+    assert "eval/y" in r.reason and "forward/y" not in r.reason
+
+
+def test_nnx_replica_cells_run_the_nnx_layers_with_axis_name(monkeypatch):
+    """``--replicas`` takes every column, NNX's too (``bnref.nnx._runners.run_sync_bn``): one
+    device here, so each says why it cannot run, naming the devices it needs; flax.nnx names
+    itself where it cannot express a preset."""
+    for impl in ("bnref.nnx", "flax.nnx"):
+        assert parity.REPLICA_IMPLEMENTATIONS.count(impl) == 1
+        r = parity.run_replica_cell("d2l", "equal", "float32", impl, replicas=64)
+        assert r.status == "not expressible" and "needs 64 JAX devices" in r.reason, r
+    r = parity.run_replica_cell("torch", "equal", "float32", "flax.nnx", replicas=2)
+    assert r.status == "not expressible" and r.reason.startswith("flax.nnx always uses the biased variance"), r
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_trajectory_s_nnx_side_trains_as_the_linen_side_bit_for_bit_on_the_cpu(dtype):
+    """``trajectory(nnx=True)``: bnref.nnx's LeNet-BN trained by NNX's own step (nnx.jit,
+    nnx.Optimizer) from the linen side's weights equals the linen side on the CPU, loss, weights
+    and running statistics, at every step (measured: 0.0 over 100 Fashion-MNIST steps, float32).
+    In float64 the statistics are float64 as the linen side's (an NNX BatchStat starts float32 and
+    keeps its dtype: float32 statistics were 2.4e-8 off after one step)."""
+    report = parity.trajectory(4, dtype=dtype, batch_size=32, data=_stand_in(), nnx=True)
+    v = report["nnx"]
+    assert report["passed"] and v["passed"], parity.format_trajectory(report)
+    assert v["max_loss_diff"] == 0.0 and v["max_weight_diff"] == 0.0 and v["max_stat_diff"] == 0.0, v
+    assert v["tolerance"] == parity.TRAJECTORY_TOLERANCE[dtype] and v["judged_steps"] == 4
+    assert all(r["loss_nnx"] == r["loss_jax"] for r in report["rows"])
+    assert v["max_loss_diff_torch"] == report["max_loss_diff"]
+    text = parity.format_trajectory(report)
+    assert "PASS: linen vs NNX max |loss diff| 0.00e+00" in text and "loss nnx" in text
+
+
+def test_the_trajectory_s_nnx_side_fails_an_nnx_step_that_trains_in_evaluation_mode(monkeypatch, capsys):
+    """An NNX step that forgets ``model.train()`` (BN normalizing with the running statistics):
+    the CLI's linen-vs-NNX check fails, exit 1, while torch vs linen still passes."""
+    from bnref.nnx import train as ntrain
+
+    real = ntrain.train_step
+
+    def in_eval_mode(model, optimizer, X, y):
+        model.eval()
+        return real(model, optimizer, X, y)
+
+    monkeypatch.setattr(ntrain, "train_step", in_eval_mode)
+    assert parity.main(["--trajectory", "--nnx", "--steps", "3", "--batch-size", "32", "--synthetic"]) == 1
+    out = capsys.readouterr().out
+    assert "PASS: max |loss diff|" in out and "FAIL: linen vs NNX max |loss diff|" in out, out

@@ -119,7 +119,7 @@ RUNNERS = {"functional": run_functional, "layer": run_layer, "builtin": run_buil
 
 
 def run_sync_bn(shards, dys, gamma, beta, running_mean, running_var, convention: spec.Convention, dtype: str,
-                builtin: bool = False, steps: int = 2):
+                builtin: bool = False, steps: int = 2, make_module=None, framework: str = "flax.linen"):
     """``bnref.jax.BatchNorm`` (or ``flax.linen.BatchNorm``) with ``axis_name``, one shard per device
     under ``shard_map``: ``steps`` training steps (gradients of ``sum(y * dy)``) then eval; the twin
     of ``bnref.torch._runners.run_sync_bn``.
@@ -127,6 +127,10 @@ def run_sync_bn(shards, dys, gamma, beta, running_mean, running_var, convention:
     Shards are ``(n, C, L)`` NumPy arrays (channels first, as the spec's); the layer runs on
     ``(n, L, C)``. Returns, per step, each replica's ``y`` and ``dx`` and the running statistics,
     and the parameter gradients (global: shard_map's transpose sums them over devices).
+
+    ``make_module(dtype, axis_name)``: another layer to run, with linen's ``apply`` (what
+    ``bnref.nnx._runners`` gives for an NNX layer), built in the run's x64 setting; ``framework``
+    names the built-in layer a ``builtin`` cell cannot express a preset in.
     """
     import jax
     import jax.numpy as jnp
@@ -136,7 +140,7 @@ def run_sync_bn(shards, dys, gamma, beta, running_mean, running_var, convention:
     if len(sizes) != 1 or 0 in sizes:
         raise NotExpressible("shard_map splits a batch into equal, non-empty shards")
     if builtin and convention.running_var == "unbiased":
-        raise NotExpressible("flax.linen always uses the biased variance in its running average")
+        raise NotExpressible(f"{framework} always uses the biased variance in its running average")
     replicas = len(shards)
     devices = jax.devices("cpu")
     if len(devices) < replicas:
@@ -144,7 +148,9 @@ def run_sync_bn(shards, dys, gamma, beta, running_mean, running_var, convention:
     with x64(dtype == "float64"):
         jdt = jnp.dtype(dtype)
         sdt = jnp.promote_types(jdt, jnp.float32)
-        if builtin:
+        if make_module is not None:
+            module = make_module(jdt, "r")
+        elif builtin:
             import flax.linen as nn
 
             module = nn.BatchNorm(axis=-1, momentum=convention.decay, epsilon=convention.eps, dtype=jdt, param_dtype=jdt,

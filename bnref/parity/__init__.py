@@ -11,7 +11,11 @@ the NumPy spec:
   biased running variance: such cells say "not expressible" and why);
 - ``bnref.jax``: bnref's JAX functional core, jit-compiled;
 - ``flax.linen``: ``flax.linen.BatchNorm`` configured to the preset (it cannot express an
-  unbiased running variance).
+  unbiased running variance);
+- ``bnref.nnx``: ``bnref.nnx.BatchNorm``, driven as NNX code drives it (``nnx.jit``, ``nnx.grad``,
+  its ``nnx.BatchStat``s updated in place);
+- ``flax.nnx``: ``flax.nnx.BatchNorm`` configured to the preset (as flax.linen, no unbiased
+  running variance).
 
 Quantities: y, new running mean, new running var, dx, dgamma, dbeta (gradients of
 ``sum(y * dy)``) and the eval output; each cell shows the max abs / max rel error over the
@@ -19,14 +23,15 @@ steps, judged by the per-dtype tolerances of ``bnref.testing.TOLERANCES``. The e
 status is non-zero on any failure. ``--json`` prints machine-readable results.
 
 ``--trajectory`` trains the same LeNet-BN in both frameworks instead (see
-:func:`trajectory`), and ``--conventions-table`` prints the README's conventions table,
+:func:`trajectory`; ``--trajectory --nnx`` adds bnref.nnx's LeNet-BN trained the NNX way,
+compared with the linen one), and ``--conventions-table`` prints the README's conventions table,
 generated from the presets so it cannot drift.
 
 ``--replicas R`` is the data-parallel proof: the matrix becomes spec vs bnref's
-SyncBatchNorm on R processes vs bnref.jax / flax.linen with ``axis_name`` on R devices, with
-equal, unequal and empty shards (:func:`replicas_matrix`); ``--trajectory --replicas R`` also
-trains LeNet-BN data-parallel in both frameworks and checks that R synchronized replicas
-train like one device (:func:`replica_trajectories`).
+SyncBatchNorm on R processes vs bnref.jax / flax.linen / bnref.nnx / flax.nnx with ``axis_name``
+on R devices, with equal, unequal and empty shards (:func:`replicas_matrix`); ``--trajectory
+--replicas R`` also trains LeNet-BN data-parallel in both frameworks and checks that R
+synchronized replicas train like one device (:func:`replica_trajectories`).
 
 Where the code is: :mod:`bnref.parity.matrix` the cells, the matrix and its table
 (:func:`run_cell`, :func:`matrix`, :func:`format_table`) and the README's conventions table

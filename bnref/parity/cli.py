@@ -38,10 +38,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lr", type=finite_positive_float, default=1.0, help="trajectory: learning rate (finite, > 0)")
     p.add_argument("--batch-size", type=int_at_least(2), default=256, help="trajectory: batch size (>= 2)")
     p.add_argument("--convention", choices=sorted(spec.PRESETS), default="d2l", help="trajectory: BN convention")
+    p.add_argument("--nnx", action="store_true", help="trajectory: also train bnref.nnx's LeNet-BN the NNX way (nnx.jit, "
+                   "nnx.Optimizer) from the same weights and compare it with the linen side step by step")
     _cli.add_data_options(p, "trajectory: ")
     p.add_argument("--replicas", type=int_at_least(2), default=None,
-                   help="data parallel: spec vs bnref.torch SyncBatchNorm on R processes vs bnref.jax / flax.linen "
-                        "with axis_name on R devices, for equal, unequal and empty shards")  # fmt: skip
+                   help="data parallel: spec vs bnref.torch SyncBatchNorm on R processes vs bnref.jax / flax.linen / "
+                        "bnref.nnx / flax.nnx with axis_name on R devices, for equal, unequal and empty shards")  # fmt: skip
     args = p.parse_args(argv)
     if args.replicas is not None:
         if args.trajectory and (args.batch_size % args.replicas or args.batch_size // args.replicas < 2):
@@ -78,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training examples of {ds.source}")
         report = trajectory(args.steps, dtype=dtype, lr=args.lr, batch_size=args.batch_size,
                             convention=args.convention, replicas=args.replicas, data=ds,
-                            precision=args.precision, device=args.device)  # fmt: skip
+                            precision=args.precision, device=args.device, nnx=args.nnx)  # fmt: skip
         print(_io.dumps(report) if args.json else format_trajectory(report))
         return 0 if report["passed"] else 1
     start = time.perf_counter()

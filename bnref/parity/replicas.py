@@ -1,8 +1,9 @@
 """The data-parallel proof (``--replicas R``): the replicas matrix (:func:`replicas_matrix`: spec vs
-bnref's SyncBatchNorm on R processes vs bnref.jax / flax.linen with ``axis_name`` on R devices, on
-equal, unequal and empty shards, :func:`run_replica_cell`), and the replica trajectories
-(:func:`replica_trajectories`: LeNet-BN trained data-parallel in both frameworks, its criterion
-:data:`REPLICA_TOLERANCE` and its part of the trajectory's report, :func:`_format_replicas`)."""
+bnref's SyncBatchNorm on R processes vs bnref.jax / flax.linen / bnref.nnx / flax.nnx with
+``axis_name`` on R devices, on equal, unequal and empty shards, :func:`run_replica_cell`), and the
+replica trajectories (:func:`replica_trajectories`: LeNet-BN trained data-parallel in both
+frameworks, its criterion :data:`REPLICA_TOLERANCE` and its part of the trajectory's report,
+:func:`_format_replicas`)."""
 
 from __future__ import annotations
 

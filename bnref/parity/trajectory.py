@@ -1,7 +1,8 @@
 """The one-device trajectory: the same LeNet-BN trained in both frameworks and compared step by step
 (:func:`trajectory`, on :func:`trajectory_data`) and its report (:func:`format_trajectory`); its
 criterion and verdicts are :mod:`bnref.parity.verdicts`'. With ``replicas=R`` it adds the
-data-parallel runs of :mod:`bnref.parity.replicas`."""
+data-parallel runs of :mod:`bnref.parity.replicas`; with ``nnx=True`` a third side, bnref.nnx's
+LeNet-BN trained the NNX way (``nnx.jit`` step, ``nnx.Optimizer``), compared with the linen one."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def trajectory(
     data=None,
     precision: str = "float32",
     device: str = "cpu",
+    nnx: bool = False,
 ) -> Dict:
     """Train one LeNet-BN in both frameworks and compare them step by step.
 
@@ -89,6 +91,14 @@ def trajectory(
     same global batches, each split into R equal slices: torch DDP on R gloo processes and
     bnref.jax under ``shard_map`` on R devices, once with synchronized BN and once without. See
     :func:`replica_trajectories` for what is compared and what must pass.
+
+    ``nnx=True`` adds a third side: ``bnref.nnx.models.LeNetBN`` holding the linen side's initial
+    variables (``bnref.nnx.variables.load_linen``), trained by ``bnref.nnx.train.train_step`` (an
+    ``nnx.jit`` step over an ``nnx.Optimizer``, the BN statistics updated in place) on the same
+    batches, in the same dtype or precision. Each row gains ``loss_nnx``, ``nnx_loss_diff``
+    (|linen - NNX|), ``nnx_weight_diff`` and ``nnx_stat_diff`` (max abs over every parameter /
+    running statistic, in linen's layout); ``report["nnx"]`` is the linen-vs-NNX verdict, by the
+    same tolerance and judged steps as torch vs linen, and ``passed`` needs it.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES} (bfloat16 is a precision: precision='bfloat16'), got {dtype!r}")
@@ -116,7 +126,7 @@ def trajectory(
 
     with float32_matmuls(False), matmul_precision(False):
         rows, tmodel, state, initial, weight_keys, stat_keys, batches, source, conv = _train_both(
-            steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision, device)
+            steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision, device, nnx)
     key = precision if precision != "float32" else dtype  # the tolerance's
     judged = min(steps, TRAJECTORY_JUDGED_STEPS.get(key, steps))
     report = {
@@ -125,6 +135,14 @@ def trajectory(
         **trajectory_verdict(rows[:judged], TRAJECTORY_TOLERANCE[key]),
         "rows": rows,
     }  # fmt: skip
+    if nnx:
+        linen, nnx_losses = (np.array([r[k] for r in rows[:judged]]) for k in ("loss_jax", "loss_nnx"))
+        report["nnx"] = {"tolerance": TRAJECTORY_TOLERANCE[key], "judged_steps": judged,
+                         **loss_verdict(linen, nnx_losses, TRAJECTORY_TOLERANCE[key], steps=range(1, judged + 1)),
+                         "max_weight_diff": max(r["nnx_weight_diff"] for r in rows),
+                         "max_stat_diff": max(r["nnx_stat_diff"] for r in rows),
+                         "max_loss_diff_torch": float(np.max([abs(r["loss_torch"] - r["loss_nnx"]) for r in rows]))}  # fmt: skip
+        report["passed"] = report["passed"] and report["nnx"]["passed"]
     if replicas is not None:
         single = {"torch": {k: v.detach().numpy() for k, v in tmodel.state_dict().items()},
                   "jax": convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})}  # fmt: skip
@@ -134,9 +152,9 @@ def trajectory(
     return report
 
 
-def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision, device):
-    """The trajectory's two trainings, step by step: ``(rows, torch model, Flax state, initial
-    torch state, weight keys, statistics keys, batches, data source, convention)``."""
+def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, precision, device, nnx=False):
+    """The trajectory's two trainings (three with ``nnx``), step by step: ``(rows, torch model, Flax
+    state, initial torch state, weight keys, statistics keys, batches, data source, convention)``."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -171,6 +189,7 @@ def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, 
             apply_fn=fmodel.apply, params=cast(variables["params"]),
             batch_stats=cast(variables["batch_stats"]), tx=optax.sgd(lr),
         )  # fmt: skip
+        nnx_side = _NNXSide(variables, conv, compute, jdtype, lr) if nnx else None  # its own arrays: linen's are donated
         for step, (images, labels) in enumerate(batches, start=1):
             tX, ty = ttrain.load_tensors(images, labels, tdev)
             t_loss = float(ttrain.train_step(tmodel, opt, tX.to(tdtype), ty, precision=precision))
@@ -182,7 +201,48 @@ def _train_both(steps, dtype, lr, batch_size, convention, data, data_dir, seed, 
             j_loss = float(j_loss)
             rows.append({"step": step, "loss_torch": t_loss, "loss_jax": j_loss, "loss_diff": abs(t_loss - j_loss),
                          "weight_diff": diff(weight_keys), "stat_diff": diff(stat_keys)})  # fmt: skip
+            if nnx_side is not None:
+                rows[-1].update(nnx_side.step(jX, jnp.asarray(labels), j_loss, state))
     return rows, tmodel, state, initial, weight_keys, stat_keys, batches, source, conv
+
+
+class _NNXSide:
+    """The trajectory's NNX side: bnref.nnx's LeNet-BN from the linen side's initial ``variables``,
+    one ``bnref.nnx.train.train_step`` per batch, compared with the linen side after each."""
+
+    def __init__(self, variables, conv, compute, param_dtype, lr: float):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from bnref.nnx import train as ntrain
+        from bnref.nnx.models import LeNetBN as NNXLeNetBN
+        from bnref.nnx.variables import load_linen
+
+        self.model = load_linen(NNXLeNetBN(rngs=nnx.Rngs(0), bn="bnref", convention=conv, dtype=compute,
+                                           param_dtype=param_dtype), variables)  # fmt: skip
+        # the running statistics in the parameters' dtype, as the linen side's: an NNX BatchStat
+        # starts float32 and keeps its dtype (flax.nnx and bnref.nnx write new statistics in place),
+        # so a float64 run would otherwise keep float32 statistics
+        stats = nnx.state(self.model, nnx.BatchStat)
+        nnx.update(self.model, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), stats))
+        self.model.train()
+        self.optimizer = ntrain.optimizer_for(self.model, lr)
+        self.train_step = ntrain.train_step
+
+    def step(self, X, y, linen_loss: float, linen_state) -> Dict:
+        """One NNX step on ``X``, ``y``; its row entries against the linen side's loss and state."""
+        import jax
+
+        from bnref.nnx.variables import linen_variables
+
+        loss = float(self.train_step(self.model, self.optimizer, X, y)[0])
+        mine = linen_variables(self.model)
+        diff = lambda a, b: max(jax.tree.leaves(jax.tree.map(  # noqa: E731
+            lambda u, v: float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64)))), a, b)))
+        return {"loss_nnx": loss, "nnx_loss_diff": abs(linen_loss - loss),
+                "nnx_weight_diff": diff(linen_state.params, mine["params"]),
+                "nnx_stat_diff": diff(linen_state.batch_stats, mine["batch_stats"])}  # fmt: skip
 
 
 def format_trajectory(report: Dict) -> str:
@@ -216,8 +276,28 @@ def format_trajectory(report: Dict) -> str:
         steps = report["nonfinite_steps"]
         line += f"; a loss is NaN or infinite at {len(steps)} step(s), first at step {steps[0]}"
     out.append(line)
+    if "nnx" in report:
+        out.extend(_format_nnx(report, rows, stride))
     if "replicas" in report:
         out.extend(_format_replicas(report["replicas"], rows, stride))
         checks = 1 + sum(c["passed"] is not None for c in report["replicas"]["comparisons"])
         out.append(f"{'PASS' if report['passed'] else 'FAIL'}: all {checks} checks")
     return "\n".join(out)
+
+
+def _format_nnx(report: Dict, rows, stride: int):
+    """The NNX side's lines: linen vs NNX per step at the table's stride, then its verdict."""
+    v = report["nnx"]
+    out = ["NNX side (bnref.nnx LeNet-BN, nnx.jit step, nnx.Optimizer) against the linen side (bnref.jax):",
+           f"{'step':>5}  {'loss linen':>12}  {'loss nnx':>12}  {'|loss diff|':>11}  {'max |dW|':>9}  {'max |d stats|':>13}"]  # fmt: skip
+    for r in rows:
+        if r["step"] % stride == 0 or r["step"] in (1, len(rows)):
+            out.append(f"{r['step']:>5}  {r['loss_jax']:>12.6f}  {r['loss_nnx']:>12.6f}  {r['nnx_loss_diff']:>11.2e}  "
+                       f"{r['nnx_weight_diff']:>9.2e}  {r['nnx_stat_diff']:>13.2e}")  # fmt: skip
+    over = "" if v["judged_steps"] == report["steps"] else f" over steps 1-{v['judged_steps']}"
+    line = (f"{'PASS' if v['passed'] else 'FAIL'}: linen vs NNX max |loss diff| {v['max_loss_diff']:.2e}{over} "
+            f"(tolerance {v['tolerance']:g}; max |dW| {v['max_weight_diff']:.2e}, max |d stats| "
+            f"{v['max_stat_diff']:.2e}); torch vs NNX max |loss diff| {v['max_loss_diff_torch']:.2e}")  # fmt: skip
+    if v["nonfinite_steps"]:
+        line += f"; a loss is NaN or infinite at {len(v['nonfinite_steps'])} step(s), first at step {v['nonfinite_steps'][0]}"
+    return out + [line]
