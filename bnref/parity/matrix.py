@@ -165,7 +165,7 @@ def conventions_table() -> str:
     ``decay`` and the Flax/Keras/d2l-zh v2/d2l-en 0.17 ``momentum`` are the same number (both weight the old
     value), so they share one column; PyTorch's ``momentum`` is ``1 - decay``."""
     lines = [
-        "| preset | decay (weight of the old value) = Flax/Keras/d2l-zh v2/d2l-en 0.17 `momentum` | PyTorch `momentum` = 1 - decay (and d2l-en 1.x's) | eps | running variance | torch.nn can express | flax.linen can express |",
+        "| preset | decay (weight of the old value) = Flax/Keras/d2l-zh v2/d2l-en 0.17 `momentum` | PyTorch `momentum` = 1 - decay (and d2l-en 1.x's) | eps | running variance | torch.nn can express | flax.linen and flax.nnx can express |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, c in spec.PRESETS.items():
