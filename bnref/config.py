@@ -172,8 +172,9 @@ class TrainConfig:
         runtime = backends.get(self.backend).processes
         if runtime != "coordinator":
             also = " or under torchrun" if runtime == "torchrun" else ""
-            owners = "/".join(b.title for b in backends.REGISTRY.values() if b.processes == "coordinator")
-            raise ValueError(f"num_processes is the {owners} backend's multi-process runtime; {self.backend} runs "
+            owners = [b.title for b in backends.REGISTRY.values() if b.processes == "coordinator"]
+            whose = f"the {owners[0]} backend's" if len(owners) == 1 else f"the {' and '.join(owners)} backends'"
+            raise ValueError(f"num_processes is {whose} multi-process runtime; {self.backend} runs "
                              f"several processes with --replicas R{also}")  # fmt: skip
         host, _, port = (self.coordinator or "").rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -221,7 +221,7 @@ def test_a_jax_process_whose_peer_never_joins_is_aborted_not_left_waiting(tiny_f
         (["--num-processes", "2", "--coordinator", "h:1", "--process-id", "2"], "process_id must be an int in [0, num_processes=2)"),
         (["--num-processes", "2", "--coordinator", "h:1", "--replicas", "3"], "replicas 3 must be a multiple of num_processes 2"),
         (["--coordinator", "h:1"], "a coordinator address needs num_processes >= 2"),
-        (["--backend", "torch", "--num-processes", "2", "--coordinator", "h:1"], "num_processes is the JAX backend's"),
+        (["--backend", "torch", "--num-processes", "2", "--coordinator", "h:1"], "num_processes is the JAX and Flax NNX backends' multi-process runtime"),
     ],
     ids=["no-coordinator", "no-port", "bad-id", "replicas", "lone-coordinator", "torch"],
 )
