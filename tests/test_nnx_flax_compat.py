@@ -437,3 +437,37 @@ def test_tabulate_and_view_info_like_flax():
     assert "BatchNorm" in table and "BatchStat" in table and "resolved_convention" not in table
     assert table.count("\n") == nnx.tabulate(theirs, x, **kw).count("\n")
     assert nnx.view_info(ours) == nnx.view_info(theirs)
+
+
+OLDER_FLAX = r"""
+import builtins
+from flax import nnx  # Flax itself first: only bnref's import of first_from is made to fail
+real = builtins.__import__
+def without_first_from(name, globals=None, locals=None, fromlist=(), level=0):
+    if name == "flax.nnx.module" and fromlist and "first_from" in fromlist:
+        raise ImportError("cannot import name 'first_from'")
+    return real(name, globals, locals, fromlist, level)
+builtins.__import__ = without_first_from
+import bnref.nnx.layers as layers
+builtins.__import__ = real
+import jax.numpy as jnp
+assert layers.first_from.__module__ == "bnref.nnx.layers"
+layer = layers.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))
+try:
+    layer(jnp.ones((4, 3)))
+    raise SystemExit("no mode given, and the layer ran")
+except ValueError as e:
+    assert "use_running_average" in str(e)
+print(float(layer(jnp.arange(12.0).reshape(4, 3), use_running_average=False).std()))
+"""
+
+
+def test_a_flax_without_first_from_gets_the_same_mode_rule():
+    """The device machine's Flax may be older: bnref.nnx imports flax.nnx.module.first_from where it
+    exists and writes the same rule out where it does not (a version check, not a crash)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", OLDER_FLAX], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert abs(float(proc.stdout.strip()) - 1.0) < 1e-3

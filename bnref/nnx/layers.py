@@ -32,12 +32,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 
 from bnref import spec
 from bnref.jax._core import check_mask, check_vector, feature_axes, normalize
 from bnref.jax.layers import flax_convention
+
+try:
+    from flax.nnx.module import first_from
+except ImportError:  # a Flax that keeps it elsewhere (or not at all): the same rule, written out
+
+    def first_from(*values, error_msg: str):
+        """The first of ``values`` that is not None; ``ValueError(error_msg)`` if all are."""
+        for value in values:
+            if value is not None:
+                return value
+        raise ValueError(error_msg)
+
 
 __all__ = ["BatchNorm", "read", "write"]
 
