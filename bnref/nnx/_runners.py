@@ -146,7 +146,7 @@ class _LinenApply:
 
         from bnref.nnx.layers import read
 
-        state = jax.tree.map(lambda a: a, self.state)  # fresh variables, of this trace (as bnref.nnx.train.LinenFace)
+        state = jax.tree.map(lambda a: a, self.state)  # fresh variables, of this trace (as bnref.nnx.observe.LinenView's copies)
         nnx.replace_by_pure_dict(state, {**variables["params"], **variables["batch_stats"]})
         module = nnx.merge(self.graphdef, state)
         y = module(x, use_running_average=use_running_average)

@@ -32,40 +32,27 @@ from flax import nnx
 
 from bnref.jax import train as jax_train
 from bnref.nnx.models import LeNetBN
-from bnref.nnx.variables import linen_variables, load_linen
+from bnref.nnx.observe import LinenView
+from bnref.nnx.variables import load_linen
 
 __all__ = ["LinenFace", "NNX", "make_model", "initial_model", "fit", "check_checkpoint", "train_step", "eval_step",
            "optimizer_for"]
 
 
-def _merge_collections(variables) -> Dict:
-    """linen's ``{"params": ..., "batch_stats": ...}`` as one nested dict (their leaves' paths differ)."""
-    out: Dict = {}
-
-    def add(into, tree):
-        for k, v in tree.items():
-            if isinstance(v, dict) or hasattr(v, "items"):
-                add(into.setdefault(k, {}), v)
-            else:
-                into[k] = v
-
-    for collection in ("params", "batch_stats"):
-        add(out, variables.get(collection, {}))
-    return out
-
-
-class LinenFace:
+class LinenFace(LinenView):
     """An NNX LeNet-BN behind linen's ``init`` / ``apply``, the calls ``bnref.jax.train``'s loop
-    makes: ``apply`` merges the model's graph with the given variables (``nnx.merge``), calls it
-    in the mode asked for, and returns the updated ``nnx.BatchStat``s as ``batch_stats``.
+    makes: ``bnref.nnx.observe.LinenView`` (what the tools wrap a user's NNX model in) over the
+    model's abstract graph, whose ``apply`` merges the graph with the given variables
+    (``nnx.merge``), sets the mode as ``model.train()`` / ``model.eval()`` do, calls it with its
+    ``train`` argument, and returns the updated ``nnx.BatchStat``s as ``batch_stats``.
 
     ``kwargs``: :class:`bnref.nnx.LeNetBN`'s (``bn``, ``convention``, ``dtype``, ``axis_name``).
     """
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
-        abstract = nnx.eval_shape(lambda: LeNetBN(rngs=nnx.Rngs(0), **kwargs))
-        self.graphdef, self._abstract = nnx.split(abstract)
+        super().__init__(nnx.eval_shape(lambda: LeNetBN(rngs=nnx.Rngs(0), **kwargs)), {"train": True},
+                         {"train": False})  # fmt: skip
 
     def _linen_twin(self):
         from bnref.jax.models import LeNetBN as LinenLeNetBN
@@ -80,20 +67,6 @@ class LinenFace:
         load_linen(nnx.eval_shape(lambda: LeNetBN(rngs=nnx.Rngs(0), **self.kwargs)), variables)  # checks the layout
         return variables
 
-    def model(self, variables) -> LeNetBN:
-        """The NNX model holding ``variables`` (inside a trace, a traced one)."""
-        state = jax.tree.map(lambda a: a, self._abstract)  # a fresh State of the same structure
-        nnx.replace_by_pure_dict(state, _merge_collections(variables))
-        return nnx.merge(self.graphdef, state)
-
-    def apply(self, variables, x, train: bool, mutable=False):
-        """linen's ``model.apply(variables, x, train=..., mutable=...)`` for the NNX model."""
-        model = self.model(variables)
-        logits = model(x, train=train)
-        if mutable:
-            return logits, {"batch_stats": linen_variables(model)["batch_stats"]}
-        return logits
-
 
 def make_model(config, axis_name: Optional[str] = None) -> LinenFace:
     """``config``'s LeNet-BN in NNX behind :class:`LinenFace` (``bnref.jax.train.make_model``'s
@@ -105,7 +78,7 @@ def make_model(config, axis_name: Optional[str] = None) -> LinenFace:
 def _precise(face: LinenFace, variables, batches, *, variant: str, progress: bool):
     from bnref.nnx.precise import precise_batch_stats
 
-    model = face.model(variables)
+    model = face.copy(variables)  # the NNX model holding the variables
     return precise_batch_stats(model, batches, variant=variant, progress=progress, update=False)
 
 
