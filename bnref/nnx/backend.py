@@ -20,13 +20,12 @@ def load_run(config, checkpoint: str):
     carries its state); ``ValueError`` naming ``checkpoint`` for a file that is not such a
     checkpoint."""
     from bnref.jax.train import checkpoint_variables
-    from bnref.nnx.train import initial_model
-    from bnref.nnx.variables import load_linen
+    from bnref.nnx.train import model_holding
 
     local_stats = config.replicas > 1 and not config.sync_bn  # one set of statistics per device
     try:
         variables = checkpoint_variables(checkpoint, per_device_stats=local_stats)
-        return load_linen(initial_model(config), variables), None
+        return model_holding(config, variables), None
     except Exception as e:  # corrupt or truncated msgpack, another format, another structure
         raise ValueError(f"{checkpoint}: not a checkpoint of this run's NNX model ({first_line(e)})") from None
 

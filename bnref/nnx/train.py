@@ -32,11 +32,11 @@ from flax import nnx
 
 from bnref.jax import train as jax_train
 from bnref.nnx.models import LeNetBN
-from bnref.nnx.observe import LinenView
+from bnref.nnx.observe import LinenView, state_from_linen
 from bnref.nnx.variables import load_linen
 
-__all__ = ["LinenFace", "NNX", "make_model", "initial_model", "fit", "check_checkpoint", "train_step", "eval_step",
-           "optimizer_for"]
+__all__ = ["LinenFace", "NNX", "make_model", "initial_model", "model_holding", "fit", "check_checkpoint", "train_step",
+           "eval_step", "optimizer_for"]
 
 
 class LinenFace(LinenView):
@@ -64,7 +64,7 @@ class LinenFace(LinenView):
         """The initial variables for ``rng``: linen's LeNet-BN's (the same draws as ``--backend jax``),
         checked against this model's layout."""
         variables = self._linen_twin().init(rng, x, train=train)
-        load_linen(nnx.eval_shape(lambda: LeNetBN(rngs=nnx.Rngs(0), **self.kwargs)), variables)  # checks the layout
+        state_from_linen(self.model, variables)  # checks the layout; the abstract model is not modified
         return variables
 
 
@@ -97,13 +97,18 @@ def check_checkpoint(path: str, config, run_id) -> int:
     return jax_train.check_checkpoint(path, config, run_id, family=NNX)
 
 
+def model_holding(config, variables) -> LeNetBN:
+    """``config``'s NNX LeNet-BN holding linen ``variables`` (checked: ``ValueError`` naming the
+    first path or shape that differs)."""
+    return load_linen(LeNetBN(rngs=nnx.Rngs(0), **make_model(config).kwargs), variables)
+
+
 def initial_model(config, seed: Optional[int] = None) -> LeNetBN:
     """The NNX LeNet-BN ``--backend nnx`` starts from for ``seed`` (default ``config.seed``): the
     linen model's initial weights loaded into it."""
-    face = make_model(config)
-    model = LeNetBN(rngs=nnx.Rngs(0), **face.kwargs)
-    variables = face.init(jax.random.key(config.seed if seed is None else seed), jnp.zeros((1, 28, 28, 1)))
-    return load_linen(model, variables)
+    variables = make_model(config).init(jax.random.key(config.seed if seed is None else seed),
+                                        jnp.zeros((1, 28, 28, 1)))  # fmt: skip
+    return model_holding(config, variables)
 
 
 def optimizer_for(model: nnx.Module, lr: float) -> nnx.Optimizer:
