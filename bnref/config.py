@@ -30,7 +30,7 @@ class TrainConfig:
     """Everything a training run depends on.
 
     ``bn``: ``"bnref"`` (the from-scratch layer), ``"builtin"`` (torch.nn.BatchNorm /
-    flax.linen.BatchNorm: the seed's "concise" version) or ``"none"`` (plain LeNet).
+    flax.linen.BatchNorm: the layer d2l's "concise implementation" uses) or ``"none"`` (plain LeNet).
     ``convention``: a ``bnref.spec.PRESETS`` name for the BN layers' running statistics.
     ``train_limit`` / ``test_limit``: use only the first N examples (quick runs, tests).
     ``plot`` / ``json``: files rewritten (atomically) after every epoch, so a crash or Ctrl-C

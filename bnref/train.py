@@ -7,7 +7,8 @@ prints it, and calls it. The top floor of bnref's layers: it imports everything 
 nothing imports it. The backend is the registry's; this module owns the flags, the run
 directory's creation, resumption and lock, and which process speaks.
 
-Defaults are the seed's (d2l, "Batch Normalization"): lr 1.0, batch 256, 10 epochs, SGD,
+Defaults are those of d2l's chapter "Batch Normalization" (the edition with lr 1.0; d2l-en 1.x
+trains at lr 0.1, batch 128): lr 1.0, batch 256, 10 epochs, SGD,
 cross-entropy, the from-scratch BN with d2l's running-average convention (decay 0.9,
 biased running variance), so the torch and JAX runs train the same network the same way.
 The config is :mod:`bnref.config`'s and the schedule :mod:`bnref.schedule`'s.
@@ -121,7 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=">= 2 with BatchNorm")
     p.add_argument("--seed", type=seed, default=d.seed, help=f"in [0, {MAX_SEED}]")
     p.add_argument("--device", default=d.device, help="auto (a GPU when there is one), cpu, cuda/gpu, or e.g. cuda:1")
-    p.add_argument("--bn", choices=BN_CHOICES, default=d.bn, help="bnref's from-scratch BN, the framework's, or none")
+    p.add_argument("--bn", choices=BN_CHOICES, default=d.bn, help="which BatchNorm layers LeNet gets: bnref (this project's, written from scratch; default), "
+                   "builtin (the framework's own, torch.nn.BatchNorm2d/1d or Flax's BatchNorm, as in d2l's "
+                   "'concise implementation'), or none (LeNet without BatchNorm)")
     p.add_argument("--convention", choices=sorted(spec.PRESETS), default=d.convention)
     p.add_argument("--data-dir", default=d.data_dir, help="directory with the four Fashion-MNIST IDX .gz files")
     p.add_argument("--no-download", dest="download", action="store_false", help="never download the data")

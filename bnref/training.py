@@ -12,10 +12,16 @@ every epoch and the run directory's log, so every backend behaves alike.
 Example::
 
     from bnref.config import TrainConfig
-    from bnref.training import train_and_evaluate
+    from bnref.training import train, train_and_evaluate
 
     history = train_and_evaluate(TrainConfig(backend="torch", epochs=1, train_limit=2048, test_limit=512))
     print(history[-1]["test_acc"])
+
+    trained = train(TrainConfig(backend="jax", epochs=1, train_limit=2048, test_limit=512), out="runs/mine")
+    trained.model, trained.variables, trained.history  # the Flax module, its params and batch_stats, the metrics
+
+:func:`train` is :func:`train_and_evaluate` into a run directory, with the trained model back
+(:func:`load_trained` reads one from any finished run directory).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from bnref import _io, backends
 from bnref.config import TrainConfig
 from bnref.schedule import batch_slices
 
-__all__ = ["train_and_evaluate", "load_data", "check_data", "format_epoch", "figure_title", "plot_history"]
+__all__ = ["train_and_evaluate", "train", "Trained", "load_trained", "load_data", "check_data", "format_epoch", "figure_title", "plot_history"]
 
 
 def format_epoch(m: Dict) -> str:
@@ -123,6 +129,56 @@ def train_and_evaluate(
 
     backend.fit(config, data, epoch_done, run=run)
     return history
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A finished training run: its ``config``, its per-epoch metrics (``history``, as
+    :func:`train_and_evaluate` returns them), its run directory (``run_dir``) and the trained
+    model as its backend holds one: torch, the ``bnref.torch.LeNetBN`` in eval mode with
+    ``variables`` None; JAX (linen), the ``bnref.jax.LeNetBN`` module with ``variables``
+    ``{"params": ..., "batch_stats": ...}``; NNX, the ``bnref.nnx.LeNetBN`` holding its own state
+    with ``variables`` None."""
+
+    config: TrainConfig
+    history: List[Dict]
+    run_dir: str
+    model: object
+    variables: Optional[Dict]
+
+
+def train(config: TrainConfig, data=None, *, out: str, on_epoch: Optional[Callable[[Dict], None]] = None) -> Trained:
+    """:func:`train_and_evaluate` into the new run directory ``out`` (``python -m bnref.train
+    --out``: config, metrics, curves, a checkpoint after every epoch; a directory that exists and is
+    not empty is an error, nothing in it is touched), then the trained model read back from the
+    checkpoint (:func:`load_trained`). ``out`` is required: a run's files go where you say."""
+    from bnref import runs
+
+    config.check_outputs()
+    runs.check_new_run_dir(out)  # before the data loads
+    if data is None:
+        data = load_data(config)
+    else:
+        check_data(config, data)
+    run = runs.RunDir.create(out, config, ["bnref.training.train"], data, device=backends.load(config.backend).prepare(config))
+    try:
+        history = train_and_evaluate(config, data, on_epoch=on_epoch, run=run)
+    finally:
+        run.release()
+    return dataclasses.replace(load_trained(out), history=history)
+
+
+def load_trained(run_dir: str) -> Trained:
+    """The trained model of the finished run in ``run_dir`` (a ``python -m bnref.train`` or
+    :func:`train` run directory) with its config and metrics; ``ValueError`` naming what is missing
+    (no such run, no finished epoch, a checkpoint of another model)."""
+    from bnref import runs
+
+    run = runs.RunDir.open(run_dir)
+    config = run.train_config()
+    checkpoint = run.require_checkpoint()
+    model, variables = backends.load(config.backend).load_run(config, checkpoint)
+    return Trained(config, runs.read_metrics(run_dir), run_dir, model, variables)
 
 
 def figure_title(config: TrainConfig) -> str:

@@ -400,3 +400,55 @@ def test_a_run_without_a_data_digest_resumes_and_says_its_data_is_not_checked(ru
     train.main(["--resume", str(run_copy), "--epochs", "2", "--data-dir", str(tiny_fashion_dir), "--no-progress"])
     assert "records no digest of its data" in capsys.readouterr().err
     assert [m["epoch"] for m in runs.read_metrics(str(run_copy))] == [1, 2]
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax", "nnx"])
+def test_train_from_python_returns_the_metrics_and_the_model_that_earned_them(backend, tmp_path):
+    """bnref.training.train: the run directory it writes, and its model evaluates to the last test accuracy."""
+    from bnref import data
+    from bnref.config import TrainConfig
+    from bnref.training import load_trained, train as train_from_python
+
+    ds = data.synthetic(n_train=256, n_test=128, seed=1)
+    trained = train_from_python(TrainConfig(backend=backend, epochs=2, batch_size=64, progress=False), ds,
+                                out=str(tmp_path / "run"))  # fmt: skip
+    assert [m["epoch"] for m in trained.history] == [1, 2] and trained.run_dir == str(tmp_path / "run")
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint", "config.json", "curves.png", "metrics.jsonl"]
+    if backend == "torch":
+        from bnref.torch.train import evaluate, load_tensors
+
+        assert not trained.model.training and trained.variables is None
+        acc = evaluate(trained.model, *load_tensors(ds.test_images, ds.test_labels, __import__("torch").device("cpu")))
+    elif backend == "jax":
+        import jax.numpy as jnp
+
+        from bnref.jax.train import prepare_images
+
+        assert sorted(trained.variables) == ["batch_stats", "params"]
+        logits = trained.model.apply(trained.variables, jnp.asarray(prepare_images(ds.test_images)), train=False)
+        acc = float(np.mean(np.asarray(logits).argmax(-1) == ds.test_labels))
+    else:
+        import jax.numpy as jnp
+
+        from bnref.jax.train import prepare_images
+
+        trained.model.eval()
+        acc = float(np.mean(np.asarray(trained.model(jnp.asarray(prepare_images(ds.test_images)))).argmax(-1) == ds.test_labels))
+    assert acc == pytest.approx(trained.history[-1]["test_acc"], abs=1e-12)
+    again = load_trained(trained.run_dir)
+    assert again.config == trained.config and [m["loss"] for m in again.history] == [m["loss"] for m in trained.history]
+
+
+def test_train_from_python_refuses_a_used_directory_and_load_trained_an_unfinished_run(tmp_path):
+    from bnref import data
+    from bnref.config import TrainConfig
+    from bnref.training import load_trained, train as train_from_python
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "mine.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="is not empty"):
+        train_from_python(TrainConfig(backend="torch", epochs=1, progress=False), data.synthetic(64, 32), out=str(used))
+    assert sorted(os.listdir(used)) == ["mine.txt"] and (used / "mine.txt").read_text() == "the user's"
+    with pytest.raises(ValueError, match="no such|not a"):
+        load_trained(str(tmp_path / "nothing"))
