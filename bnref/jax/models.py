@@ -1,6 +1,7 @@
 """LeNet-BN in Flax: the same network as ``bnref.torch.LeNetBN``, in NHWC.
 
-d2l's LeNet with BatchNorm after every convolution and hidden dense layer::
+d2l's LeNet with BatchNorm after every convolution and hidden dense layer (the activation
+selectable, ``activation``: sigmoid by default, as in d2l)::
 
     (N, 28, 28, 1) -conv1 5x5 VALID-> (N, 24, 24, 6) -bn1-sigmoid-avgpool2-> (N, 12, 12, 6)
                    -conv2 5x5 VALID-> (N, 8, 8, 16)  -bn2-sigmoid-avgpool2-> (N, 4, 4, 16)
@@ -25,7 +26,11 @@ from bnref.jax import conv as _conv
 from bnref.jax.functional import resolve_convention
 from bnref.jax.layers import BatchNorm
 
-__all__ = ["LeNetBN", "BN_CHOICES"]
+__all__ = ["LeNetBN", "BN_CHOICES", "ACTIVATIONS"]
+
+#: the hidden layers' activation (``LeNetBN(activation=...)``; bnref.nnx's model uses this table
+#: too): d2l's LeNet uses the sigmoid
+ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu}
 
 #: whether this Flax's Conv takes its convolution as a field (Flax >= 0.7); an older one runs lax's
 #: own, and K steps per call are then not bit-identical to one on a CPU (``bnref.jax.conv``)
@@ -48,6 +53,8 @@ class LeNetBN(nn.Module):
         (``bnref.jax.conv``: the same numbers as lax's at the top level of a computation, and
         inside a ``lax.scan`` too, where lax's would round differently and run 4-10x slower on a
         CPU); False: lax's own (needed for forward-mode differentiation through the model).
+      activation: the four hidden layers' activation, ``"sigmoid"`` (d2l's, default) or
+        ``"relu"`` (:data:`ACTIVATIONS`); the variables are the same either way.
     """
 
     bn: str = "bnref"
@@ -56,6 +63,7 @@ class LeNetBN(nn.Module):
     param_dtype: Any = jnp.float32
     axis_name: Optional[str] = None  # BN statistics synchronized over this device axis (data parallel)
     canonical_conv_grads: bool = True
+    activation: str = "sigmoid"
 
     @nn.nowrap  # a helper that builds a submodule: not a module method for Flax to intercept
     def _norm(self, name):
@@ -77,6 +85,9 @@ class LeNetBN(nn.Module):
     def __call__(self, x, train: bool):
         if self.bn not in BN_CHOICES:
             raise ValueError(f"bn must be one of {BN_CHOICES}, got {self.bn!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+        act = ACTIVATIONS[self.activation]
         kw = dict(
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.zeros,
@@ -92,14 +103,14 @@ class LeNetBN(nn.Module):
             return self._norm(name)(h, use_running_average=not train)
 
         x = nn.Conv(6, (5, 5), padding="VALID", name="conv1", **conv)(x)  # (N, 24, 24, 6)
-        x = nn.sigmoid(norm(x, "bn1"))
+        x = act(norm(x, "bn1"))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))  # (N, 12, 12, 6)
         x = nn.Conv(16, (5, 5), padding="VALID", name="conv2", **conv)(x)  # (N, 8, 8, 16)
-        x = nn.sigmoid(norm(x, "bn2"))
+        x = act(norm(x, "bn2"))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))  # (N, 4, 4, 16)
         x = x.reshape((x.shape[0], -1))  # (N, 256), NHWC order
         x = nn.Dense(120, name="fc1", **kw)(x)
-        x = nn.sigmoid(norm(x, "bn3"))
+        x = act(norm(x, "bn3"))
         x = nn.Dense(84, name="fc2", **kw)(x)
-        x = nn.sigmoid(norm(x, "bn4"))
+        x = act(norm(x, "bn4"))
         return nn.Dense(10, name="fc3", **kw)(x)  # (N, 10) logits

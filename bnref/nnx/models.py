@@ -22,6 +22,7 @@ from bnref import spec
 from bnref.config import BN_CHOICES
 from bnref.jax import conv as _conv
 from bnref.jax.functional import resolve_convention
+from bnref.jax.models import ACTIVATIONS  # the linen model's table: one list of choices
 from bnref.nnx.layers import BatchNorm
 
 __all__ = ["LeNetBN", "CONV_TAKES_A_FUNCTION"]
@@ -48,18 +49,22 @@ class LeNetBN(nnx.Module):
       axis_name: the BN statistics synchronized over this device axis (data parallel).
       canonical_conv_grads: the convolutions' gradients from ``bnref.jax.conv`` (as linen's
         LeNetBN: the same numbers at the top level, and inside a ``lax.scan``).
+      activation: the four hidden layers' activation, ``"sigmoid"`` (d2l's, default) or
+        ``"relu"`` (``bnref.jax.models.ACTIVATIONS``, as linen's LeNetBN).
     """
 
     def __init__(self, *, rngs: nnx.Rngs, bn: str = "bnref", convention: Union[spec.Convention, str] = spec.D2L,
                  dtype: Any = None, param_dtype: Any = jnp.float32, axis_name: Optional[str] = None,
-                 canonical_conv_grads: bool = True):  # fmt: skip
+                 canonical_conv_grads: bool = True, activation: str = "sigmoid"):  # fmt: skip
         if bn not in BN_CHOICES:
             raise ValueError(f"bn must be one of {BN_CHOICES}, got {bn!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         conv = resolve_convention(convention)
         if bn == "builtin" and conv.running_var == "unbiased":
             raise ValueError("flax.nnx.BatchNorm always uses the biased variance in its running average; "
                              f"bn='builtin' cannot express convention {conv}")  # fmt: skip
-        self.bn, self.convention = bn, conv
+        self.bn, self.convention, self.activation = bn, conv, activation
         kw = dict(kernel_init=nnx.initializers.xavier_uniform(), bias_init=nnx.initializers.zeros,
                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
         conv_kw = dict(kw, padding="VALID")
@@ -93,13 +98,14 @@ class LeNetBN(nnx.Module):
     def __call__(self, x, train: Optional[bool] = None):
         """Logits (N, 10) of images (N, 28, 28, 1); ``train`` (optional) overrides the mode the
         model is in for this call."""
-        x = nnx.sigmoid(self._norm(self.bn1, self.conv1(x), train))  # (N, 24, 24, 6)
+        act = ACTIVATIONS[self.activation]
+        x = act(self._norm(self.bn1, self.conv1(x), train))  # (N, 24, 24, 6)
         x = nnx.avg_pool(x, (2, 2), strides=(2, 2))  # (N, 12, 12, 6)
-        x = nnx.sigmoid(self._norm(self.bn2, self.conv2(x), train))  # (N, 8, 8, 16)
+        x = act(self._norm(self.bn2, self.conv2(x), train))  # (N, 8, 8, 16)
         x = nnx.avg_pool(x, (2, 2), strides=(2, 2))  # (N, 4, 4, 16)
         x = x.reshape((x.shape[0], -1))  # (N, 256), NHWC order
-        x = nnx.sigmoid(self._norm(self.bn3, self.fc1(x), train))
-        x = nnx.sigmoid(self._norm(self.bn4, self.fc2(x), train))
+        x = act(self._norm(self.bn3, self.fc1(x), train))
+        x = act(self._norm(self.bn4, self.fc2(x), train))
         return self.fc3(x)  # (N, 10) logits
 
 

@@ -1,4 +1,5 @@
-"""LeNet-BN, the seed's network (d2l, "Batch Normalization"), with a selectable BatchNorm.
+"""LeNet-BN, the seed's network (d2l, "Batch Normalization"), with a selectable BatchNorm
+(and a selectable activation, sigmoid by default as in d2l).
 
     Conv(1->6, 5x5) BN sigmoid AvgPool(2)  Conv(6->16, 5x5) BN sigmoid AvgPool(2)  Flatten
     Linear(256->120) BN sigmoid  Linear(120->84) BN sigmoid  Linear(84->10)
@@ -20,7 +21,10 @@ from bnref.config import BN_CHOICES  # the one list of choices (re-exported here
 from bnref.torch.functional import resolve_convention
 from bnref.torch.layers import BatchNorm1d, BatchNorm2d
 
-__all__ = ["LeNetBN", "BN_CHOICES"]
+__all__ = ["LeNetBN", "BN_CHOICES", "ACTIVATIONS"]
+
+#: the hidden layers' activation (``LeNetBN(activation=...)``): d2l's LeNet uses the sigmoid
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
 
 
 def _make_bn(kind: str, dims: int, channels: int, convention: spec.Convention) -> nn.Module:
@@ -45,17 +49,22 @@ class LeNetBN(nn.Module):
         (``torch.nn.BatchNorm1d/2d``) or ``"none"`` (``nn.Identity``: plain LeNet with sigmoids).
       convention: the BN running-statistics convention (preset name or
         :class:`bnref.spec.Convention`); default the seed's, ``spec.D2L``.
+      activation: the four hidden layers' activation, ``"sigmoid"`` (d2l's, default) or
+        ``"relu"`` (:data:`ACTIVATIONS`); a function, not a submodule: the same ``state_dict``.
 
     Conv and linear weights are Xavier-uniform initialized as d2l's ``train_ch6`` does (its
     ``init_weights``); biases keep PyTorch's default initialization, as there.
     """
 
-    def __init__(self, bn: str = "bnref", convention: Union[spec.Convention, str] = spec.D2L):
+    def __init__(self, bn: str = "bnref", convention: Union[spec.Convention, str] = spec.D2L,
+                 activation: str = "sigmoid"):  # fmt: skip
         super().__init__()
         if bn not in BN_CHOICES:
             raise ValueError(f"bn must be one of {BN_CHOICES}, got {bn!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         conv = resolve_convention(convention)
-        self.bn_kind = bn
+        self.bn_kind, self.activation = bn, activation
         self.conv1 = nn.Conv2d(1, 6, kernel_size=5)
         self.bn1 = _make_bn(bn, 2, 6, conv)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
@@ -69,11 +78,12 @@ class LeNetBN(nn.Module):
             nn.init.xavier_uniform_(m.weight)  # d2l's init_weights; biases keep torch's default
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.sigmoid(self.bn1(self.conv1(x)))  # (N, 6, 24, 24)
+        act = ACTIVATIONS[self.activation]
+        x = act(self.bn1(self.conv1(x)))  # (N, 6, 24, 24)
         x = nn.functional.avg_pool2d(x, 2)  # (N, 6, 12, 12)
-        x = torch.sigmoid(self.bn2(self.conv2(x)))  # (N, 16, 8, 8)
+        x = act(self.bn2(self.conv2(x)))  # (N, 16, 8, 8)
         x = nn.functional.avg_pool2d(x, 2)  # (N, 16, 4, 4)
         x = torch.flatten(x, 1)  # (N, 256)
-        x = torch.sigmoid(self.bn3(self.fc1(x)))  # (N, 120)
-        x = torch.sigmoid(self.bn4(self.fc2(x)))  # (N, 84)
+        x = act(self.bn3(self.fc1(x)))  # (N, 120)
+        x = act(self.bn4(self.fc2(x)))  # (N, 84)
         return self.fc3(x)  # (N, 10) logits
