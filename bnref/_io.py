@@ -7,8 +7,8 @@
 - :func:`atomic_write_bytes` / :func:`write_json` write a temporary file beside the target,
   flush it to disk and rename it over the target: readers (and a crash or Ctrl-C at any
   moment) see the old complete file or the new complete file, never a truncated one.
-- :func:`new_figure` / :func:`save_figure`: a matplotlib figure drawn off-screen (Agg) and
-  saved atomically in the format the path's extension names.
+- :func:`new_figure` / :func:`save_figure`: a matplotlib figure drawn off-screen (its own Agg
+  canvas, pyplot's backend left alone) and saved atomically in the format the path's extension names.
 - :func:`strict_json` makes data JSON-safe without NaN/Infinity literals (which Python's
   ``json`` writes by default and strict parsers reject): a non-finite float becomes
   ``null`` and its key is listed under ``"nonfinite"`` in the same object, so the fact is
@@ -132,14 +132,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def new_figure(columns: int = 1, size=(5.0, 3.8)):
-    """``plt.subplots(1, columns)`` with the Agg backend (files only, no display); each column
-    ``size`` inches."""
-    import matplotlib
+    """``(figure, axes)``: 1 x ``columns`` axes, each column ``size`` inches, on a figure of its own
+    with its own Agg canvas (files only, no display). Not pyplot's: drawing one neither switches
+    the process's matplotlib backend (``matplotlib.use("Agg")`` did, and a notebook that trained a
+    run showed no figure after it) nor registers the figure with pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, columns, figsize=(size[0] * columns, size[1]))
+    fig = Figure(figsize=(size[0] * columns, size[1]))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, columns)
 
 
 def save_figure(fig, path: str | os.PathLike, rect=None) -> None:
@@ -148,10 +150,11 @@ def save_figure(fig, path: str | os.PathLike, rect=None) -> None:
     extension, and close it."""
     import io
 
-    import matplotlib.pyplot as plt
-
     fig.tight_layout(rect=rect)
     buf = io.BytesIO()
     fig.savefig(buf, format=str(path).rsplit(".", 1)[-1].lower())
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:  # a pyplot figure: let pyplot forget it
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())

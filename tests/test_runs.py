@@ -452,3 +452,19 @@ def test_train_from_python_refuses_a_used_directory_and_load_trained_an_unfinish
     assert sorted(os.listdir(used)) == ["mine.txt"] and (used / "mine.txt").read_text() == "the user's"
     with pytest.raises(ValueError, match="no such|not a"):
         load_trained(str(tmp_path / "nothing"))
+
+
+def test_drawing_a_figure_leaves_matplotlib_s_backend_and_pyplot_alone(tmp_path):
+    """A notebook that trained a run (curves.png) showed no figure after it: _io switched the
+    process's backend to Agg. Checked in a fresh process whose backend is another one."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib, matplotlib.pyplot as plt\nfrom bnref import _io\n"
+            f"fig, ax = _io.new_figure(2)\nax[0].plot([1, 2])\n_io.save_figure(fig, {str(tmp_path / 'f.png')!r})\n"
+            "print(matplotlib.get_backend(), plt.get_fignums())")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MPLBACKEND": "svg"})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["svg", "[]"]
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
