@@ -163,3 +163,73 @@ def test_an_experiment_without_data_refuses_data_options(tmp_path, usage_error):
 def _run_with(tmp_path, name, *argv):
     experiments.main([name, "--quick", "--out", str(tmp_path), *argv])
     return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def _activations(tmp_path, backend):
+    """``activations --quick`` on one backend (its four networks); the numbers as written."""
+    result = _run("activations", tmp_path, "--backend", backend)
+    assert result["backends"] == [backend]
+    assert set(result["runs"]) == {f"{backend}, {act}, {bn}" for act in ("sigmoid", "relu") for bn in ("BN", "no BN")}
+    assert "|z| > ln 19" in result["saturation"] and result["record_steps"][0] == 0
+    return result
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_activations_bn_standardizes_every_layer_and_plain_lenet_loses_its_spread(backend, tmp_path, torch_one_thread):
+    result = _activations(tmp_path, backend)
+    runs, layers = result["runs"], result["layers"]
+    for name, run in runs.items():
+        probes = run["probes"]
+        assert [p["step"] for p in probes] == result["record_steps"] and len(run["step_loss"]) == result["steps"]
+        assert 0 <= run["test_acc"] <= 1 and set(run["histograms"]) == {str(s) for s in result["histogram_steps"]}
+        for hist in run["histograms"].values():  # every value counted (the end bins take those beyond the edges)
+            assert [sum(hist[layer]) for layer in layers] == [result["probe_examples"] * n for n in (3456, 1024, 120, 84)]
+        if name.endswith(", BN"):
+            # Training-mode BN: each channel at mean 0, std 1 over the probe batch (gamma 1, beta 0
+            # at step 0: exactly, but for eps); later gamma and beta move it, but not far.
+            for layer in layers:
+                first = probes[0][layer]
+                assert first["channel_mean_max_abs"] < 1e-4 and 0.99 < first["channel_std_min"] <= first["channel_std_max"] < 1.0001
+                assert all(abs(p[layer]["percentiles"][3]) < 0.5 and 0.5 < p[layer]["std"] < 2 for p in probes), layer
+    for act in ("sigmoid", "relu"):
+        # Without BN the examples' differences fade layer by layer (per-channel std at fc2 two
+        # orders of magnitude under BN's 1): the network's output barely depends on its input.
+        plain = runs[f"{backend}, {act}, no BN"]["probes"][0]
+        assert plain["fc2"]["channel_std_mean"] < 0.1 < plain["conv1"]["channel_std_mean"], plain
+    bn_sig, bn_relu = runs[f"{backend}, sigmoid, BN"]["probes"][0], runs[f"{backend}, relu, BN"]["probes"][0]
+    # N(0, 1) has 0.3% beyond ±2.94; measured 0.2-0.7% on Fashion-MNIST, up to 3.7% on the blocky synthetic images
+    assert all(bn_sig[layer]["saturated"] < 0.05 for layer in layers)
+    assert all(bn_relu[layer]["dead"] == 0 for layer in layers)  # mean 0, std 1: every channel has positive values
+    assert "dead" in runs[f"{backend}, relu, no BN"]["probes"][-1]["fc2"]
+    # Plain sigmoid LeNet sits on the plateau at ln 10 (bn-vs-none); with BN it has left it.
+    assert runs[f"{backend}, sigmoid, no BN"]["epoch_loss"][-1] > 2.2 > 1.6 > runs[f"{backend}, sigmoid, BN"]["epoch_loss"][-1]
+
+
+def test_activations_backend_it_cannot_use_is_one_line_saying_why(tmp_path, usage_error):
+    err = usage_error(experiments.main, ["activations", "--backend", "nnx", "--quick", "--out", str(tmp_path)]).err
+    last = err.strip().splitlines()[-1]  # argparse's usage lines, then the one error line
+    assert last.startswith("python -m bnref.experiments: error: --backend nnx: activations runs on torch and jax only: ")
+    assert "NNX" in last and "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_lenet_activation_option_keeps_the_variables_and_names_a_bad_value():
+    """``activation=`` (what ``activations`` trains with): the same variables whatever the choice,
+    so every checkpoint and converter still fits; a bad value is a ValueError that names it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bnref.jax.models import LeNetBN as LinenLeNet
+    from bnref.nnx.models import LeNetBN as NNXLeNet
+    from bnref.torch.models import LeNetBN as TorchLeNet
+
+    assert TorchLeNet(activation="relu").state_dict().keys() == TorchLeNet().state_dict().keys()
+    x = jnp.zeros((1, 28, 28, 1))
+    shapes = [jax.tree_util.tree_map(jnp.shape, LinenLeNet(activation=a).init(jax.random.key(0), x, train=False))
+              for a in ("sigmoid", "relu")]  # fmt: skip
+    assert shapes[0] == shapes[1]
+    assert float(jnp.abs(NNXLeNet(rngs=nnx.Rngs(0), activation="relu")(x + 1, train=False)).sum()) > 0
+    for make in (lambda: TorchLeNet(activation="tanh"), lambda: NNXLeNet(rngs=nnx.Rngs(0), activation="tanh"),
+                 lambda: LinenLeNet(activation="tanh").init(jax.random.key(0), x, train=False)):  # fmt: skip
+        with pytest.raises(ValueError, match="'tanh'"):
+            make()

@@ -28,6 +28,10 @@ precise-BN functions where the experiment reads the model state during training.
   gradient, and training without it is the same training.
 - ``sync-vs-local`` (default JAX; torch too): 8 replicas of 4 ... 32 examples, synchronized vs
   local BN vs one device with the whole global batch.
+- ``activations`` (default both backends): what BN does to the activations, in pictures: LeNet
+  with and without BN, sigmoid and ReLU, on the same batches; each hidden layer's pre-activations
+  on a fixed probe batch through training (percentiles, per-channel spread, saturated sigmoids,
+  dead ReLUs, histograms), with the training loss and the final test accuracy.
 
 Where the code is: ``registry`` holds the registry (:data:`EXPERIMENTS`, :class:`Experiment`) and
 the run of one experiment (:class:`ExperimentConfig`, :func:`run_experiment`); ``cli`` the
@@ -35,8 +39,8 @@ command (:func:`main`, which ``__main__`` runs); ``_common`` what the experiment
 rule :func:`scaled_lr`, the data, the figure's caption, the training helpers ``_jax_sgd`` /
 ``_JaxProbe``); and one module per
 experiment, named after it (``momentum_port``, ``fast_variance``, ``bn_vs_none``, ``batch_size``,
-``eval_stats``, ``placement``, ``sync_vs_local``: the experiment's function, its figure and what
-only it uses). The package's attribute of each of those names is the experiment's function, as
+``eval_stats``, ``placement``, ``sync_vs_local``, ``activations``: the experiment's function, its
+figure and what only it uses). The package's attribute of each of those names is the experiment's function, as
 it was before the split; its module is ``sys.modules["bnref.experiments.NAME"]``, and
 ``from bnref.experiments.NAME import ...`` reads from it.
 """
@@ -44,6 +48,7 @@ it was before the split; its module is ``sys.modules["bnref.experiments.NAME"]``
 from __future__ import annotations
 
 from bnref.experiments._common import BASE_BATCH, BASE_LR, LR_RULE, _caption, scaled_lr  # noqa: F401
+from bnref.experiments.activations import activations
 from bnref.experiments.batch_size import BATCH_SIZES, batch_size  # noqa: F401
 from bnref.experiments.bn_vs_none import bn_vs_none
 from bnref.experiments.cli import main
@@ -55,4 +60,4 @@ from bnref.experiments.registry import EXPERIMENTS, Experiment, ExperimentConfig
 from bnref.experiments.sync_vs_local import MODES, REPLICAS, sync_vs_local  # noqa: F401
 
 __all__ = ["EXPERIMENTS", "Experiment", "ExperimentConfig", "run_experiment", "scaled_lr", "momentum_port", "fast_variance",
-           "bn_vs_none", "batch_size", "eval_stats", "placement", "sync_vs_local", "main"]
+           "bn_vs_none", "batch_size", "eval_stats", "placement", "sync_vs_local", "activations", "main"]

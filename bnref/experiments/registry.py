@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 from bnref import _io
+from bnref.experiments.activations import _plot_activations, activations
 from bnref.experiments.batch_size import _plot_batch_size, batch_size
 from bnref.experiments.bn_vs_none import _plot_bn_vs_none, bn_vs_none
 from bnref.experiments.eval_stats import _plot_eval_stats, eval_stats
@@ -46,6 +47,8 @@ EXPERIMENTS: Dict[str, Experiment] = {
     "placement": Experiment(placement, _plot_placement, ("torch",), ("torch",),
                             "its model variants are torch modules"),
     "sync-vs-local": Experiment(sync_vs_local, _plot_sync_vs_local, ("torch", "jax"), ("jax",)),
+    "activations": Experiment(activations, _plot_activations, ("torch", "jax"), ("torch", "jax"),
+                              "its probes read bnref.torch's and flax.linen's LeNetBN (the NNX model has no run here)"),
 }  # fmt: skip
 
 
