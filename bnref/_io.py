@@ -131,17 +131,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (dumps(obj) + "\n").encode())
 
 
-def new_figure(columns: int = 1, size=(5.0, 3.8)):
-    """``(figure, axes)``: 1 x ``columns`` axes, each column ``size`` inches, on a figure of its own
+def new_figure(columns: int = 1, size=(5.0, 3.8), rows: int = 1):
+    """``(figure, axes)``: ``rows`` x ``columns`` axes (a 1-D array for one row, as
+    ``subplots`` gives), each panel ``size`` inches, on a figure of its own
     with its own Agg canvas (files only, no display). Not pyplot's: drawing one neither switches
     the process's matplotlib backend (``matplotlib.use("Agg")`` did, and a notebook that trained a
     run showed no figure after it) nor registers the figure with pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(size[0] * columns, size[1]))
+    fig = Figure(figsize=(size[0] * columns, size[1] * rows))
     FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, columns)
+    return fig, fig.subplots(rows, columns)
 
 
 def save_figure(fig, path: str | os.PathLike, rect=None) -> None:

@@ -227,9 +227,7 @@ def _plot_activations(result: Dict, path: str) -> None:
     per-channel spread (std over the probe batch, mean over channels), the saturated and dead
     fractions, per layer; and the training loss of every run. All but the loss panel show the
     first backend's runs. (The histograms stay in the numbers: in this grid they repeat the bands.)"""
-    fig, ax = _io.new_figure(1, size=(13.0, 10.0))
-    fig.delaxes(ax)  # _io's Agg figure, laid out as a grid here
-    grid = fig.subplots(3, 4)
+    fig, grid = _io.new_figure(4, size=(13.0 / 4, 10.0 / 3), rows=3)  # 13 x 10 inches in all
     runs = result["runs"]
     backend = next(iter(runs.values()))["backend"]
     colors, layer_colors = {"BN": "tab:blue", "no BN": "tab:orange"}, dict(zip(LAYERS, ("C0", "C1", "C2", "C3")))
